@@ -72,14 +72,16 @@ def cmd_report(args) -> int:
     return 0
 
 def cmd_demo(args) -> int:
-    try: from memssl_nb.evaluate import train_and_probe
-    except ImportError as e:
-        print(f"memssl demo needs memssl_nb.evaluate.train_and_probe (chapter 06): {e}", file=sys.stderr); return 2
+    from memssl_nb.evaluate import train_and_probe
     res = train_and_probe(epochs=args.epochs, width=args.width, seed=args.seed)
     print(f"SimCLR ResNet-9 (width {args.width}) on digits, {args.epochs} epochs, seed {args.seed}")
-    print(f"linear probe accuracy:        {res['probe_acc']:.3f}")
-    print(f"same network at random init:  {res['random_init_acc']:.3f}")
-    print(f"seconds per epoch:            {res['epoch_seconds']:.2f}")
+    print(f"{'accuracy on the digits test set':34s} {'SimCLR':>8s} {'random init':>12s}")
+    for label, key in (('linear probe (all labels)', 'probe_acc'), ('kNN (k=20, cosine)', 'knn_acc'),
+                       ('linear probe (5 labels per class)', 'probe_5shot_acc')):
+        rand_key = {'probe_acc': 'random_init_acc', 'knn_acc': 'random_init_knn_acc',
+                    'probe_5shot_acc': 'random_init_5shot_acc'}[key]
+        print(f"{label:34s} {res[key]:8.3f} {res[rand_key]:12.3f}")
+    print(f"seconds per epoch: {res['epoch_seconds']:.2f} (encoder cached under data/cache/encoders/{res['key']})")
     return 0
 
 COMMANDS = {'list': cmd_list, 'reproduce': cmd_reproduce, 'report': cmd_report, 'demo': cmd_demo}

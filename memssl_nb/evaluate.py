@@ -11,7 +11,7 @@ from .core import get_device, iter_batches, to_float01, seed_everything
 from .data import ImageSet, load_dataset
 
 # %% auto 0
-__all__ = ['eval_mode', 'embed', 'linear_probe', 'knn_accuracy', 'probe_encoder', 'train_and_probe']
+__all__ = ['eval_mode', 'embed', 'linear_probe', 'few_label_probe', 'knn_accuracy', 'probe_encoder', 'train_and_probe']
 
 # %% ../nbs/06_evaluate.ipynb 4
 class eval_mode:
@@ -53,6 +53,19 @@ def linear_probe(train_x, train_y, test_x, test_y, C: float = 1.0, max_iter: int
     acc = float((probe.predict(np.asarray(test_x, dtype=np.float64)) == np.asarray(test_y)).mean())
     return (acc, probe) if return_model else acc
 
+def few_label_probe(train_x, train_y, test_x, test_y, per_class: int = 5, repeats: int = 5, seed: int = 0) -> float:
+    "Mean test accuracy of linear probes fitted on `per_class` random labelled points per class (`repeats` draws)."
+    ty = torch.as_tensor(train_y); accs = []
+    for r in range(repeats):
+        g = torch.Generator().manual_seed(seed + r); idx = []
+        for c in torch.unique(ty):
+            members = torch.nonzero(ty == c).flatten()
+            if len(members) < per_class: raise ValueError(f"class {int(c)} has fewer than {per_class} training points")
+            idx.append(members[torch.randperm(len(members), generator=g)[:per_class]])
+        idx = torch.cat(idx)
+        accs.append(linear_probe(torch.as_tensor(train_x)[idx], ty[idx], test_x, test_y))
+    return float(np.mean(accs))
+
 @torch.no_grad()
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float | None = None) -> float:
     "k-nearest-neighbour accuracy with cosine similarity (majority vote, or similarity-weighted if `temperature`)."
@@ -69,7 +82,8 @@ def probe_encoder(encoder: nn.Module, train: ImageSet, test: ImageSet, mean=None
     "Linear-probe and kNN test accuracy of a frozen encoder."
     ztr = embed(encoder, train.images, mean=mean, std=std); zte = embed(encoder, test.images, mean=mean, std=std)
     return {'probe_acc': linear_probe(ztr, train.labels, zte, test.labels),
-            'knn_acc': knn_accuracy(ztr, train.labels, zte, test.labels, k=knn_k)}
+            'knn_acc': knn_accuracy(ztr, train.labels, zte, test.labels, k=knn_k),
+            'probe_5shot_acc': few_label_probe(ztr, train.labels, zte, test.labels, per_class=5)}
 
 def train_and_probe(epochs: int = 60, width: float = 0.25, seed: int = 0, image_size: int = 16, n_train: int | None = None,
                     device=None, cache: bool = True, progress_bar: bool = True, **spec_kw) -> dict:
@@ -86,6 +100,7 @@ def train_and_probe(epochs: int = 60, width: float = 0.25, seed: int = 0, image_
     random_init.to(next(trained.encoder.parameters()).device)
     ours, rand = probe_encoder(trained.encoder, train, test, **stats), probe_encoder(random_init, train, test, **stats)
     secs = [h['seconds'] for h in trained.history]
-    return {'probe_acc': ours['probe_acc'], 'knn_acc': ours['knn_acc'], 'random_init_acc': rand['probe_acc'],
-            'random_init_knn_acc': rand['knn_acc'], 'epoch_seconds': float(np.median(secs)) if secs else float('nan'),
+    return {'probe_acc': ours['probe_acc'], 'knn_acc': ours['knn_acc'], 'probe_5shot_acc': ours['probe_5shot_acc'],
+            'random_init_acc': rand['probe_acc'], 'random_init_knn_acc': rand['knn_acc'],
+            'random_init_5shot_acc': rand['probe_5shot_acc'], 'epoch_seconds': float(np.median(secs)) if secs else float('nan'),
             'wall_seconds': wall, 'key': trained.key}
