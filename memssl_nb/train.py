@@ -92,9 +92,10 @@ def build_model(spec: TrainSpec, train_data: ImageSet) -> tuple[nn.Module, Objec
     return encoder, objective
 
 def make_optimizer(spec: TrainSpec, params) -> torch.optim.Optimizer:
-    if spec.optimizer == 'adam': return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    if spec.optimizer == 'adamw': return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    "The spec's optimiser; multi-tensor (`foreach`) updates, which are several times faster for small models."
+    if spec.optimizer == 'adam': return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
+    if spec.optimizer == 'adamw': return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, foreach=True)
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = 'cosine') -> float:
     "Linear warm-up to 1, then cosine decay to 0 (or constant)."
