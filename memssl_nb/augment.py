@@ -419,12 +419,12 @@ def plot_views(images: dict, n_views: int = 6, seed: int = 0):
     return fig
 
 # %% ../nbs/02_augment.ipynb 47
-def to_torchvision(aug: Augment):
+def to_torchvision(aug: Augment, image_size: int | None = None):
     "The per-image `torchvision.transforms.v2` pipeline equivalent to `aug` (reference and benchmark)."
     import torchvision.transforms.v2 as T
     steps = []
     for op, p in aug.ops.items():
-        if op == 'crop': steps.append(T.RandomResizedCrop(aug.size or 32, scale=p['scale'], ratio=p['ratio'], antialias=True))
+        if op == 'crop': steps.append(T.RandomResizedCrop(aug.size or image_size or 32, scale=p['scale'], ratio=p['ratio'], antialias=True))
         elif op == 'hflip': steps.append(T.RandomHorizontalFlip(p['p']))
         elif op == 'vflip': steps.append(T.RandomVerticalFlip(p['p']))
         elif op == 'jitter':

@@ -4,10 +4,10 @@
 
 # %% ../nbs/30_cli.ipynb 2
 from __future__ import annotations
-import argparse, sys
+import argparse, json, sys
 from pathlib import Path
 from .core import FIGURES_DIR
-from .reproduce import SCALES, REGISTRY_PATH, reproduce, list_artifacts, write_report
+from .reproduce import SCALES, REGISTRY_PATH, EXECUTORS, reproduce, list_artifacts, write_report
 
 # %% auto 0
 __all__ = ['COMMANDS', 'build_parser', 'cmd_list', 'cmd_reproduce', 'cmd_report', 'cmd_demo', 'main']
@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--jobs', '-j', type=int, default=1, metavar='N', help='notebooks run concurrently (default: 1)')
     p.add_argument('--force', action='store_true', help='re-run artifacts whose inputs did not change')
     p.add_argument('--timeout', type=float, default=None, metavar='SECONDS', help='per-cell execution timeout')
+    p.add_argument('--executor', choices=EXECUTORS, default='local',
+                   help='local: threads on this machine; submitit: SLURM job arrays, or processes where there is no SLURM')
+    p.add_argument('--cluster', choices=('slurm', 'local', 'debug'), default=None,
+                   help='submitit cluster (default: slurm where available, else local)')
+    p.add_argument('--executor-param', action='append', default=[], metavar='KEY=VALUE',
+                   help='a submitit parameter (JSON value), e.g. slurm_partition=gpu, gpus_per_node=1; repeatable')
     p = sub.add_parser('report', help='rebuild figures/<scale>/REPORT.md from the outputs on disk')
     _locations(p)
     p = sub.add_parser('demo', help='train a SimCLR ResNet-9 on digits and linear-probe it')
@@ -52,11 +58,22 @@ def cmd_list(args) -> int:
     print(f"\n{len(df)} artifacts at scale {args.scale}: " + ', '.join(f'{n} {s}' for s, n in counts.items()))
     return 0
 
+def _key_values(pairs: list[str]) -> dict:
+    "KEY=VALUE strings as a dict, values parsed as JSON where they are (numbers, booleans), else kept as strings."
+    out = {}
+    for kv in pairs:
+        k, sep, v = kv.partition('=')
+        if not sep or not k.strip(): raise ValueError(f"expected KEY=VALUE, got {kv!r}")
+        try: out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError: out[k.strip()] = v
+    return out
+
 def cmd_reproduce(args) -> int:
     if args.jobs < 1: print("memssl reproduce: --jobs must be >= 1", file=sys.stderr); return 2
     try:
         summary = reproduce(args.scale, only=args.only, jobs=args.jobs, force=args.force, out_root=args.out_root,
-                            timeout=args.timeout, registry=args.registry, nb_root=args.nb_root)
+                            timeout=args.timeout, registry=args.registry, nb_root=args.nb_root, executor=args.executor,
+                            cluster=args.cluster, executor_params=_key_values(args.executor_param))
     except (ValueError, RuntimeError) as e:
         print(f"memssl reproduce: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:

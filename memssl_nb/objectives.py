@@ -31,6 +31,8 @@ def register_objective(name: str):
 
 def get_objective(name: str, out_dim: int, num_classes: int | None = None, **kwargs) -> Objective:
     "Build the objective `name` for an encoder with `out_dim` features."
+    if name not in OBJECTIVES:   # frameworks of chapter 07 (VICReg, DINO, MAE, ...) register themselves on import
+        import importlib; importlib.import_module('memssl_nb.frameworks')
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; available: {', '.join(sorted(OBJECTIVES))}")
     cls = OBJECTIVES[name]

@@ -29,14 +29,14 @@ class ProtocolConfig:
     atypical_fraction: float = 0.0       # of each set in `atypical_sets`
     atypical_sets: tuple = ('S_C',)
     arch: str = 'resnet9'
-    width: float = 0.5
+    width: float = 0.25
     encoder_kw: tuple = ()               # (key, value) pairs (hashable)
     objective: str = 'simclr'
     objective_kw: tuple = ()
     augment: str = 'digits'
     augment_kw: tuple = ()
     normalize: bool = False
-    epochs: int = 400
+    epochs: int = 200
     batch_size: int = 150
     optimizer: str = 'adam'
     lr: float = 2e-3

@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_reproduce.ipynb 2
 from __future__ import annotations
-import fnmatch, io, json, math, os, subprocess, sys, tempfile, threading, time
+import dataclasses, fnmatch, io, json, math, os, subprocess, sys, tempfile, threading, time
 from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,11 +16,11 @@ import pandas as pd
 from .core import PROJECT_ROOT, FIGURES_DIR, atomic_write_text, atomic_write_bytes, stable_hash, progress
 
 # %% auto 0
-__all__ = ['VERDICTS', 'CLAIM_FIELDS', 'SCALES', 'PAPER_NB_ROOT', 'REGISTRY_PATH', 'REGISTRY', 'TIMEOUTS', 'Claim', 'check',
-           'not_checkable', 'ClaimSet', 'save_figure', 'save_table', 'Artifact', 'load_registry', 'save_registry',
-           'notebook_hash', 'package_hash', 'constraints_hash', 'stamp_path', 'failure_path', 'executed_path',
-           'input_hash', 'artifact_status', 'list_artifacts', 'check_kernel', 'NotebookJob', 'run_papermill',
-           'ArtifactResult', 'RunSummary', 'reproduce', 'markdown_table', 'write_report']
+__all__ = ['VERDICTS', 'CLAIM_FIELDS', 'SCALES', 'PAPER_NB_ROOT', 'REGISTRY_PATH', 'REGISTRY', 'TIMEOUTS', 'EXECUTORS', 'Claim',
+           'check', 'not_checkable', 'ClaimSet', 'save_figure', 'save_table', 'Artifact', 'load_registry',
+           'save_registry', 'notebook_hash', 'package_hash', 'constraints_hash', 'stamp_path', 'failure_path',
+           'executed_path', 'input_hash', 'artifact_status', 'list_artifacts', 'check_kernel', 'NotebookJob',
+           'run_papermill', 'ArtifactResult', 'RunSummary', 'reproduce', 'markdown_table', 'write_report']
 
 # %% ../nbs/20_reproduce.ipynb 5
 VERDICTS = ('holds', 'does not hold', 'not checkable')
@@ -436,25 +436,43 @@ class RunSummary:
 # %% ../nbs/20_reproduce.ipynb 24
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec='seconds')
 
-def _child_env(jobs: int) -> dict:
-    "The executed notebooks' environment: no progress bars, this checkout's `memssl_nb` first on the path."
+def _env_overrides(jobs: int, threads: int | None = None) -> dict:
+    "What the executed notebooks' environment changes: no progress bars, this checkout's `memssl_nb` first on the path."
     import memssl_nb
     src = str(Path(memssl_nb.__file__).resolve().parent.parent)
     path = os.environ.get('PYTHONPATH')
-    env = dict(os.environ, MEMSSL_PROGRESS='0', PYTHONUNBUFFERED='1',
-               PYTHONPATH=src + (os.pathsep + path if path else ''))
-    if jobs > 1 and 'MEMSSL_THREADS' not in os.environ:
-        env['MEMSSL_THREADS'] = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = dict(MEMSSL_PROGRESS='0', PYTHONUNBUFFERED='1', PYTHONPATH=src + (os.pathsep + path if path else ''))
+    if 'MEMSSL_THREADS' not in os.environ:
+        if threads: env['MEMSSL_THREADS'] = str(threads)
+        elif jobs > 1: env['MEMSSL_THREADS'] = str(max(1, (os.cpu_count() or 1) // jobs))
     return env
+
+def _child_env(jobs: int) -> dict:
+    "The executed notebooks' environment: this one with `_env_overrides`."
+    return dict(os.environ, **_env_overrides(jobs))
+
+EXECUTORS = ('local', 'submitit')
+
+def _submitit_task(execute, job: NotebookJob) -> tuple[str | None, float]:
+    "What a submitit job runs: `execute(job)` in the job's own environment plus the overrides; (error, seconds)."
+    job = dataclasses.replace(job, env={**os.environ, **(job.env or {})})
+    t0 = time.time()
+    try: error = execute(job)
+    except Exception as e: error = f"{type(e).__name__}: {e}"
+    return error, time.time() - t0
 
 def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False, out_root=FIGURES_DIR,
               timeout: float | None = None, wall_timeout: float | None = None, registry=None, nb_root=None,
               kernel_name: str = 'python3', execute: Callable[[NotebookJob], str | None] | None = None,
-              report: bool = True, verbose: bool = True) -> RunSummary:
+              report: bool = True, verbose: bool = True, executor: str = 'local', cluster: str | None = None,
+              executor_params: dict | None = None) -> RunSummary:
     """Run the registered artifacts (matching `only`) at `scale` with papermill; skip unchanged ones unless `force`.
     `timeout` is per cell, `wall_timeout` per notebook (defaults from `TIMEOUTS`); `registry` is a registry file
-    or a list of `Artifact`s, `nb_root` their notebook folder; `execute` replaces papermill (dry runs, tests)."""
+    or a list of `Artifact`s, `nb_root` their notebook folder; `execute` replaces papermill (dry runs, tests).
+    `executor='submitit'` runs each wave of ready artifacts as submitit jobs (a SLURM array where SLURM is available,
+    submitit's local executor otherwise, or `cluster`), `jobs` at a time; `executor_params` go to submitit."""
     if scale not in SCALES: raise ValueError(f"unknown scale {scale!r}; scales are {SCALES}")
+    if executor not in EXECUTORS: raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     arts, nb_root = _resolve(registry, nb_root)
     selected = [a for a in arts.values() if _matches(a, only)]
     if only and not selected: raise ValueError(f"no artifact matches {only!r}; registered: {', '.join(arts) or 'none'}")
@@ -462,7 +480,15 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     out_dir = (Path(out_root)/scale).resolve()
     cell_timeout, guard = TIMEOUTS[scale]
     cell_timeout, guard = timeout or cell_timeout, wall_timeout or guard
-    pkg, cons, env = package_hash(), constraints_hash(), _child_env(jobs)
+    ex = None
+    if executor == 'submitit':
+        from memssl_nb.train import submitit_executor
+        params = dict(executor_params or {})
+        params.setdefault('timeout_min', math.ceil(guard / 60) + 10 if guard else 72 * 60)
+        ex = submitit_executor(out_dir/'.submitit', cluster, array_parallelism=jobs, **params)
+        env = _env_overrides(1 if ex.cluster == 'slurm' else jobs, params.get('cpus_per_task'))
+    else: env = _child_env(jobs)
+    pkg, cons = package_hash(), constraints_hash()
     sel_ids, results = {a.id for a in selected}, {}
     summary, t_start = RunSummary(scale, out_dir), time.time()
     from tqdm.auto import tqdm
@@ -474,7 +500,8 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
              'seconds': round(seconds, 2), 'finished': _now()}, indent=2) + '\n')
         return ArtifactResult(a.id, 'failed', seconds, error, executed)
 
-    def run_one(a: Artifact) -> ArtifactResult:
+    def prepare(a: Artifact):
+        "An `ArtifactResult` when `a` does not run (n/a, failed dependency, unchanged, no notebook), else what it needs."
         params = a.params_for(scale)
         if params is None: return ArtifactResult(a.id, 'n/a', error=f'no parameters for scale {scale!r}')
         bad = [d for d in a.depends_on if d in results and results[d].status == 'failed']
@@ -489,19 +516,26 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
         job = NotebookJob(a.id, nb.resolve(), executed, {**params, 'scale': scale, 'out_dir': str(out_dir)},
                           cwd=PROJECT_ROOT, kernel_name=kernel_name, execution_timeout=cell_timeout,
                           wall_timeout=guard, env=env, log=executed.with_suffix('.log'))
-        t0, before = time.time(), _claims_mtimes(a, out_dir)
-        try: error = execute(job)
-        except Exception as e: error = f"{type(e).__name__}: {e}"
-        seconds = time.time() - t0
+        return job, h, comps, _claims_mtimes(a, out_dir)
+
+    def complete(a, job, h, comps, before, error, seconds) -> ArtifactResult:
         if error is None:
             missing = _outputs_present(a, out_dir, before)
             if missing: error = f"the notebook finished but wrote no claims for {', '.join(missing)} (ClaimSet.save)"
-        if error: return fail(a, error, seconds, str(executed), h)
+        if error: return fail(a, error, seconds, str(job.output), h)
         atomic_write_text(stamp_path(out_dir, a.id), json.dumps(
             {'artifact': a.id, 'scale': scale, 'input_hash': h, 'components': comps, 'ids': list(a.ids),
              'seconds': round(seconds, 2), 'finished': _now()}, indent=2) + '\n')
         failure_path(out_dir, a.id).unlink(missing_ok=True)
-        return ArtifactResult(a.id, 'done', seconds, executed=str(executed))
+        return ArtifactResult(a.id, 'done', seconds, executed=str(job.output))
+
+    def run_one(a: Artifact) -> ArtifactResult:
+        prep = prepare(a)
+        if isinstance(prep, ArtifactResult): return prep
+        t0 = time.time()
+        try: error = execute(prep[0])
+        except Exception as e: error = f"{type(e).__name__}: {e}"
+        return complete(a, *prep, error, time.time() - t0)
 
     def finish(r: ArtifactResult):
         results[r.id] = r; bar.update(1)
@@ -511,8 +545,36 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
 
     def ready(a): return all(d not in sel_ids or d in results for d in a.depends_on)
 
+    def run_submitit():
+        "Waves of ready artifacts; each wave one job array (chunks of `jobs` on the local executor)."
+        pending = list(selected)
+        while pending:
+            wave = [a for a in pending if ready(a)]
+            for a in wave: pending.remove(a)
+            todo = []
+            for a in wave:
+                prep = prepare(a)
+                if isinstance(prep, ArtifactResult): finish(prep)
+                else: todo.append((a, prep))
+            chunk = max(1, len(todo) if ex.cluster == 'slurm' else jobs)
+            for i in range(0, len(todo), chunk):
+                part, submitted = todo[i:i + chunk], []
+                try:
+                    with ex.batch():
+                        for a, prep in part: submitted.append(ex.submit(_submitit_task, execute, prep[0]))
+                    for (a, prep), sj in zip(part, submitted):
+                        try: error, seconds = sj.result()
+                        except Exception as e:
+                            error, seconds = f"submitit job {sj.job_id} failed: {type(e).__name__}: {str(e).strip()[-1500:]}", 0.0
+                        finish(complete(a, *prep, error, seconds))
+                except BaseException:
+                    for sj in submitted:
+                        if not sj.done(): sj.cancel(check=False)
+                    raise
+
     try:
-        if jobs <= 1:
+        if ex is not None: run_submitit()
+        elif jobs <= 1:
             for a in selected: finish(run_one(a))
         else:
             pending, running = list(selected), {}

@@ -300,16 +300,21 @@ def plot_set_scores(scores_by_set: dict, kind: str = 'hist', ax=None, title: str
 
 # %% ../nbs/10_sslmem.ipynb 33
 def official_style_sslmem(f, g, images, augment, n_augs: int = 5, seed: int = 0) -> np.ndarray:
-    "The official script's loop (batch 1, clean vs augmented, 4 forwards per augmentation, numpy norms, range-normalised)."
+    "The official script's loop: batch 1, per-image torchvision transforms, clean vs augmented, numpy norms, range-normalised."
+    from memssl_nb.augment import Augment, to_torchvision
     images, dev = check_images(images), encoders_device([f, g])
-    gen = make_generator(seed, dev)
+    if isinstance(augment, Augment):    # what the official script does: torchvision transforms, one image at a time
+        tv = to_torchvision(augment, image_size=images.shape[-1]); torch.manual_seed(seed)
+        aug_one = lambda x: tv(x[0]).unsqueeze(0)
+    else:                               # any other callable is applied to the single-image batch
+        gen = make_generator(seed, dev); aug_one = lambda x: augment(x, gen)
     diffs = []
     with measuring(f, g):
         for i in range(len(images)):
             x = to_float01(images[i:i + 1]).to(dev)
             lf, lg = [], []
             for _ in range(n_augs):
-                xa = augment(x, gen)
+                xa = aug_one(x)
                 rf, rfa = f(x).cpu().numpy().ravel(), f(xa).cpu().numpy().ravel()
                 rg, rga = g(x).cpu().numpy().ravel(), g(xa).cpu().numpy().ravel()
                 lf.append(np.linalg.norm(rf / np.linalg.norm(rf) - rfa / np.linalg.norm(rfa)))

@@ -4,26 +4,33 @@
 
 # %% ../nbs/05_train.ipynb 2
 from __future__ import annotations
-import dataclasses, fcntl, json, math, os, shutil, time
-from contextlib import contextmanager
+import argparse, copy, dataclasses, fcntl, json, math, os, shutil, sys, time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch, torch.nn as nn
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from torch.nn.parallel import DistributedDataParallel
 from safetensors.torch import save as st_save, load as st_load
 from .core import (CACHE_DIR, atomic_write_bytes, atomic_write_text, get_device, make_generator,
                             progress, seed_everything, stable_hash)
 from .data import ImageSet, load_dataset
 from .augment import Augment
 from .models import build_encoder
-from .objectives import get_objective, Objective
+from .objectives import get_objective, Objective, SimCLR, nt_xent
 
 # %% auto 0
-__all__ = ['CACHE_VERSION', 'TrainSpec', 'training_data', 'cache_key', 'build_augment', 'build_clean', 'build_model',
-           'make_optimizer', 'lr_factor', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'TrainedEncoder',
-           'train_encoder', 'cached_encoders']
+__all__ = ['CACHE_VERSION', 'OPTIMIZERS', 'SYNC_BN_OBJECTIVES', 'GLOBAL_LOSSES', 'PAPER_DATASETS', 'PAPER_SPECS', 'TrainSpec',
+           'training_data', 'cache_key', 'build_augment', 'build_clean', 'build_model', 'LARS', 'make_optimizer',
+           'lr_factor', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'dist_info', 'init_distributed',
+           'shard', 'gather_batch', 'simclr_global_loss', 'global_loss_for', 'CPUSyncBatchNorm',
+           'convert_sync_batchnorm', 'LossModel', 'TrainedEncoder', 'train_encoder', 'cached_encoders', 'paper_spec',
+           'submitit_executor', 'train_encoders', 'main']
 
 # %% ../nbs/05_train.ipynb 5
 CACHE_VERSION = 1  # bump when a change to the loop alters trained weights
+OPTIMIZERS = ('adam', 'adamw', 'sgd', 'lars')
 
 @dataclass
 class TrainSpec:
@@ -41,8 +48,8 @@ class TrainSpec:
     augment_kw: dict = field(default_factory=dict)
     normalize: bool = True                  # normalise inputs with the training data's channel mean/std
     epochs: int = 60
-    batch_size: int = 256
-    optimizer: str = 'adam'                 # adam | adamw | sgd
+    batch_size: int = 256                   # the global batch (split between the ranks under DDP)
+    optimizer: str = 'adam'                 # adam | adamw | sgd | lars
     lr: float = 2e-3
     weight_decay: float = 1e-6
     momentum: float = 0.9
@@ -56,7 +63,7 @@ class TrainSpec:
             idx = self.indices.tolist() if hasattr(self.indices, 'tolist') else list(self.indices)
             self.indices = tuple(int(i) for i in idx)
         if self.epochs < 0 or self.batch_size < 1: raise ValueError("epochs must be >= 0 and batch_size >= 1")
-        if self.optimizer not in ('adam', 'adamw', 'sgd'): raise ValueError(f"unknown optimizer {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS: raise ValueError(f"unknown optimizer {self.optimizer!r}")
         if self.schedule not in ('cosine', 'constant'): raise ValueError(f"unknown schedule {self.schedule!r}")
 
     def replace(self, **changes) -> 'TrainSpec': return dataclasses.replace(self, **changes)
@@ -91,10 +98,34 @@ def build_model(spec: TrainSpec, train_data: ImageSet) -> tuple[nn.Module, Objec
     objective = get_objective(spec.objective, encoder.out_dim, num_classes=len(train_data.classes), **spec.objective_kw)
     return encoder, objective
 
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You et al. 2017, as used by SimCLR): each weight matrix's step is
+    rescaled by `eta * |w| / |g + wd * w|`; 1-D parameters (biases, BN) get neither weight decay nor the rescaling."""
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 1e-3):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else torch.enable_grad()(closure)()
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None: continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group['weight_decay'])
+                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    d = d.mul(torch.where((w_norm > 0) & (d_norm > 0), group['eta'] * w_norm / d_norm, 1.0))
+                state = self.state[p]
+                if 'momentum_buffer' not in state: state['momentum_buffer'] = d.clone()
+                else: state['momentum_buffer'].mul_(group['momentum']).add_(d)
+                p.add_(state['momentum_buffer'], alpha=-group['lr'])
+        return loss
+
 def make_optimizer(spec: TrainSpec, params) -> torch.optim.Optimizer:
     "The spec's optimiser; multi-tensor (`foreach`) updates, which are several times faster for small models."
     if spec.optimizer == 'adam': return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
     if spec.optimizer == 'adamw': return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
+    if spec.optimizer == 'lars': return LARS(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, foreach=True)
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = 'cosine') -> float:
@@ -104,7 +135,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = 'c
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
-# %% ../nbs/05_train.ipynb 11
+# %% ../nbs/05_train.ipynb 13
 class CheckpointError(RuntimeError):
     "A checkpoint that cannot be used (corrupted, truncated, or from a different spec)."
 
@@ -159,7 +190,87 @@ def load_checkpoint(path: Path, encoder, objective=None, optimizer=None, expecte
         optimizer.load_state_dict(_optimizer_state(opt_t, meta['optimizer']))
     return meta
 
-# %% ../nbs/05_train.ipynb 13
+# %% ../nbs/05_train.ipynb 15
+def dist_info() -> tuple[int, int]:
+    "(rank, world size) of this process: (0, 1) unless a `torch.distributed` process group is initialised."
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    "Join the process group that `torchrun` describes in the environment (NCCL on GPUs, gloo on CPU); (rank, world)."
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not (dist.is_available() and dist.is_initialized()):
+        cuda = torch.cuda.is_available() and get_device().type == 'cuda'
+        if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
+        dist.init_process_group(backend or ('nccl' if cuda else 'gloo'))
+    return dist_info()
+
+def shard(x, rank: int, world: int):
+    "Rank `rank`'s share of a global batch (a tensor, or a dict of them): every `world`-th row from row `rank`, the rows beyond a multiple of `world` dropped."
+    if isinstance(x, dict): return {k: shard(v, rank, world) for k, v in x.items()}
+    if world == 1: return x
+    return x[rank:len(x) // world * world:world]
+
+# %% ../nbs/05_train.ipynb 20
+SYNC_BN_OBJECTIVES = ('simclr', 'simsiam', 'vicreg', 'dino')   # SSL objectives trained with global-batch BN
+
+def gather_batch(t: torch.Tensor) -> torch.Tensor:
+    "`t` of every rank concatenated along dim 0 (rank order), differentiably: gradients flow back to each rank's rows."
+    if dist_info()[1] == 1: return t
+    return torch.cat(dist_nn.all_gather(t), 0)
+
+def simclr_global_loss(objective: SimCLR, encoder: nn.Module, views, labels=None) -> torch.Tensor:
+    "SimCLR's NT-Xent over the global batch: every rank's projections are negatives, as in a single process."
+    z1, z2 = (gather_batch(objective.head(encoder(v))) for v in views)
+    return nt_xent(z1, z2, objective.temperature)
+
+GLOBAL_LOSSES = {SimCLR: simclr_global_loss}   # objective class -> loss over the global batch (used when world > 1)
+
+def global_loss_for(objective: Objective):
+    "The registered global-batch loss of `objective` (None: its per-rank mean is already right)."
+    return next((fn for cls, fn in GLOBAL_LOSSES.items() if isinstance(objective, cls)), None)
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    "Batch norm over the global batch for CPU tensors (gloo), whose statistics are all-reduced with differentiable collectives."
+    def _check_input_dim(self, x):
+        if x.dim() < 2: raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()): return super().forward(x)
+        self._check_input_dim(x)
+        dims, shape = [0, *range(2, x.ndim)], [1, -1] + [1] * (x.ndim - 2)
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64)
+        dist.all_reduce(count); count = count.item()
+        mean = dist_nn.all_reduce(x.sum(dims)) / count
+        var = dist_nn.all_reduce((x - mean.view(shape)).pow(2).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var * count / max(count - 1, 1), m)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+def convert_sync_batchnorm(module: nn.Module, device=None) -> nn.Module:
+    """`module` with every BatchNorm synchronised over the ranks: `nn.SyncBatchNorm` on GPUs; on CPU, where PyTorch's
+    kernel (and DDP) refuse it, each BatchNorm becomes a `CPUSyncBatchNorm` (same parameters, buffers and names)."""
+    if torch.device(device or next(module.parameters()).device).type != 'cpu':
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
+            m.__class__ = CPUSyncBatchNorm
+    return module
+
+class LossModel(nn.Module):
+    "Encoder and objective as one module whose forward is the loss: what DDP wraps and `torch.compile` compiles."
+    def __init__(self, encoder: nn.Module, objective: Objective, global_loss=None):
+        super().__init__()
+        self.encoder, self.objective, self.global_loss = encoder, objective, global_loss
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.global_loss is not None: return self.global_loss(self.objective, self.encoder, views, labels)
+        return self.objective(self.encoder, views, labels)
+
+# %% ../nbs/05_train.ipynb 24
 @dataclass
 class TrainedEncoder:
     "A trained encoder (in eval mode) with its objective (heads), spec, loss history and cache location."
@@ -171,6 +282,7 @@ class TrainedEncoder:
     path: Path | None = None
     augment: Augment | None = None      # the training augmentation (with its normalisation)
     clean: Augment | None = None        # normalisation only: how clean images must be fed to the encoder
+    from_cache: bool = False            # loaded from the cache rather than trained by this call
     @property
     def loss(self) -> list[float]: return [h['loss'] for h in self.history]
 
@@ -182,19 +294,25 @@ def _file_lock(path: Path):
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
-def _run_epochs(spec, key, encoder, objective, data, augment, device, ckpt, start_epoch, history, optimizer,
-                show_progress, on_epoch_end=None):
+def _broadcast(obj, world: int):
+    "Rank 0's `obj` on every rank."
+    if world == 1: return obj
+    box = [obj]; dist.broadcast_object_list(box, src=0); return box[0]
+
+def _run_epochs(spec, key, model, encoder, objective, optimizer, data, augment, device, ckpt, start_epoch, history,
+                show_progress, on_epoch_end=None, rank=0, world=1, channels_last=False):
     images, labels = data.images.to(device), objective.prepare_labels(data.labels, spec.seed).to(device)
-    n = len(images)
+    n, (h, w) = len(images), images.shape[-2:]
     steps_per_epoch = n // spec.batch_size if spec.drop_last and n >= spec.batch_size else math.ceil(n / spec.batch_size)
     total = steps_per_epoch * spec.epochs
     use_amp = device.type == 'cuda'
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     epochs = range(start_epoch, spec.epochs)
     bar = progress(epochs, desc=f'train {spec.objective}/{spec.arch}', total=spec.epochs,
-                   initial=start_epoch) if show_progress else epochs
+                   initial=start_epoch) if show_progress and rank == 0 else epochs
     for epoch in bar:
         t0 = time.perf_counter()
-        encoder.train(); objective.train()
+        model.train()
         g = make_generator(spec.seed * 100_003 + epoch)
         order = torch.randperm(n, generator=g).to(device)
         aug_gen = make_generator(spec.seed * 100_003 + epoch + 1, device)
@@ -203,58 +321,203 @@ def _run_epochs(spec, key, encoder, objective, data, augment, device, ckpt, star
             for group in optimizer.param_groups:
                 group['lr'] = spec.lr * lr_factor(epoch * steps_per_epoch + step, total,
                                                   spec.warmup_epochs * steps_per_epoch, spec.schedule)
-            idx = order[step * spec.batch_size:(step + 1) * spec.batch_size]
+            batch = order[step * spec.batch_size:(step + 1) * spec.batch_size]     # the global batch
+            idx = shard(batch, rank, world)
+            params = [augment.sample_params(len(batch), h, w, aug_gen) for _ in range(objective.n_views)]
+            if len(idx) == 0: continue                                          # a final batch smaller than world
             x = images[idx].float().div_(255)
-            views = [augment(x, aug_gen) for _ in range(objective.n_views)]
+            views = [augment.apply(x, shard(p, rank, world)).contiguous(memory_format=memory_format) for p in params]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = objective(encoder, views, labels[idx])
+                loss = model(views, labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step(); objective.after_step()
-            losses.append(loss.item())
-        history.append({'epoch': epoch + 1, 'loss': sum(losses) / max(1, len(losses)),
-                        'seconds': time.perf_counter() - t0})
+            losses.append(loss.detach())
+        total_loss, count = sum(torch.stack(losses).tolist()) if losses else 0.0, len(losses)
+        if world > 1:
+            t = torch.tensor([total_loss, count], dtype=torch.float64, device=device)
+            dist.all_reduce(t); total_loss, count = t.tolist()
+        history.append({'epoch': epoch + 1, 'loss': total_loss / max(1, count), 'seconds': time.perf_counter() - t0})
         if hasattr(bar, 'set_postfix'): bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-        if ckpt is not None:
-            save_checkpoint(ckpt, encoder, objective, optimizer,
-                            {'key': key, 'spec': spec.to_dict(), 'epoch': epoch + 1, 'history': history})
+        if ckpt is not None and rank == 0:
+            save_checkpoint(ckpt, encoder, objective, optimizer, {'key': key, 'spec': spec.to_dict(), 'epoch': epoch + 1,
+                                                                  'history': history, 'world_size': world})
         if on_epoch_end is not None: on_epoch_end(epoch + 1)
     return history
 
+def _train(spec, key, encoder, objective, data, augment, device, ckpt=None, resume=False, progress_bar=True,
+           on_epoch_end=None, rank=0, world=1, compile=False, channels_last=None, sync_bn=None) -> list[dict]:
+    "Train `encoder` and `objective` in place (from the checkpoint `ckpt` if `resume`); the loss history."
+    if channels_last is None: channels_last = device.type == 'cuda' and spec.arch.startswith('resnet')
+    if sync_bn is None: sync_bn = spec.objective in SYNC_BN_OBJECTIVES
+    enc, obj = encoder, objective
+    if world > 1 and sync_bn:   # train synchronised copies (same parameter names), copy the result back at the end
+        enc, obj = (convert_sync_batchnorm(copy.deepcopy(m), device) for m in (encoder, objective))
+    if channels_last: enc.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(spec, list(enc.parameters()) + list(obj.parameters()))
+    start, history = 0, []
+    if resume:
+        meta = load_checkpoint(ckpt, enc, obj, optimizer, expected_key=key)
+        start, history = meta['epoch'], meta['history']
+    model = LossModel(enc, obj, global_loss_for(obj) if world > 1 else None)
+    if world > 1: model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if compile: model = torch.compile(model, **(compile if isinstance(compile, dict) else {}))
+    history = _run_epochs(spec, key, model, enc, obj, optimizer, data, augment, device, ckpt, start, history,
+                          progress_bar, on_epoch_end, rank, world, channels_last)
+    if enc is not encoder: encoder.load_state_dict(enc.state_dict()); objective.load_state_dict(obj.state_dict())
+    return history
+
 def train_encoder(spec: TrainSpec, data: ImageSet | None = None, device=None, cache: bool = True,
-                  cache_dir: Path | None = None, progress_bar: bool = True, on_epoch_end=None) -> TrainedEncoder:
-    "Train (or fetch from the cache) the encoder described by `spec` on `data` (default: `spec.dataset`)."
+                  cache_dir: Path | None = None, progress_bar: bool = True, on_epoch_end=None,
+                  compile: bool | dict = False, channels_last: bool | None = None,
+                  sync_bn: bool | None = None) -> TrainedEncoder:
+    """Train (or fetch from the cache) the encoder described by `spec` on `data` (default: `spec.dataset`).
+    Under `torchrun` (an initialised process group) the ranks share each global batch of `spec.batch_size` (DDP);
+    rank 0 alone shows progress and writes checkpoints and the cache; `on_epoch_end(epoch)` runs on every rank.
+    `compile`: `torch.compile` the model (or a dict of its options); `channels_last` (default: on CUDA for ResNets);
+    `sync_bn` (default: for `SYNC_BN_OBJECTIVES`). These change how, not what, is computed: not part of the cache key."""
+    rank, world = dist_info()
     device = get_device(device)
+    if device.type == 'cuda' and device.index is None: device = torch.device('cuda', torch.cuda.current_device())
+    if spec.batch_size % world:
+        raise ValueError(f"batch_size {spec.batch_size} (the global batch) must be a multiple of the world size {world}")
     train_data = training_data(spec, data)
     if len(train_data) == 0: raise ValueError("no training points")
     key = cache_key(spec, train_data)
     augment, clean = build_augment(spec, train_data), build_clean(spec, train_data)
     encoder, objective = build_model(spec, train_data)
     encoder.to(device); objective.to(device)
+    opts = dict(progress_bar=progress_bar, on_epoch_end=on_epoch_end, rank=rank, world=world, compile=compile,
+                channels_last=channels_last, sync_bn=sync_bn)
     folder = Path(cache_dir or CACHE_DIR) / 'encoders' / key if cache else None
     if folder is None:
-        optimizer = make_optimizer(spec, list(encoder.parameters()) + list(objective.parameters()))
-        history = _run_epochs(spec, key, encoder, objective, train_data, augment, device, None, 0, [], optimizer,
-                              progress_bar, on_epoch_end)
+        history = _train(spec, key, encoder, objective, train_data, augment, device, **opts)
         return TrainedEncoder(encoder.eval(), objective.eval(), spec, history, key, None, augment, clean)
-    with _file_lock(folder.parent / f'{key}.lock'):
+    # rank 0 holds the lock (another job may be training this key) while it looks at the folder and trains
+    with _file_lock(folder.parent / f'{key}.lock') if rank == 0 else nullcontext():
         final, ckpt = folder / 'final', folder / 'checkpoint'
-        if final.with_suffix('.json').exists():   # cached
+        state = 'cached' if final.with_suffix('.json').exists() else 'resume' if ckpt.with_suffix('.json').exists() else 'new'
+        state = _broadcast(state if rank == 0 else None, world)   # the other ranks wait here for rank 0's lock
+        if state == 'cached':
             meta = load_checkpoint(final, encoder, objective, expected_key=key)
-            return TrainedEncoder(encoder.eval(), objective.eval(), spec, meta['history'], key, folder, augment, clean)
-        optimizer = make_optimizer(spec, list(encoder.parameters()) + list(objective.parameters()))
-        start, history = 0, []
-        if ckpt.with_suffix('.json').exists():     # resume after a crash
-            meta = load_checkpoint(ckpt, encoder, objective, optimizer, expected_key=key)
-            start, history = meta['epoch'], meta['history']
-        history = _run_epochs(spec, key, encoder, objective, train_data, augment, device, ckpt, start, history,
-                              optimizer, progress_bar, on_epoch_end)
-        save_checkpoint(final, encoder, objective, None, {'key': key, 'spec': spec.to_dict(), 'epoch': spec.epochs,
-                                                          'history': history})
-        for p in (ckpt.with_suffix('.safetensors'), ckpt.with_suffix('.json')): p.unlink(missing_ok=True)
+            return TrainedEncoder(encoder.eval(), objective.eval(), spec, meta['history'], key, folder, augment, clean, True)
+        history = _train(spec, key, encoder, objective, train_data, augment, device, ckpt, state == 'resume', **opts)
+        if rank == 0:
+            save_checkpoint(final, encoder, objective, None, {'key': key, 'spec': spec.to_dict(), 'epoch': spec.epochs,
+                                                              'history': history, 'world_size': world})
+            for p in (ckpt.with_suffix('.safetensors'), ckpt.with_suffix('.json')): p.unlink(missing_ok=True)
+        if world > 1: dist.barrier()                       # the final encoder is on disk before any rank returns
         return TrainedEncoder(encoder.eval(), objective.eval(), spec, history, key, folder, augment, clean)
 
 def cached_encoders(cache_dir: Path | None = None) -> list[dict]:
     "Metadata of every finished encoder in the cache."
     root = Path(cache_dir or CACHE_DIR) / 'encoders'
     return [json.loads(p.read_text()) | {'path': str(p.parent)} for p in sorted(root.glob('*/final.json'))]
+
+# %% ../nbs/05_train.ipynb 26
+PAPER_DATASETS = ('cifar10', 'cifar100', 'svhn')
+PAPER_SPECS = {
+    ('localizing', 'simclr'): dict(arch='resnet9', width=1.0, augment='ssl_normal', epochs=600, warmup_epochs=60,
+                                   batch_size=4096, optimizer='lars', lr=4.8, weight_decay=1e-6, momentum=0.9,
+                                   objective_kw=dict(temperature=0.5, proj_dim=128)),
+    ('localizing', 'simsiam'): dict(arch='resnet18', width=1.0, augment='ssl_normal', epochs=200, warmup_epochs=24,
+                                    batch_size=128, optimizer='sgd', lr=2.5e-2, weight_decay=5e-4, momentum=0.9),
+    ('sslmem', 'simclr'): dict(arch='resnet50', width=1.0, augment='simclr', epochs=500, warmup_epochs=0,
+                               batch_size=512, optimizer='adam', lr=1e-3, weight_decay=1e-6, schedule='constant',
+                               objective_kw=dict(temperature=0.5, proj_dim=128, hidden_dim=512)),
+}
+
+def paper_spec(objective: str = 'simclr', dataset: str = 'cifar10', source: str = 'localizing', **changes) -> TrainSpec:
+    "The pre-training recipe of `source` for `objective` on `dataset` (32 px), with `changes` applied."
+    if (source, objective) not in PAPER_SPECS:
+        raise ValueError(f"no paper recipe for {objective!r} from {source!r}; available: "
+                         + ', '.join(f'{o} ({s})' for s, o in PAPER_SPECS))
+    if dataset not in PAPER_DATASETS: raise ValueError(f"paper recipes are for {', '.join(PAPER_DATASETS)}, not {dataset!r}")
+    recipe = dict(PAPER_SPECS[source, objective])
+    if 'batch_size' in changes and 'lr' not in changes and recipe['optimizer'] in ('lars', 'sgd'):
+        changes['lr'] = recipe['lr'] * changes['batch_size'] / recipe['batch_size']     # linear scaling rule
+    return TrainSpec(dataset=dataset, split='train', image_size=32, objective=objective, **{**recipe, **changes})
+
+# %% ../nbs/05_train.ipynb 29
+def submitit_executor(folder, cluster: str | None = None, array_parallelism: int | None = None, **params):
+    "A submitit executor writing its logs to `folder`: SLURM where it is available, else submitit's local executor."
+    import submitit
+    if cluster is None: cluster = 'slurm' if submitit.SlurmExecutor.affinity() > 0 else 'local'
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    params.setdefault('timeout_min', 24 * 60)
+    if array_parallelism: params.setdefault('slurm_array_parallelism', int(array_parallelism))
+    ex.update_parameters(**params)
+    return ex
+
+def _train_job(spec: TrainSpec, data, cache_dir, device, train_kw) -> str:
+    return train_encoder(spec, data, device=device, cache_dir=cache_dir, **{'progress_bar': False, **train_kw}).key
+
+def train_encoders(specs, data: ImageSet | None = None, executor: str = 'local', cache_dir: Path | None = None,
+                   device=None, cluster: str | None = None, executor_params: dict | None = None,
+                   **train_kw) -> list[TrainedEncoder]:
+    "Train (or fetch) several encoders: in this process (`'local'`), or as parallel submitit jobs (`'submitit'`)."
+    specs = list(specs)
+    if executor == 'local': return [train_encoder(s, data, device=device, cache_dir=cache_dir, **train_kw) for s in specs]
+    if executor != 'submitit': raise ValueError(f"executor must be 'local' or 'submitit', got {executor!r}")
+    if train_kw.get('cache') is False: raise ValueError("submitit jobs hand their encoders back through the cache")
+    cache_dir = Path(cache_dir or CACHE_DIR)
+    ex = submitit_executor(cache_dir / 'submitit', cluster, array_parallelism=len(specs), **(executor_params or {}))
+    with ex.batch(): jobs = [ex.submit(_train_job, s, data, cache_dir, device, train_kw) for s in specs]
+    errors = []
+    for j in jobs:
+        try: j.result()
+        except Exception as e: errors.append(f"job {j.job_id}: {type(e).__name__}: {str(e).strip()[-2000:]}")
+    if errors: raise RuntimeError(f"{len(errors)} of {len(jobs)} training jobs failed (logs in {ex.folder}):\n" + '\n'.join(errors))
+    return [train_encoder(s, data, device=device, cache_dir=cache_dir, progress_bar=False) for s in specs]
+
+# %% ../nbs/05_train.ipynb 31
+def _json_value(v: str):
+    try: return json.loads(v)
+    except json.JSONDecodeError: return v
+
+def _json_value_pair(s: str) -> tuple[str, object]:
+    if '=' not in s: raise SystemExit(f"--set expects FIELD=VALUE, got {s!r}")
+    k, v = s.split('=', 1); return k.strip(), _json_value(v)
+
+def _load_indices(path: Path) -> list[int]:
+    if path.suffix == '.npy':
+        import numpy as np; return np.load(path).astype(int).tolist()
+    if path.suffix == '.pt': return torch.load(path, weights_only=True).tolist()
+    return [int(i) for i in json.loads(path.read_text())]
+
+def main(argv: list[str] | None = None) -> int:
+    "`python -m memssl_nb.train`: train one spec (a JSON file or a paper recipe) into the encoder cache, DDP under torchrun."
+    p = argparse.ArgumentParser(prog='python -m memssl_nb.train', description='Train one encoder into the memssl cache '
+                                '(launch with torchrun for DistributedDataParallel).')
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument('--spec', type=Path, help='a TrainSpec as JSON (TrainSpec.to_dict())')
+    src.add_argument('--paper', metavar='OBJECTIVE', help='a paper recipe: paper_spec(OBJECTIVE, DATASET, SOURCE)')
+    p.add_argument('--dataset', default='cifar10', choices=PAPER_DATASETS)
+    p.add_argument('--source', default='localizing', choices=sorted({s for s, _ in PAPER_SPECS}))
+    p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE', help='override a spec field (JSON value)')
+    p.add_argument('--indices', type=Path, help='training indices: a JSON list, .npy or .pt file')
+    p.add_argument('--cache-dir', type=Path, default=None)
+    p.add_argument('--device', default=None)
+    p.add_argument('--download', action='store_true', help='download the dataset if missing (rank 0)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    for flag in ('--channels-last', '--sync-bn'): p.add_argument(flag, choices=('auto', 'on', 'off'), default='auto')
+    args = p.parse_args(argv)
+    rank, world = init_distributed()
+    try:
+        changes = dict(_json_value_pair(s) for s in args.set)
+        if args.indices: changes['indices'] = _load_indices(args.indices)
+        spec = (TrainSpec(**{**json.loads(args.spec.read_text()), **changes}) if args.spec
+                else paper_spec(args.paper, args.dataset, args.source, **changes))
+        if args.download and rank == 0: load_dataset(spec.dataset, split=spec.split, size=spec.image_size, download=True)
+        if world > 1: dist.barrier()
+        flag = {'auto': None, 'on': True, 'off': False}
+        t = train_encoder(spec, device=args.device, cache_dir=args.cache_dir, compile=args.compile,
+                          channels_last=flag[args.channels_last], sync_bn=flag[args.sync_bn])
+        print(json.dumps({'rank': rank, 'world_size': world, 'key': t.key, 'path': str(t.path), 'from_cache': t.from_cache,
+                          'final_loss': t.loss[-1] if t.loss else None}) + '\n', end='', flush=True)   # one write per line
+    finally:
+        if world > 1: dist.destroy_process_group()
+    return 0
+
+
+if __name__ == '__main__' and 'IPython' not in sys.modules: sys.exit(main())   # python -m memssl_nb.train
