@@ -49,7 +49,15 @@ def test_reproduce_two_artifacts_as_submitit_jobs(tmp_path, capsys):
     assert '| Fixture | 2 | 2 | 0 | 0 | 0 |' in (sd/'REPORT.md').read_text()
 
 
-def test_train_encoders_as_submitit_jobs(tmp_path):
+def test_train_encoders_as_submitit_jobs(tmp_path, monkeypatch):
+    # one thread here and in the jobs (they inherit MEMSSL_THREADS): float reductions then run in the same order,
+    # so the weights must be bit-identical (with different thread counts Adam amplifies rounding differences)
+    monkeypatch.setenv('MEMSSL_THREADS', '1')
+    threads = torch.get_num_threads(); torch.set_num_threads(1)
+    try: _train_encoders_as_jobs(tmp_path)
+    finally: torch.set_num_threads(threads)
+
+def _train_encoders_as_jobs(tmp_path):
     digits = load_dataset('digits', size=16)
     specs = [TrainSpec(indices=tuple(range(128)), epochs=2, batch_size=64, seed=s) for s in (0, 1)]
     trained = train_encoders(specs, digits, executor='submitit', cache_dir=tmp_path)
@@ -58,3 +66,4 @@ def test_train_encoders_as_submitit_jobs(tmp_path):
     here = train_encoder(specs[1], digits, cache=False, progress_bar=False)
     for a, b in zip(trained[1].encoder.state_dict().values(), here.encoder.state_dict().values()):
         assert torch.equal(a, b)                                         # same machine, same weights as in-process
+    assert not torch.equal(trained[0].encoder.state_dict()['conv1.conv.weight'], here.encoder.state_dict()['conv1.conv.weight'])
