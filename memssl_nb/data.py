@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from .core import DATA_DIR, atomic_write_text, iter_batches, make_generator, stable_hash, to_float01
 
 # %% auto 0
-__all__ = ['DATASETS', 'SPLITS', 'STL10_CLASSES', 'TORCHVISION_LAYOUT', 'SET_NAMES', 'ATYPICAL_KINDS', 'as_index', 'ImageSet',
-           'image_grid', 'resize_images', 'DatasetNotFound', 'clear_dataset_cache', 'load_dataset', 'MemSplit',
-           'make_split', 'inject_atypical', 'choose_atypical', 'split_by_classes', 'class_disjoint_halves']
+__all__ = ['DATASETS', 'EMBEDDED', 'SPLITS', 'STL10_CLASSES', 'TORCHVISION_LAYOUT', 'SET_NAMES', 'ATYPICAL_KINDS', 'as_index',
+           'ImageSet', 'image_grid', 'resize_images', 'DatasetNotFound', 'clear_dataset_cache', 'load_dataset',
+           'MemSplit', 'make_split', 'inject_atypical', 'choose_atypical', 'split_by_classes', 'class_disjoint_halves']
 
 # %% ../nbs/01_data.ipynb 5
 def as_index(idx, n: int | None = None) -> torch.Tensor:
@@ -142,8 +142,9 @@ def resize_images(images: torch.Tensor, size: int | tuple[int, int], batch_size:
     return out
 
 # %% ../nbs/01_data.ipynb 14
-DATASETS = ('digits', 'cifar10', 'cifar100', 'svhn', 'stl10')
-SPLITS = {'digits': ('train', 'test', 'all'), 'cifar10': ('train', 'test'), 'cifar100': ('train', 'test'),
+DATASETS = ('digits', 'photos', 'cifar10', 'cifar100', 'svhn', 'stl10')
+EMBEDDED = ('digits', 'photos')   # ship inside scikit-learn: no files, no download
+SPLITS = {'digits': ('train', 'test', 'all'), 'photos': ('train', 'test', 'all'), 'cifar10': ('train', 'test'), 'cifar100': ('train', 'test'),
           'svhn': ('train', 'test', 'extra'), 'stl10': ('train', 'test', 'unlabeled', 'train+unlabeled')}
 STL10_CLASSES = ['airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'ship', 'truck']
 
@@ -173,6 +174,26 @@ def _load_digits(split: str) -> ImageSet:
         keep = is_train if split == 'train' else ~is_train
         images, labels = images[keep], labels[keep]
     return ImageSet(images, labels, [str(i) for i in range(10)], f'digits-{split}')
+
+def _split_stratified(images: torch.Tensor, labels: torch.Tensor, split: str):
+    if split == 'all': return images, labels
+    from sklearn.model_selection import train_test_split
+    train, _ = train_test_split(np.arange(len(labels)), test_size=0.25, stratify=labels.numpy(), random_state=0)
+    keep = torch.zeros(len(labels), dtype=torch.bool); keep[torch.from_numpy(np.sort(train))] = True
+    keep = keep if split == 'train' else ~keep
+    return images[keep], labels[keep]
+
+def _load_photos(split: str, tile: int = 24) -> ImageSet:
+    from sklearn.datasets import load_sample_images
+    photos = load_sample_images()
+    tiles, labels = [], []
+    for label, img in enumerate(photos.images):
+        grey = torch.from_numpy(img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+        t = grey[:grey.shape[0] // tile * tile, :grey.shape[1] // tile * tile].unfold(0, tile, tile).unfold(1, tile, tile)
+        tiles.append(t.reshape(-1, 1, tile, tile)); labels += [label] * (t.shape[0] * t.shape[1])
+    images, labels = torch.cat(tiles).round().clamp(0, 255).to(torch.uint8), torch.tensor(labels)
+    images, labels = _split_stratified(images, labels, split)
+    return ImageSet(images, labels, [Path(f).stem for f in photos.filenames], f'photos-{split}')
 
 # %% ../nbs/01_data.ipynb 15
 # Where torchvision reads each dataset (relative to `root`), the files it md5-checks there, and what it downloads.
@@ -237,12 +258,13 @@ def load_dataset(name: str, split: str = 'train', root: str | Path | None = None
     if key_name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     if split not in SPLITS[key_name]:
         raise ValueError(f"{key_name} has no split {split!r}; available: {', '.join(SPLITS[key_name])}")
-    if size is None and key_name == 'digits': size = 16
+    if size is None and key_name in EMBEDDED: size = 16
     if isinstance(size, (tuple, list)): size = tuple(int(s) for s in size)
     root = Path(root or DATA_DIR).expanduser()
-    key = (key_name, split, None if key_name == 'digits' else str(root.resolve()), size)
+    key = (key_name, split, None if key_name in EMBEDDED else str(root.resolve()), size)
     if key not in _CACHE:
-        ds = _load_digits(split) if key_name == 'digits' else _load_torchvision(key_name, split, root, download)
+        if key_name in EMBEDDED: ds = _load_digits(split) if key_name == 'digits' else _load_photos(split)
+        else: ds = _load_torchvision(key_name, split, root, download)
         if size is not None: ds = ImageSet(resize_images(ds.images, size), ds.labels, ds.classes, ds.name)
         _CACHE[key] = ds
     return _CACHE[key]

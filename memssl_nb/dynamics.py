@@ -4,12 +4,12 @@
 
 # %% ../nbs/14_dynamics.ipynb 2
 from __future__ import annotations
-import tempfile
+import io, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd
 import torch, torch.nn as nn, torch.nn.functional as F
-from .core import CACHE_DIR, iter_batches, make_generator, progress, stable_hash
+from .core import CACHE_DIR, atomic_write_bytes, iter_batches, make_generator, progress, stable_hash
 from .data import ImageSet
 from .augment import Augment
 from .train import (TrainSpec, train_encoder, training_data, cache_key, build_augment, build_model,
@@ -19,7 +19,7 @@ from .train import (TrainSpec, train_encoder, training_data, cache_key, build_au
 __all__ = ['WEAK_DIGITS', 'random_labelling', 'Regime', 'lobacheva_regimes', 'fixed_views', 'contrastive_hits', 'recalibrate_bn',
            'measure_hits', 'record_hits', 'Dynamics', 'learning_dynamics', 'lobacheva_study', 'binomial_chi2',
            'binomial_mae', 'sorted_gap', 'match_epoch', 'augmentation_spread', 'binomial_mae_null', 'bootstrap_stat',
-           'plot_sorted_curves']
+           'mcnemar', 'class_kl', 'plot_sorted_curves']
 
 # %% ../nbs/14_dynamics.ipynb 5
 def random_labelling(data: ImageSet, seed: int = 0) -> ImageSet:
@@ -134,13 +134,16 @@ def record_hits(spec: TrainSpec, data: ImageSet, views: torch.Tensor, labels: to
     shared = root/'encoders'/key
     if cache and not any((shared/f).exists() for f in ('final.json', 'checkpoint.json')):
         train_encoder(spec, data, cache=True, cache_dir=root, progress_bar=False, on_epoch_end=score(shared))
-    else:
+    if len(hits) != spec.epochs:
+        # not trained here, or a concurrent job trained (or half-trained) this key while we waited for its lock:
+        # every epoch must be watched, so train a private copy
+        hits.clear()
         with tempfile.TemporaryDirectory() as tmp:
             train_encoder(spec, data, cache=True, cache_dir=Path(tmp), progress_bar=False,
                           on_epoch_end=score(Path(tmp)/'encoders'/key))
     out = torch.stack(hits).numpy() if hits else np.zeros((0, *views.shape[:3]), np.uint8)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True); np.save(path, out)
+        buf = io.BytesIO(); np.save(buf, out); atomic_write_bytes(path, buf.getvalue())   # concurrent readers never see half a file
     return out
 
 # %% ../nbs/14_dynamics.ipynb 13
@@ -274,6 +277,31 @@ def bootstrap_stat(fn, dyns: dict, n_boot: int = 200, seed: int = 0) -> np.ndarr
                      for b in range(n_boot)])
 
 # %% ../nbs/14_dynamics.ipynb 23
+def mcnemar(correct_a, correct_b) -> float:
+    "One-sided exact McNemar p-value that predictor a (per-point correctness `correct_a`) beats b on the same points."
+    from scipy import stats
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape: raise ValueError(f"need one correctness value per point for both predictors; got {a.shape} and {b.shape}")
+    wins, losses = int((a & ~b).sum()), int((~a & b).sum())
+    return float(stats.binomtest(wins, wins + losses, 0.5, alternative='greater').pvalue) if wins + losses else 1.0
+
+def class_kl(x, y) -> np.ndarray:
+    "[C, C] symmetrised KL divergence between per-class Gaussians (Ledoit–Wolf covariance) of standardised features `x`."
+    from sklearn.covariance import LedoitWolf
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    cs = np.unique(y); g = []
+    for c in cs:
+        xc = x[y == c]; g.append((xc.mean(0), LedoitWolf().fit(xc).covariance_ + 1e-4 * np.eye(x.shape[1])))
+    D = x.shape[1]; K = np.zeros((len(cs), len(cs)))
+    for i, (m1, S1) in enumerate(g):
+        for j, (m2, S2) in enumerate(g):
+            if i == j: continue
+            iS2 = np.linalg.inv(S2); dm = m2 - m1
+            K[i, j] = 0.5 * (np.trace(iS2 @ S1) + dm @ iS2 @ dm - D + np.linalg.slogdet(S2)[1] - np.linalg.slogdet(S1)[1])
+    return (K + K.T) / 2
+
+# %% ../nbs/14_dynamics.ipynb 27
 def plot_sorted_curves(dyn: Dynamics, ax=None, fixed: bool = False, every: int = 1, cmap: str = 'viridis'):
     "Sorted r_t (or r̃_t of augmentation 0) of every `every`-th epoch, coloured by epoch."
     import matplotlib.pyplot as plt

@@ -8,10 +8,13 @@ import copy, math
 import torch, torch.nn as nn, torch.nn.functional as F
 from .objectives import Objective, register_objective, get_objective, OBJECTIVES
 from .models import ProjectionHead
+import torch.distributed as dist
+from .train import GLOBAL_LOSSES, gather_batch, global_loss_for, dist_info
 
 # %% auto 0
 __all__ = ['vicreg_loss', 'VICReg', 'DINOHead', 'DINO', 'random_patch_mask', 'MAE', 'masked_augment', 'alignment_similarity',
-           'AlignLimit']
+           'CapturingEncoder', 'AlignLimit', 'global_batch_mean', 'vicreg_global_loss', 'dino_global_loss',
+           'align_limit_global_loss']
 
 # %% ../nbs/07_frameworks.ipynb 5
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0, var_weight: float = 25.0,
@@ -96,8 +99,8 @@ def random_patch_mask(n: int, image_size: int, patch: int = 4, ratio: float = 0.
     if not 0 < ratio < 1: raise ValueError("ratio must lie strictly between 0 and 1")
     g = image_size // patch; p = g * g; k = max(1, int(round(ratio * p)))
     noise = torch.rand(n, p, generator=generator, device=generator.device if generator is not None else device)
-    masked = torch.zeros(n, p, dtype=torch.bool, device=noise.device)
-    masked.scatter_(1, noise.argsort(1)[:, :k], True)
+    masked = torch.zeros_like(noise, dtype=torch.bool)       # out-of-place ops below: vmap-safe (DP-SGD, chapter 05)
+    masked = masked.scatter(1, noise.argsort(1)[:, :k], True)
     return masked.view(n, 1, g, g).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
 
 @register_objective('mae')
@@ -133,6 +136,15 @@ def alignment_similarity(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
     "arcsin(cos(r1, r2))/π per row, in [-1/2, 1/2] (larger = better aligned)."
     return torch.asin(F.cosine_similarity(r1.flatten(1).float(), r2.flatten(1).float(), dim=1).clamp(-1 + 1e-6, 1 - 1e-6)) / math.pi
 
+class CapturingEncoder(nn.Module):
+    """The encoder, keeping every output it returns. A module (not a closure), so that a base objective that copies
+    its encoder (DINO's teacher) works; the copy is a plain copy of the encoder, which captures nothing."""
+    def __init__(self, encoder: nn.Module):
+        super().__init__(); self.encoder, self.outputs = encoder, []
+    def forward(self, x):
+        r = self.encoder(x); self.outputs.append(r); return r
+    def __deepcopy__(self, memo): return copy.deepcopy(self.encoder, memo)
+
 @register_objective('align_limit')
 class AlignLimit(Objective):
     "A base objective plus λ · mean arcsin(cos)/π between the encoder outputs of its first two views (Eq. 3)."
@@ -141,11 +153,36 @@ class AlignLimit(Objective):
         self.base = get_objective(base, out_dim, **base_kw)
         if self.base.n_views < 2: raise ValueError(f"align_limit needs a base objective with >= 2 views, {base!r} has {self.base.n_views}")
         self.n_views, self.lam = self.base.n_views, lam
-    def forward(self, encoder, views, labels=None):
-        reps = []
-        def capture(x):
-            r = encoder(x); reps.append(r); return r
-        loss = self.base(capture, views, labels)
-        self.last_similarity = alignment_similarity(reps[0], reps[1]).mean()
+    def forward(self, encoder, views, labels=None, base_loss=None):
+        "`base_loss(base, encoder, views, labels)` computes the base loss if given (under DDP: its global-batch loss)."
+        capture = CapturingEncoder(encoder)
+        loss = base_loss(self.base, capture, views, labels) if base_loss is not None else self.base(capture, views, labels)
+        self.last_similarity = alignment_similarity(*capture.outputs[:2]).mean()
         return loss + self.lam * self.last_similarity
     def after_step(self): self.base.after_step()
+
+# %% ../nbs/07_frameworks.ipynb 19
+def global_batch_mean(mean: torch.Tensor, rows: int) -> torch.Tensor:
+    "The mean over every rank's rows, from this rank's `mean` of its `rows` rows (all-reduced, no gradient)."
+    if dist_info()[1] == 1: return mean
+    with torch.no_grad():
+        t = torch.cat([mean.detach().flatten().double() * rows, mean.new_tensor([rows], dtype=torch.float64)])
+        dist.all_reduce(t)
+        return (t[:-1] / t[-1]).to(mean.dtype).view_as(mean)
+
+def vicreg_global_loss(objective: VICReg, encoder: nn.Module, views, labels=None) -> torch.Tensor:
+    "VICReg over the global batch: variance and covariance are statistics of every rank's expanded views."
+    z1, z2 = (gather_batch(objective.expander(encoder(v))) for v in views)
+    return vicreg_loss(z1, z2, *objective.weights)
+
+def dino_global_loss(objective: DINO, encoder: nn.Module, views, labels=None) -> torch.Tensor:
+    "DINO whose centre is updated with the teacher's mean over the global batch (the loss is a per-row mean)."
+    loss = objective(encoder, views, labels)
+    objective._batch_center = global_batch_mean(objective._batch_center, sum(len(v) for v in views))
+    return loss
+
+def align_limit_global_loss(objective: AlignLimit, encoder: nn.Module, views, labels=None) -> torch.Tensor:
+    "Eq. (3) on top of the base objective's global-batch loss (if it has one)."
+    return objective(encoder, views, labels, base_loss=global_loss_for(objective.base))
+
+GLOBAL_LOSSES.update({VICReg: vicreg_global_loss, DINO: dino_global_loss, AlignLimit: align_limit_global_loss})

@@ -16,8 +16,9 @@ from .sslmem import sslmem
 
 # %% auto 0
 __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_ID', 'LOC_GLOSSARY', 'LOC_HYPERPARAMETERS',
-           'PAPER_RESNET9_PARAMS', 'RESNET9_BREAKDOWN', 'paper_layers', 'resnet9_architecture', 'EncoderWithHead',
-           'second_dataset', 'train_on', 'welch_greater', 'depth_trend', 'loc_protocol', 'candidate_sslmem']
+           'PAPER_RESNET9_PARAMS', 'RESNET9_BREAKDOWN', 'paper_layers', 'paper_block_name', 'block_of_paper_name',
+           'resnet9_architecture', 'EncoderWithHead', 'second_dataset', 'train_on', 'welch_greater', 'depth_trend',
+           'paired_greater', 'top_mean', 'loc_protocol', 'candidate_sslmem']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -30,6 +31,19 @@ def paper_layers(ids) -> list[str]:
     return [LAYER_OF_PAPER_ID[int(i)] for i in ids]
 
 # %% ../nbs/19_localizing.ipynb 8
+def paper_block_name(tap: str) -> str:
+    "The paper's name of a torchvision residual block tap: 'layer3.5' -> 'C4_B6'."
+    stage, _, block = tap.removeprefix('layer').partition('.')
+    if not (stage.isdigit() and block.isdigit()): raise ValueError(f"not a residual block tap (layer<i>.<j>): {tap!r}")
+    return f'C{int(stage) + 1}_B{int(block) + 1}'
+
+def block_of_paper_name(name: str) -> str:
+    "The block tap of a paper block name: 'C4_B6' -> 'layer3.5'."
+    stage, _, block = name.upper().removeprefix('C').partition('_B')
+    if not (stage.isdigit() and block.isdigit()) or int(stage) < 2: raise ValueError(f"not a paper block name (C<stage>_B<block>, stage >= 2): {name!r}")
+    return f'layer{int(stage) - 1}.{int(block) - 1}'
+
+# %% ../nbs/19_localizing.ipynb 11
 LOC_GLOSSARY = {
     'SSLMem': "memorization score of a point: alignment loss of g (not trained on it) minus that of f (trained on it)",
     "SSLMem'": "normalised per-point score (g - f) / (g + f), in [-1, 1] (the paper says [0, 1]); we report raw values",
@@ -66,7 +80,7 @@ def resnet9_architecture(width: float = 1.0, in_channels: int = 3) -> pd.DataFra
                          max_pool_after=isinstance(blk.pool, nn.MaxPool2d)))
     return pd.DataFrame(rows)
 
-# %% ../nbs/19_localizing.ipynb 11
+# %% ../nbs/19_localizing.ipynb 14
 class EncoderWithHead(nn.Module):
     "`head(encoder(x))` with taps: the given encoder module paths in order, then `head.hidden` and `head.out`."
     def __init__(self, encoder: nn.Module, head: nn.Sequential, encoder_taps: list[str]):
@@ -86,7 +100,7 @@ RESNET9_BREAKDOWN = ['conv1.conv', 'conv1.bn', 'conv1.pool', 'conv2_0.conv', 'co
                      'conv2_2.conv', 'res2', 'conv3.conv', 'conv3.bn', 'conv3.pool', 'conv4_0.conv', 'conv4_0.bn',
                      'conv4_0.pool', 'conv4_1.conv', 'conv4_2.conv', 'res6', 'maxpool']
 
-# %% ../nbs/19_localizing.ipynb 14
+# %% ../nbs/19_localizing.ipynb 17
 def second_dataset(size: int = 16, names: tuple | list | None = None) -> dict[str, ImageSet]:
     "{'A_train', 'A_test', 'B_train', 'B_test'}: digits 0-4 / 5-9 by default, else the datasets `names` = (A, B) at `size` px."
     if names:
@@ -102,7 +116,7 @@ def train_on(data: ImageSet, cfg: ProtocolConfig, seed: int = 0, progress_bar: b
     spec = cfg.train_spec(range(len(data)), seed).replace(dataset=data.name, **changes)
     return train_encoder(spec, data, progress_bar=progress_bar)
 
-# %% ../nbs/19_localizing.ipynb 17
+# %% ../nbs/19_localizing.ipynb 20
 def welch_greater(a, b) -> tuple[float, float]:
     "(t, one-sided p) of Welch's test that mean(a) > mean(b)."
     from scipy.stats import ttest_ind
@@ -116,7 +130,19 @@ def depth_trend(values) -> tuple[float, float]:
     r = spearmanr(np.arange(len(v)), v)
     return float(r.statistic), float(r.pvalue)
 
-# %% ../nbs/19_localizing.ipynb 20
+def paired_greater(a, b) -> tuple[float, float]:
+    "(t, one-sided p) of the paired t-test that mean(a - b) > 0 (e.g. one point's score at two layers)."
+    from scipy.stats import ttest_rel
+    r = ttest_rel(np.asarray(a, dtype=float), np.asarray(b, dtype=float), alternative='greater')
+    return float(r.statistic), float(r.pvalue)
+
+def top_mean(values, frac: float = 0.1) -> float:
+    "Mean of the largest `frac` of `values` (at least one), e.g. the mean UnitMem of a layer's top 10 % of units."
+    v = np.sort(np.asarray(values, dtype=float).ravel())[::-1]
+    if not len(v): raise ValueError("top_mean of no values")
+    return float(v[:max(1, int(round(frac * len(v))))].mean())
+
+# %% ../nbs/19_localizing.ipynb 23
 def loc_protocol(scale: str, changes: dict | None = None, progress_bar: bool = False) -> ProtocolRun:
     "`run_protocol(protocol_config(scale, **changes))`, with lists in `changes` turned into tuples."
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in (changes or {}).items()}

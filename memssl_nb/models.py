@@ -11,10 +11,10 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 # %% auto 0
-__all__ = ['RESNET9_CHANNELS', 'VIT_PRESETS', 'ENCODERS', 'scale_width', 'count_parameters', 'ConvBlock', 'Add', 'ResNet9',
-           'CifarResNet', 'resnet18', 'resnet34', 'resnet50', 'PatchEmbed', 'Attention', 'MLP', 'TransformerBlock',
-           'VisionTransformer', 'register_encoder', 'build_encoder', 'available_taps', 'resolve_taps', 'LayerTaps',
-           'read_taps', 'ProjectionHead', 'Predictor']
+__all__ = ['NORMS', 'RESNET9_CHANNELS', 'VIT_PRESETS', 'ENCODERS', 'scale_width', 'count_parameters', 'norm_layer', 'ConvBlock',
+           'Add', 'ResNet9', 'CifarResNet', 'resnet18', 'resnet34', 'resnet50', 'PatchEmbed', 'Attention', 'MLP',
+           'TransformerBlock', 'VisionTransformer', 'register_encoder', 'build_encoder', 'available_taps',
+           'resolve_taps', 'LayerTaps', 'read_taps', 'ProjectionHead', 'Predictor']
 
 # %% ../nbs/03_models.ipynb 5
 def scale_width(channels: int, width: float) -> int:
@@ -25,12 +25,20 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     "Number of parameters (elements) of `model`, optionally only those with `requires_grad`."
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
+NORMS = ('batch', 'group')
+
+def norm_layer(channels: int, norm: str = 'batch') -> nn.Module:
+    "BatchNorm2d, or GroupNorm with groups of (up to) 4 channels: per-sample statistics, as DP-SGD needs."
+    if norm == 'batch': return nn.BatchNorm2d(channels)
+    if norm == 'group': return nn.GroupNorm(math.gcd(channels, max(1, channels // 4)), channels)
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
 class ConvBlock(nn.Module):
-    "3×3 conv (padding 1) → BatchNorm → ReLU → 2×2 max-pool (`Identity` when `pool=False`); every step a submodule."
-    def __init__(self, c_in: int, c_out: int, pool: bool = False, bias: bool = True):
+    "3×3 conv (padding 1) → norm (BatchNorm by default) → ReLU → 2×2 max-pool (`Identity` when `pool=False`); every step a submodule."
+    def __init__(self, c_in: int, c_out: int, pool: bool = False, bias: bool = True, norm: str = 'batch'):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)
-        self.bn = nn.BatchNorm2d(c_out)
+        self.bn = norm_layer(c_out, norm)   # named `bn` whatever the norm, so tap paths and checkpoints stay the same
         self.relu = nn.ReLU()
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
 
@@ -45,18 +53,19 @@ RESNET9_CHANNELS = dict(conv1=32, conv2_0=64, conv2_1=64, conv2_2=64, conv3=128,
 
 class ResNet9(nn.Module):
     "The papers' ResNet-9 encoder; `forward` returns the max-pooled res6 features [B, 256·width]."
-    def __init__(self, in_channels: int = 3, width: float = 1.0):
+    def __init__(self, in_channels: int = 3, width: float = 1.0, norm: str = 'batch'):
         super().__init__()
         c = {k: scale_width(v, width) for k, v in RESNET9_CHANNELS.items()}
-        self.conv1 = ConvBlock(in_channels, c['conv1'], pool=True)
-        self.conv2_0 = ConvBlock(c['conv1'], c['conv2_0'], pool=True)
-        self.conv2_1 = ConvBlock(c['conv2_0'], c['conv2_1'])
-        self.conv2_2 = ConvBlock(c['conv2_1'], c['conv2_2'])
+        block = lambda a, b, pool=False: ConvBlock(c.get(a, a), c[b], pool=pool, norm=norm)
+        self.conv1 = block(in_channels, 'conv1', pool=True)
+        self.conv2_0 = block('conv1', 'conv2_0', pool=True)
+        self.conv2_1 = block('conv2_0', 'conv2_1')
+        self.conv2_2 = block('conv2_1', 'conv2_2')
         self.res2 = Add()
-        self.conv3 = ConvBlock(c['conv2_2'], c['conv3'], pool=True)
-        self.conv4_0 = ConvBlock(c['conv3'], c['conv4_0'], pool=True)
-        self.conv4_1 = ConvBlock(c['conv4_0'], c['conv4_1'])
-        self.conv4_2 = ConvBlock(c['conv4_1'], c['conv4_2'])
+        self.conv3 = block('conv2_2', 'conv3', pool=True)
+        self.conv4_0 = block('conv3', 'conv4_0', pool=True)
+        self.conv4_1 = block('conv4_0', 'conv4_1')
+        self.conv4_2 = block('conv4_1', 'conv4_2')
         self.res6 = Add()
         self.maxpool = nn.AdaptiveMaxPool2d(1)
         self.embedding = nn.Flatten()
@@ -216,7 +225,7 @@ def _check_cnn_size(image_size):
     if image_size < 16: raise ValueError(f"the CNN encoders need image_size >= 16, got {image_size}")
 
 @register_encoder('resnet9')
-def _resnet9(in_channels=3, width=1.0, image_size=32): _check_cnn_size(image_size); return ResNet9(in_channels, width)
+def _resnet9(in_channels=3, width=1.0, image_size=32, norm='batch'): _check_cnn_size(image_size); return ResNet9(in_channels, width, norm)
 
 for _name, _f in dict(resnet18=resnet18, resnet34=resnet34, resnet50=resnet50).items():
     def _build(in_channels=3, width=1.0, image_size=32, _f=_f): _check_cnn_size(image_size); return _f(in_channels, width)

@@ -43,6 +43,7 @@ class ProtocolConfig:
     weight_decay: float = 1e-6
     warmup_epochs: int = 0
     seeds: tuple = (0, 1, 2)
+    dp: tuple = ()                       # DP-SGD setting as (key, value) pairs (chapter 05); () = non-private
 
     def replace(self, **changes) -> 'ProtocolConfig': return dataclasses.replace(self, **changes)
 
@@ -53,7 +54,7 @@ class ProtocolConfig:
                          objective_kw=dict(self.objective_kw), augment=self.augment, augment_kw=dict(self.augment_kw),
                          normalize=self.normalize, epochs=self.epochs, batch_size=self.batch_size,
                          optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
-                         warmup_epochs=self.warmup_epochs, seed=seed)
+                         warmup_epochs=self.warmup_epochs, seed=seed, dp=dict(self.dp) or None)
 
 PROTOCOL_SCALES = {
     'smoke': ProtocolConfig(pool_size=160, n_extra=32, width=0.25, epochs=2, batch_size=64, seeds=(0,)),

@@ -19,7 +19,8 @@ import memssl_nb.frameworks as frameworks  # registers vicreg, dino, mae, align_
 # %% auto 0
 __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'ATYPICAL_SCALES', 'AUGMENT_STRENGTHS', 'framework_config', 'atypical_config',
            'scoring_augment', 'score_run', 'by_set', 'frac_mem', 'atypical_ranking', 'downstream_sets',
-           'probe_accuracy', 'removal_sets', 'removal_experiment', 'summarize_run', 'protocol_sweep', 'toy_1d_sslmem']
+           'probe_accuracy', 'removal_sets', 'removal_experiment', 'summarize_run', 'protocol_sweep', 'dp_variants',
+           'toy_1d_sslmem']
 
 # %% ../nbs/18_sslmem_experiments.ipynb 5
 SSLMEM_PAPER_SETUP = {
@@ -174,7 +175,8 @@ def summarize_run(run: ProtocolRun, n_pairs: int = 20, downstream=None) -> dict:
     out = dict(avg_mem=c.score.mean(), avg_mem_normal=c.score[~c.atypical].mean(),
                avg_mem_atypical=c.score[c.atypical].mean() if c.atypical.any() else float('nan'),
                mean_S_I=df.score[df.set == 'S_I'].mean(), mean_S_E=df.score[df.set == 'S_E'].mean(),
-               final_loss=float(np.mean([t.history[-1]['loss'] for t in run.f])) if run.f[0].history else float('nan'))
+               final_loss=float(np.mean([t.history[-1]['loss'] for t in run.f])) if run.f[0].history else float('nan'),
+               epsilon=float(np.mean([t.history[-1].get('epsilon', np.inf) if t.history else np.inf for t in run.f])))
     if downstream is not None:
         accs = [probe_accuracy(t, downstream) for t in run.f]
         for k in accs[0]: out[f'acc_{k}'] = float(np.mean([a[k] for a in accs]))
@@ -189,6 +191,16 @@ def protocol_sweep(base: ProtocolConfig, variants: dict, n_pairs: int = 20, down
         s, tables[name] = summarize_run(run, n_pairs, downstream)
         rows.append(dict(variant=name, **s))
     return pd.DataFrame(rows), tables
+
+def dp_variants(epsilons, max_grad_norm: float = 1.0, norm: str | None = 'group', **changes) -> dict:
+    """Protocol changes for a DP-SGD privacy sweep (SSLMem-DP, LOC-F1c): name -> changes. `None` (named 'inf') is
+    non-private training of the same BN-free model; other entries train with DP-SGD calibrated to that ε at δ = 1/N.
+    `norm`: the ResNet normalisation (GroupNorm); None for encoders without BatchNorm of their own (ViTs)."""
+    out = {}
+    for eps in epsilons:
+        dp = () if eps is None or eps == float('inf') else (('max_grad_norm', float(max_grad_norm)), ('epsilon', float(eps)))
+        out['inf' if not dp else f'{eps:g}'] = dict(dp=dp, **({'encoder_kw': (('norm', norm),)} if norm else {}), **changes)
+    return out
 
 # %% ../nbs/18_sslmem_experiments.ipynb 19
 def toy_1d_sslmem(outlier: float = 0.0, centers=(-2.0, 2.0), spread: float = 0.1, n_inliers: int = 60, jitter: float = 0.3,

@@ -21,12 +21,13 @@ from .models import build_encoder
 from .objectives import get_objective, Objective, SimCLR, nt_xent
 
 # %% auto 0
-__all__ = ['CACHE_VERSION', 'OPTIMIZERS', 'SYNC_BN_OBJECTIVES', 'GLOBAL_LOSSES', 'PAPER_DATASETS', 'PAPER_SPECS', 'TrainSpec',
-           'training_data', 'cache_key', 'build_augment', 'build_clean', 'build_model', 'LARS', 'make_optimizer',
-           'lr_factor', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'dist_info', 'init_distributed',
-           'shard', 'gather_batch', 'simclr_global_loss', 'global_loss_for', 'CPUSyncBatchNorm',
-           'convert_sync_batchnorm', 'LossModel', 'TrainedEncoder', 'train_encoder', 'cached_encoders', 'paper_spec',
-           'submitit_executor', 'train_encoders', 'main']
+__all__ = ['CACHE_VERSION', 'OPTIMIZERS', 'DP_OBJECTIVES', 'SYNC_BN_OBJECTIVES', 'GLOBAL_LOSSES', 'PAPER_DATASETS', 'PAPER_SPECS',
+           'TrainSpec', 'check_dp', 'training_data', 'cache_key', 'build_augment', 'build_clean', 'build_model', 'LARS',
+           'make_optimizer', 'lr_factor', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'dist_info',
+           'init_distributed', 'shard', 'gather_batch', 'simclr_global_loss', 'global_loss_for', 'CPUSyncBatchNorm',
+           'convert_sync_batchnorm', 'LossModel', 'dp_epsilon', 'dp_noise_multiplier', 'check_dp_model', 'dp_gradients',
+           'TrainedEncoder', 'train_encoder', 'cached_encoders', 'paper_spec', 'submitit_executor', 'train_encoders',
+           'main']
 
 # %% ../nbs/05_train.ipynb 5
 CACHE_VERSION = 1  # bump when a change to the loop alters trained weights
@@ -57,6 +58,7 @@ class TrainSpec:
     schedule: str = 'cosine'                # cosine | constant
     seed: int = 0
     drop_last: bool = True
+    dp: dict | None = None                  # DP-SGD: {'max_grad_norm', and 'noise_multiplier' or 'epsilon' (+ 'delta')}
 
     def __post_init__(self):
         if self.indices is not None:
@@ -65,9 +67,25 @@ class TrainSpec:
         if self.epochs < 0 or self.batch_size < 1: raise ValueError("epochs must be >= 0 and batch_size >= 1")
         if self.optimizer not in OPTIMIZERS: raise ValueError(f"unknown optimizer {self.optimizer!r}")
         if self.schedule not in ('cosine', 'constant'): raise ValueError(f"unknown schedule {self.schedule!r}")
+        if self.dp is not None: check_dp(self.dp)
 
     def replace(self, **changes) -> 'TrainSpec': return dataclasses.replace(self, **changes)
-    def to_dict(self) -> dict: d = asdict(self); d['indices'] = list(self.indices) if self.indices is not None else None; return d
+    def to_dict(self) -> dict:
+        d = asdict(self); d['indices'] = list(self.indices) if self.indices is not None else None
+        if d['dp'] is None: del d['dp']        # non-private specs keep the cache keys they had before DP existed
+        return d
+
+DP_OBJECTIVES = ('mae', 'supervised', 'random_labels')   # losses that are a mean of independent per-sample terms
+
+def check_dp(dp: dict) -> dict:
+    "Validate a DP-SGD setting: `max_grad_norm` C > 0 and exactly one of `noise_multiplier` σ >= 0 or `epsilon` > 0."
+    unknown = set(dp) - {'max_grad_norm', 'noise_multiplier', 'epsilon', 'delta'}
+    if unknown: raise ValueError(f"unknown DP-SGD keys {sorted(unknown)}; use max_grad_norm, noise_multiplier or epsilon, delta")
+    if not dp.get('max_grad_norm', 0) > 0: raise ValueError("DP-SGD needs max_grad_norm > 0 (the per-sample clipping norm C)")
+    if ('noise_multiplier' in dp) == ('epsilon' in dp): raise ValueError("give DP-SGD exactly one of noise_multiplier or epsilon")
+    if dp.get('noise_multiplier', 0) < 0 or dp.get('epsilon', 1) <= 0: raise ValueError("noise_multiplier must be >= 0, epsilon > 0")
+    if 'delta' in dp and not 0 < dp['delta'] < 1: raise ValueError("delta must lie in (0, 1)")
+    return dp
 
 # %% ../nbs/05_train.ipynb 8
 def training_data(spec: TrainSpec, data: ImageSet | None = None) -> ImageSet:
@@ -271,6 +289,55 @@ class LossModel(nn.Module):
         return self.objective(self.encoder, views, labels)
 
 # %% ../nbs/05_train.ipynb 24
+def dp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    "ε after `steps` DP-SGD steps with noise σ and sampling rate q, at δ (Opacus's RDP accountant; σ = 0 gives ∞)."
+    if noise_multiplier == 0: return math.inf
+    if steps == 0: return 0.0
+    from opacus.accountants import RDPAccountant
+    acc = RDPAccountant()
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    return float(acc.get_epsilon(delta))
+
+def dp_noise_multiplier(dp: dict, sample_rate: float, steps: int, n: int) -> tuple[float, float]:
+    "(σ, δ) of the DP setting `dp` for `steps` steps at rate q on `n` points: σ as given, or calibrated to reach `epsilon`."
+    delta = float(dp.get('delta', 1.0 / n))
+    if 'noise_multiplier' in dp: return float(dp['noise_multiplier']), delta
+    from opacus.accountants.utils import get_noise_multiplier
+    return float(get_noise_multiplier(target_epsilon=dp['epsilon'], target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant='rdp', epsilon_tolerance=0.005)), delta
+
+def check_dp_model(spec: TrainSpec, *modules: nn.Module):
+    "Raise if `spec.dp` cannot be honoured: a loss that couples samples, or a layer that normalises over the batch."
+    if spec.objective not in DP_OBJECTIVES:
+        raise ValueError(f"DP-SGD needs a loss that is a mean of per-sample terms ({', '.join(DP_OBJECTIVES)}); "
+                         f"{spec.objective!r} couples the samples of a batch")
+    bn = [f'{type(m).__name__}' for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bn: raise ValueError(f"DP-SGD cannot train BatchNorm layers (found {len(bn)}, which mix the samples of a batch): "
+                            "use encoder_kw={'norm': 'group'}")
+
+def dp_gradients(model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor, max_grad_norm: float,
+                 noise_multiplier: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Set `.grad` of `model`'s trainable parameters to the DP-SGD gradient of the loss `model(views, labels)`:
+    per-sample gradients clipped to norm `max_grad_norm`, summed, plus N(0, (σ·C)²) noise, divided by the batch size.
+    Returns the mean per-sample loss."""
+    from torch.func import functional_call, grad_and_value, vmap
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    buffers = {k: b.detach() for k, b in model.named_buffers()}
+    def loss_one(params, label, *xs):
+        return functional_call(model, (params, buffers), ([x.unsqueeze(0) for x in xs], label.unsqueeze(0)))
+    per_sample = vmap(grad_and_value(loss_one), in_dims=(None, 0, *[0] * len(views)), randomness='different')
+    grads, losses = per_sample(params, labels, *views)
+    norms = torch.sqrt(sum(g.flatten(1).float().pow(2).sum(1) for g in grads.values()))
+    clip = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    for k, p in model.named_parameters():
+        if k not in grads: continue
+        g = torch.einsum('b,b...->...', clip.to(grads[k].dtype), grads[k])
+        if noise_multiplier > 0:
+            g = g + noise_multiplier * max_grad_norm * torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype)
+        p.grad = g / len(labels)
+    return losses.mean().detach()
+
+# %% ../nbs/05_train.ipynb 28
 @dataclass
 class TrainedEncoder:
     "A trained encoder (in eval mode) with its objective (heads), spec, loss history and cache location."
@@ -307,6 +374,9 @@ def _run_epochs(spec, key, model, encoder, objective, optimizer, data, augment, 
     total = steps_per_epoch * spec.epochs
     use_amp = device.type == 'cuda'
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if spec.dp is not None:
+        sigma, delta = dp_noise_multiplier(spec.dp, min(1.0, spec.batch_size / n), total, n)
+        clip_norm = float(spec.dp['max_grad_norm'])
     epochs = range(start_epoch, spec.epochs)
     bar = progress(epochs, desc=f'train {spec.objective}/{spec.arch}', total=spec.epochs,
                    initial=start_epoch) if show_progress and rank == 0 else epochs
@@ -316,6 +386,7 @@ def _run_epochs(spec, key, model, encoder, objective, optimizer, data, augment, 
         g = make_generator(spec.seed * 100_003 + epoch)
         order = torch.randperm(n, generator=g).to(device)
         aug_gen = make_generator(spec.seed * 100_003 + epoch + 1, device)
+        noise_gen = make_generator(spec.seed * 100_003 + epoch + 2, device) if spec.dp is not None else None
         losses = []
         for step in range(steps_per_epoch):
             for group in optimizer.param_groups:
@@ -327,10 +398,11 @@ def _run_epochs(spec, key, model, encoder, objective, optimizer, data, augment, 
             if len(idx) == 0: continue                                          # a final batch smaller than world
             x = images[idx].float().div_(255)
             views = [augment.apply(x, shard(p, rank, world)).contiguous(memory_format=memory_format) for p in params]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = model(views, labels[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                if spec.dp is not None: loss = dp_gradients(model, views, labels[idx], clip_norm, sigma, noise_gen)
+                else: loss = model(views, labels[idx])
+            if spec.dp is None: loss.backward()
             optimizer.step(); objective.after_step()
             losses.append(loss.detach())
         total_loss, count = sum(torch.stack(losses).tolist()) if losses else 0.0, len(losses)
@@ -338,6 +410,9 @@ def _run_epochs(spec, key, model, encoder, objective, optimizer, data, augment, 
             t = torch.tensor([total_loss, count], dtype=torch.float64, device=device)
             dist.all_reduce(t); total_loss, count = t.tolist()
         history.append({'epoch': epoch + 1, 'loss': total_loss / max(1, count), 'seconds': time.perf_counter() - t0})
+        if spec.dp is not None:
+            history[-1] |= {'noise_multiplier': sigma, 'delta': delta,
+                            'epsilon': dp_epsilon(sigma, min(1.0, spec.batch_size / n), (epoch + 1) * steps_per_epoch, delta)}
         if hasattr(bar, 'set_postfix'): bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
         if ckpt is not None and rank == 0:
             save_checkpoint(ckpt, encoder, objective, optimizer, {'key': key, 'spec': spec.to_dict(), 'epoch': epoch + 1,
@@ -349,7 +424,9 @@ def _train(spec, key, encoder, objective, data, augment, device, ckpt=None, resu
            on_epoch_end=None, rank=0, world=1, compile=False, channels_last=None, sync_bn=None) -> list[dict]:
     "Train `encoder` and `objective` in place (from the checkpoint `ckpt` if `resume`); the loss history."
     if channels_last is None: channels_last = device.type == 'cuda' and spec.arch.startswith('resnet')
-    if sync_bn is None: sync_bn = spec.objective in SYNC_BN_OBJECTIVES
+    if sync_bn is None:   # align_limit adds a term on top of a base objective: it needs what its base needs
+        sync_bn = spec.objective in SYNC_BN_OBJECTIVES or (
+            spec.objective == 'align_limit' and spec.objective_kw.get('base', 'simclr') in SYNC_BN_OBJECTIVES)
     enc, obj = encoder, objective
     if world > 1 and sync_bn:   # train synchronised copies (same parameter names), copy the result back at the end
         enc, obj = (convert_sync_batchnorm(copy.deepcopy(m), device) for m in (encoder, objective))
@@ -386,6 +463,9 @@ def train_encoder(spec: TrainSpec, data: ImageSet | None = None, device=None, ca
     key = cache_key(spec, train_data)
     augment, clean = build_augment(spec, train_data), build_clean(spec, train_data)
     encoder, objective = build_model(spec, train_data)
+    if spec.dp is not None:
+        check_dp_model(spec, encoder, objective)
+        if world > 1 or compile: raise ValueError("DP-SGD runs in one process, without torch.compile")
     encoder.to(device); objective.to(device)
     opts = dict(progress_bar=progress_bar, on_epoch_end=on_epoch_end, rank=rank, world=world, compile=compile,
                 channels_last=channels_last, sync_bn=sync_bn)
@@ -414,7 +494,7 @@ def cached_encoders(cache_dir: Path | None = None) -> list[dict]:
     root = Path(cache_dir or CACHE_DIR) / 'encoders'
     return [json.loads(p.read_text()) | {'path': str(p.parent)} for p in sorted(root.glob('*/final.json'))]
 
-# %% ../nbs/05_train.ipynb 26
+# %% ../nbs/05_train.ipynb 30
 PAPER_DATASETS = ('cifar10', 'cifar100', 'svhn')
 PAPER_SPECS = {
     ('localizing', 'simclr'): dict(arch='resnet9', width=1.0, augment='ssl_normal', epochs=600, warmup_epochs=60,
@@ -438,7 +518,7 @@ def paper_spec(objective: str = 'simclr', dataset: str = 'cifar10', source: str 
         changes['lr'] = recipe['lr'] * changes['batch_size'] / recipe['batch_size']     # linear scaling rule
     return TrainSpec(dataset=dataset, split='train', image_size=32, objective=objective, **{**recipe, **changes})
 
-# %% ../nbs/05_train.ipynb 29
+# %% ../nbs/05_train.ipynb 33
 def submitit_executor(folder, cluster: str | None = None, array_parallelism: int | None = None, **params):
     "A submitit executor writing its logs to `folder`: SLURM where it is available, else submitit's local executor."
     import submitit
@@ -470,7 +550,7 @@ def train_encoders(specs, data: ImageSet | None = None, executor: str = 'local',
     if errors: raise RuntimeError(f"{len(errors)} of {len(jobs)} training jobs failed (logs in {ex.folder}):\n" + '\n'.join(errors))
     return [train_encoder(s, data, device=device, cache_dir=cache_dir, progress_bar=False) for s in specs]
 
-# %% ../nbs/05_train.ipynb 31
+# %% ../nbs/05_train.ipynb 35
 def _json_value(v: str):
     try: return json.loads(v)
     except json.JSONDecodeError: return v

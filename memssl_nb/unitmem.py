@@ -35,11 +35,11 @@ def unit_activations(encoder: nn.Module, images, layers: Sequence[str] | None = 
     acc = None
     blocks = view_blocks(images, augment, n_views, seed, view_block, device)
     if progress: blocks = progress_bar(blocks, desc='unit activations', total=-(-N // view_block))
-    with measuring(encoder), tap_reader(encoder, names) as read:
+    with measuring(encoder) as to_input, tap_reader(encoder, names) as read:
         for sl, x, v in blocks:
             b = len(x)
             for s in iter_batches(len(v), batch_size):
-                out = read(v[s])
+                out = read(to_input(v[s]))
                 units = [pool_units(o[0] if isinstance(o, (tuple, list)) else o).double() for o in out.values()]
                 if acc is None: acc = [torch.zeros(N, u.shape[1], dtype=torch.float64, device=device) for u in units]
                 pts = sl.start + torch.arange(s.start, s.stop, device=device) % b

@@ -11,7 +11,17 @@ of digits has ties that rounding breaks either way (a discrete switch, then dive
 one process run in channels-last format), and Adam's first steps move every coordinate by about ±lr whatever the size
 of its gradient, so coordinates whose gradient is rounding noise (a convolution bias cancelled by the batch norm after
 it) take steps of random sign. The Adam run is therefore checked on what the network computes after one epoch (loss
-1e-4, embeddings 2e-2; measured 3e-7 and 6e-3), not on those weights. Runs in about 40 s on two idle cores.
+1e-4, embeddings 2e-2; measured 3e-7 and 6e-3), not on those weights.
+
+VICReg and DINO (chapter 07) have batch-level terms that chapter 07 computes over the global batch under DDP
+(`GLOBAL_LOSSES`): VICReg's variance and covariance on the gathered expander outputs, DINO's centre from the
+all-reduced teacher mean. Measured over 8 SGD steps: VICReg loss 4e-7, embeddings 4e-5, weights 1e-5; DINO 3e-8, 9e-7,
+2e-7, within the same 1e-4 tolerances. With those global versions unregistered (per-rank terms) the runs differ by
+VICReg 1e-2, 3e-1, 5e-1 and DINO 2.5e-4, 1.6e-3, 8e-4 (loss, embeddings, weights), so the test fails. DINO runs with
+teacher_temp 0.1: at the default 0.04 the sharp teacher amplifies rounding (DDP 4e-6, 2e-3, 7e-4 with the global
+centre; one process whose initial weights are perturbed by a relative 1e-7 drifts as far, 7e-4 in the weights after
+8 steps), which would need loose tolerances that no longer separate the per-rank centre (3e-3 in the embeddings).
+Runs in about 40-50 s on two idle cores.
 """
 import json, os, subprocess, sys, textwrap
 from pathlib import Path
@@ -38,6 +48,10 @@ SPECS = {
     'simclr_sgd': TrainSpec(**BASE, warmup_epochs=1),                           # gathered NT-Xent + synchronised BN
     'simsiam_sgd': TrainSpec(**BASE, objective='simsiam'),                      # per-rank mean + synchronised BN (1-D too)
     'simclr_adam': TrainSpec(**{**BASE, 'optimizer': 'adam', 'lr': 2e-3, 'epochs': 1}),
+    # chapter 07's global losses: VICReg's variance/covariance over the gathered batch, DINO's centre all-reduced
+    'vicreg_sgd': TrainSpec(**{**BASE, 'epochs': 2}, objective='vicreg', objective_kw=dict(expander_dim=64)),
+    'dino_sgd': TrainSpec(**{**BASE, 'epochs': 2}, objective='dino',   # teacher_temp 0.1: see the docstring
+                          objective_kw=dict(n_prototypes=64, hidden_dim=64, teacher_temp=0.1)),
 }
 CLI_SPEC = TrainSpec(indices=tuple(range(128)), epochs=1, batch_size=64)   # digits, loaded by name
 
@@ -84,8 +98,11 @@ def test_ddp_matches_single_process(tmp_path):
     lines = torchrun(tmp_path / 'script.py', tmp_path / 'specs.json', tmp_path / 'cache', tmp_path / 'out')
     assert sorted(l['rank'] for l in lines) == [0, 1]
     data = noise_data()
+    threads = torch.get_num_threads(); torch.set_num_threads(1)   # as the ranks: a 2-thread reduction order drifts VICReg by 3e-3
+    try: reference = {name: train_encoder(spec, data, cache=False, progress_bar=False) for name, spec in SPECS.items()}
+    finally: torch.set_num_threads(threads)
     for name, spec in SPECS.items():
-        one = train_encoder(spec, data, cache=False, progress_bar=False)
+        one = reference[name]
         ddp = json.loads((tmp_path / 'out' / f'{name}.json').read_text())
         weights = load_file(tmp_path / 'out' / f'{name}.safetensors')
         assert not ddp['from_cache'] and weights.keys() == one.encoder.state_dict().keys()  # plain BN names again

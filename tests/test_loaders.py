@@ -155,7 +155,7 @@ def test_missing_files_message(tmp_path, name, folder, file):
     assert 'download=True' in msg and "load_dataset('digits')" in msg
 
 def test_unknown_name_and_split():
-    with pytest.raises(ValueError, match='available: digits, cifar10, cifar100, svhn, stl10'):
+    with pytest.raises(ValueError, match='available: digits, photos, cifar10, cifar100, svhn, stl10'):
         load_dataset('imagenet')
     with pytest.raises(ValueError, match="no split 'valid'"):
         load_dataset('svhn', 'valid')
