@@ -196,15 +196,21 @@ def finetune(model: nn.Module, loss_fn: Callable, batches: Iterable, layers: Ite
     return losses
 
 # %% ../nbs/16_interventions.ipynb 23
-def probe_accuracy(encoder: nn.Module, train: ImageSet, test: ImageSet, mean=None, std=None) -> float:
-    "Linear-probe test accuracy of the frozen `encoder` (forward hooks such as pruning masks stay active)."
-    ztr, zte = embed(encoder, train.images, mean=mean, std=std), embed(encoder, test.images, mean=mean, std=std)
-    return linear_probe(ztr, train.labels, zte, test.labels)
+def probe_accuracy(encoder: nn.Module, train: ImageSet, test: ImageSet, clean: Callable | None = None,
+                   max_iter: int = 2000) -> float:
+    """Linear-probe test accuracy of the frozen `encoder` (forward hooks such as pruning masks stay active).
+    `clean` is the encoder's input transform for un-augmented images (`TrainedEncoder.clean`: the normalisation it
+    was trained with); None feeds [0, 1] pixels, right only for encoders trained without normalisation."""
+    ztr, zte = embed(encoder, train.images, augment=clean), embed(encoder, test.images, augment=clean)
+    return linear_probe(ztr, train.labels, zte, test.labels, max_iter=max_iter)
 
 def finetune_classifier(encoder: nn.Module, train: ImageSet, test: ImageSet, layers: Sequence[str] = (),
                         epochs: int = 10, lr: float = 1e-3, batch_size: int = 128, augment: Callable | None = None,
-                        seed: int = 0) -> float:
-    "Test accuracy after fine-tuning `layers` of a copy of `encoder` plus a new linear head with cross-entropy."
+                        clean: Callable | None = None, seed: int = 0) -> float:
+    """Test accuracy after fine-tuning `layers` of a copy of `encoder` plus a new linear head with cross-entropy.
+    Training images go through `augment` (which normalises, like a training augmentation) or else `clean`; test
+    images through `clean` (the encoder's normalisation, as in `probe_accuracy`)."""
+    prepare = clean if clean is not None else (lambda x: x)
     seed_everything(seed)
     model = copy.deepcopy(encoder)
     dev = next(model.parameters()).device
@@ -217,10 +223,10 @@ def finetune_classifier(encoder: nn.Module, train: ImageSet, test: ImageSet, lay
             for sl in iter_batches(len(order), batch_size): yield order[sl]
     def loss_fn(model, idx):
         x = to_float01(x_all[idx])
-        if augment is not None: x = augment(x, g)
+        x = augment(x, g) if augment is not None else prepare(x)
         return F.cross_entropy(head(model(x)), y_all[idx])
     finetune(model, loss_fn, batches(), layers=list(layers), lr=lr, extra_params=list(head.parameters()))
     with torch.no_grad():
         model.eval(); head.eval()
-        logits = torch.cat([head(model(to_float01(test.images[sl].to(dev)))) for sl in iter_batches(len(test), 512)])
+        logits = torch.cat([head(model(prepare(to_float01(test.images[sl].to(dev))))) for sl in iter_batches(len(test), 512)])
     return float((logits.argmax(1).cpu() == test.labels).float().mean())

@@ -11,6 +11,7 @@ from .core import make_generator, seed_everything
 from .data import ImageSet, load_dataset, inject_atypical
 from .train import TrainSpec, TrainedEncoder, train_encoder
 from .evaluate import embed, linear_probe
+from .interventions import probe_accuracy
 from .sslmem import sslmem
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .objectives import nt_xent
@@ -19,8 +20,8 @@ import memssl_nb.frameworks as frameworks  # registers vicreg, dino, mae, align_
 # %% auto 0
 __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'ATYPICAL_SCALES', 'AUGMENT_STRENGTHS', 'framework_config', 'atypical_config',
            'scoring_augment', 'score_run', 'by_set', 'frac_mem', 'atypical_ranking', 'downstream_sets',
-           'probe_accuracy', 'removal_sets', 'removal_experiment', 'summarize_run', 'protocol_sweep', 'dp_variants',
-           'toy_1d_sslmem']
+           'downstream_accuracy', 'removal_sets', 'removal_experiment', 'summarize_run', 'protocol_sweep',
+           'dp_variants', 'toy_1d_sslmem']
 
 # %% ../nbs/18_sslmem_experiments.ipynb 5
 SSLMEM_PAPER_SETUP = {
@@ -133,13 +134,9 @@ def downstream_sets(dataset: str = 'digits', image_size: int = 16, shifted: bool
         out[f'{dataset}-rot90'] = (rot(tr), rot(te))
     return out
 
-def probe_accuracy(trained: TrainedEncoder, sets: dict[str, tuple[ImageSet, ImageSet]]) -> dict[str, float]:
-    "Linear-probe test accuracy of a trained encoder on each downstream (train, test) pair."
-    out = {}
-    for name, (tr, te) in sets.items():
-        ztr, zte = embed(trained.encoder, tr.images, augment=trained.clean), embed(trained.encoder, te.images, augment=trained.clean)
-        out[name] = linear_probe(ztr, tr.labels, zte, te.labels, max_iter=500)
-    return out
+def downstream_accuracy(trained: TrainedEncoder, sets: dict[str, tuple[ImageSet, ImageSet]]) -> dict[str, float]:
+    "Linear-probe test accuracy of a trained encoder (with its input normalisation) on each downstream (train, test) pair."
+    return {name: probe_accuracy(trained.encoder, tr, te, clean=trained.clean, max_iter=500) for name, (tr, te) in sets.items()}
 
 # %% ../nbs/18_sslmem_experiments.ipynb 13
 def removal_sets(pool: np.ndarray, scores: np.ndarray, fraction: float, strategy: str, seed: int = 0) -> np.ndarray:
@@ -163,7 +160,7 @@ def removal_experiment(cfg: ProtocolConfig, data: ImageSet, pool, scores, fracti
     for frac, strat, seed in (bar(jobs, desc='removal retraining') if progress else jobs):
         keep = np.sort(np.asarray(pool)) if strat == 'none' else removal_sets(pool, scores, frac, strat, seed)
         trained = train_encoder(cfg.train_spec(keep.tolist(), seed), data, progress_bar=False)
-        acc = probe_accuracy(trained, downstream)
+        acc = downstream_accuracy(trained, downstream)
         rows.append(dict(strategy=strat, fraction=frac, seed=seed, n_train=len(keep), **{f'acc_{k}': v for k, v in acc.items()}))
     return pd.DataFrame(rows)
 
@@ -178,7 +175,7 @@ def summarize_run(run: ProtocolRun, n_pairs: int = 20, downstream=None) -> dict:
                final_loss=float(np.mean([t.history[-1]['loss'] for t in run.f])) if run.f[0].history else float('nan'),
                epsilon=float(np.mean([t.history[-1].get('epsilon', np.inf) if t.history else np.inf for t in run.f])))
     if downstream is not None:
-        accs = [probe_accuracy(t, downstream) for t in run.f]
+        accs = [downstream_accuracy(t, downstream) for t in run.f]
         for k in accs[0]: out[f'acc_{k}'] = float(np.mean([a[k] for a in accs]))
     return out, df
 
