@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_reproduce.ipynb 2
 from __future__ import annotations
-import dataclasses, fnmatch, io, json, math, os, subprocess, sys, tempfile, threading, time
+import ast, dataclasses, fnmatch, io, json, math, os, subprocess, sys, tempfile, threading, time
 from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,7 +20,8 @@ __all__ = ['VERDICTS', 'CLAIM_FIELDS', 'SCALES', 'PAPER_NB_ROOT', 'REGISTRY_PATH
            'check', 'not_checkable', 'ClaimSet', 'save_figure', 'save_table', 'Artifact', 'load_registry',
            'save_registry', 'notebook_hash', 'package_hash', 'constraints_hash', 'stamp_path', 'failure_path',
            'executed_path', 'input_hash', 'artifact_status', 'list_artifacts', 'check_kernel', 'NotebookJob',
-           'run_papermill', 'ArtifactResult', 'RunSummary', 'reproduce', 'markdown_table', 'write_report']
+           'run_papermill', 'notebook_parameters', 'check_parameters', 'ArtifactResult', 'RunSummary', 'reproduce',
+           'markdown_table', 'write_report']
 
 # %% ../nbs/20_reproduce.ipynb 5
 VERDICTS = ('holds', 'does not hold', 'not checkable')
@@ -394,6 +395,30 @@ def run_papermill(job: NotebookJob) -> str | None:
     if res is None: return f"papermill exited with code {rc} and no result; see {log_path}"
     return None if res['ok'] else res['error']
 
+def notebook_parameters(path) -> list[str]:
+    "The names assigned in the notebook's cell tagged `parameters`: what papermill can override."
+    nb = json.loads(Path(path).read_text())
+    cells = [c for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', [])]
+    if not cells: raise ValueError(f"{path} has no cell tagged 'parameters' (papermill injects the parameters after it)")
+    src = cells[0]['source']
+    names = []
+    for node in ast.parse(''.join(src) if isinstance(src, list) else src).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names += [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name) and n.id not in names]
+    return names
+
+def check_parameters(artifact: Artifact, scale: str, nb_root) -> None:
+    """Raise if `artifact`'s parameters at `scale` name a variable its notebook's `parameters` cell does not define:
+    papermill would add it as a new variable that nothing reads, so a misspelt paper-scale setting would be ignored."""
+    params, nb = artifact.params_for(scale), Path(nb_root)/artifact.notebook
+    if not params or not nb.exists(): return        # a missing notebook is reported when the artifact runs
+    known = notebook_parameters(nb)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ValueError(f"{artifact.id}: parameter(s) {unknown} at scale {scale!r} are not defined in the parameters cell of "
+                         f"{artifact.notebook} (they would be ignored); its parameters: {', '.join(known)}")
+
+
 # %% ../nbs/20_reproduce.ipynb 23
 @dataclass
 class ArtifactResult:
@@ -476,6 +501,7 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     arts, nb_root = _resolve(registry, nb_root)
     selected = [a for a in arts.values() if _matches(a, only)]
     if only and not selected: raise ValueError(f"no artifact matches {only!r}; registered: {', '.join(arts) or 'none'}")
+    for a in selected: check_parameters(a, scale, nb_root)       # before anything runs: a misspelt setting is an error
     if execute is None: check_kernel(kernel_name); execute = run_papermill
     out_dir = (Path(out_root)/scale).resolve()
     cell_timeout, guard = TIMEOUTS[scale]

@@ -1,0 +1,18 @@
+"""Every registered artifact's parameters, at every scale, are variables its notebook's `parameters` cell defines:
+papermill would add a misspelt name as a new variable that nothing reads, so a paper-scale setting could be ignored
+without an error on a GPU machine that CI never sees."""
+import pytest
+from memssl_nb.reproduce import REGISTRY, PAPER_NB_ROOT, SCALES, check_parameters, notebook_parameters
+
+
+def test_registry_is_not_empty():
+    assert len(REGISTRY) >= 20
+
+
+@pytest.mark.parametrize('artifact_id', sorted(REGISTRY))
+def test_parameters_exist_in_the_notebook(artifact_id):
+    a = REGISTRY[artifact_id]
+    nb = PAPER_NB_ROOT / a.notebook
+    assert nb.exists(), nb
+    assert {'scale', 'out_dir'} <= set(notebook_parameters(nb))      # what the runner injects
+    for scale in SCALES: check_parameters(a, scale, PAPER_NB_ROOT)
