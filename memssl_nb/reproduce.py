@@ -17,7 +17,7 @@ from .core import PROJECT_ROOT, FIGURES_DIR, atomic_write_text, atomic_write_byt
 
 # %% auto 0
 __all__ = ['VERDICTS', 'CLAIM_FIELDS', 'SCALES', 'PAPER_NB_ROOT', 'REGISTRY_PATH', 'REGISTRY', 'TIMEOUTS', 'EXECUTORS', 'Claim',
-           'check', 'not_checkable', 'ClaimSet', 'save_figure', 'save_table', 'Artifact', 'load_registry',
+           'check', 'not_checkable', 'ClaimSet', 'save_figure', 'save_table', 'Artifact', 'load_registry', 'load_notes',
            'save_registry', 'notebook_hash', 'package_hash', 'constraints_hash', 'stamp_path', 'failure_path',
            'executed_path', 'input_hash', 'artifact_status', 'list_artifacts', 'check_kernel', 'NotebookJob',
            'run_papermill', 'notebook_parameters', 'check_parameters', 'ArtifactResult', 'RunSummary', 'reproduce',
@@ -215,11 +215,18 @@ def load_registry(path=None) -> dict[str, Artifact]:
     entries = data['artifacts'] if isinstance(data, dict) else data
     return _ordered([Artifact(**{k: v for k, v in e.items() if not k.startswith('_')}) for e in entries])
 
-def save_registry(artifacts, path):
-    "Write artifacts (a list or dict of `Artifact`) as a registry JSON file."
+def load_notes(path=None) -> dict[str, dict[str, str]]:
+    "The registry file's `notes`: per scale and paper, what the report says before that paper's artifacts."
+    path = Path(path or REGISTRY_PATH)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    return data.get('notes', {}) if isinstance(data, dict) else {}
+
+def save_registry(artifacts, path, notes: dict | None = None):
+    "Write artifacts (a list or dict of `Artifact`), and `notes` ({scale: {paper: text}}) if given, as a registry JSON file."
     arts = list(artifacts.values()) if isinstance(artifacts, dict) else list(artifacts)
     _ordered(arts)
-    atomic_write_text(path, json.dumps({'artifacts': [a.to_dict() for a in arts]}, indent=2) + '\n')
+    atomic_write_text(path, json.dumps({'artifacts': [a.to_dict() for a in arts], **({'notes': notes} if notes else {})},
+                                       indent=2) + '\n')
 
 REGISTRY = load_registry()
 
@@ -666,6 +673,7 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
     status = {a.id: artifact_status(a, scale, out_dir, nb_root, pkg, cons) for a in arts.values()}
     claims = {i: _claims_of(out_dir, i) for a in arts.values() for i in a.ids}
     papers = list(dict.fromkeys(a.paper for a in arts.values()))
+    notes = load_notes(registry).get(scale, {}) if registry is None or isinstance(registry, (str, Path)) else {}
 
     def summary_row(name, group):
         cl = [c for a in group for i in a.ids for c in (claims[i] or [])]
@@ -686,6 +694,7 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
 
     for p in papers:
         md += [f"## {p}", ""]
+        if notes.get(p): md += [f"**Reading these verdicts at {scale} scale.** {notes[p]}", ""]
         for a in (a for a in arts.values() if a.paper == p):
             stamp = _read_json(stamp_path(out_dir, a.id)) or {}
             took = f" ({stamp['seconds']:.1f} s)" if stamp.get('seconds') is not None and status[a.id] == 'done' else ''
