@@ -628,7 +628,7 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
         summary.results = [results[a.id] for a in selected if a.id in results]
         summary.seconds = time.time() - t_start
         if report:
-            try: summary.report = write_report(scale, out_root, registry=arts, nb_root=nb_root)
+            try: summary.report = write_report(scale, out_root, registry=registry, nb_root=nb_root)
             except Exception as e: print(f"could not write the report: {e}", file=sys.stderr)
     if verbose: tqdm.write(repr(summary))
     return summary
