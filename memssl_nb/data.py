@@ -158,30 +158,25 @@ def clear_dataset_cache():
     _CACHE.clear()
 
 @functools.lru_cache(maxsize=1)
-def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "All 1 797 digits as uint8 [N, 8, 8] (0..16 scaled to 0..255), labels, and the sorted train indices."
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    "All 1 797 digits as uint8 [N, 8, 8] (0..16 scaled to 0..255) and their labels."
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
     d = load_digits()
-    train, _ = train_test_split(np.arange(len(d.target)), test_size=0.25, stratify=d.target, random_state=0)
-    return np.round(d.images * (255 / 16)).astype(np.uint8), d.target.astype(np.int64), np.sort(train)
-
-def _load_digits(split: str) -> ImageSet:
-    images, labels, train = _digits_arrays()
-    images, labels = torch.from_numpy(images)[:, None], torch.from_numpy(labels)
-    if split != 'all':
-        is_train = torch.zeros(len(labels), dtype=torch.bool); is_train[torch.from_numpy(train)] = True
-        keep = is_train if split == 'train' else ~is_train
-        images, labels = images[keep], labels[keep]
-    return ImageSet(images, labels, [str(i) for i in range(10)], f'digits-{split}')
+    return np.round(d.images * (255 / 16)).astype(np.uint8), d.target.astype(np.int64)
 
 def _split_stratified(images: torch.Tensor, labels: torch.Tensor, split: str):
+    "The 'train' (75 %), 'test' (25 %) or 'all' part of an embedded set: a fixed stratified split, original order kept."
     if split == 'all': return images, labels
     from sklearn.model_selection import train_test_split
     train, _ = train_test_split(np.arange(len(labels)), test_size=0.25, stratify=labels.numpy(), random_state=0)
     keep = torch.zeros(len(labels), dtype=torch.bool); keep[torch.from_numpy(np.sort(train))] = True
     keep = keep if split == 'train' else ~keep
     return images[keep], labels[keep]
+
+def _load_digits(split: str) -> ImageSet:
+    images, labels = _digits_arrays()
+    images, labels = _split_stratified(torch.from_numpy(images)[:, None], torch.from_numpy(labels), split)
+    return ImageSet(images, labels, [str(i) for i in range(10)], f'digits-{split}')
 
 def _load_photos(split: str, tile: int = 24) -> ImageSet:
     from sklearn.datasets import load_sample_images

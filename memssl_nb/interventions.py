@@ -197,12 +197,14 @@ def finetune(model: nn.Module, loss_fn: Callable, batches: Iterable, layers: Ite
 
 # %% ../nbs/16_interventions.ipynb 23
 def probe_accuracy(encoder: nn.Module, train: ImageSet, test: ImageSet, clean: Callable | None = None,
-                   max_iter: int = 2000) -> float:
+                   max_iter: int = 2000, per_point: bool = False):
     """Linear-probe test accuracy of the frozen `encoder` (forward hooks such as pruning masks stay active).
     `clean` is the encoder's input transform for un-augmented images (`TrainedEncoder.clean`: the normalisation it
-    was trained with); None feeds [0, 1] pixels, right only for encoders trained without normalisation."""
+    was trained with); None feeds [0, 1] pixels, right only for encoders trained without normalisation.
+    `per_point`: instead, a bool array with one entry per test point (was it classified correctly?), for paired tests."""
     ztr, zte = embed(encoder, train.images, augment=clean), embed(encoder, test.images, augment=clean)
-    return linear_probe(ztr, train.labels, zte, test.labels, max_iter=max_iter)
+    acc, probe = linear_probe(ztr, train.labels, zte, test.labels, max_iter=max_iter, return_model=True)
+    return probe.predict(np.asarray(zte, dtype=np.float64)) == test.labels.numpy() if per_point else acc
 
 def finetune_classifier(encoder: nn.Module, train: ImageSet, test: ImageSet, layers: Sequence[str] = (),
                         epochs: int = 10, lr: float = 1e-3, batch_size: int = 128, augment: Callable | None = None,

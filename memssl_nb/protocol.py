@@ -16,6 +16,10 @@ from .train import TrainSpec, TrainedEncoder, train_encoder
 __all__ = ['PROTOCOL_SCALES', 'ProtocolConfig', 'protocol_config', 'ProtocolRun', 'protocol_data', 'run_protocol']
 
 # %% ../nbs/17_protocol.ipynb 4
+def _as_tuples(v):
+    "Lists (nested too) as tuples; other values as they are."
+    return tuple(_as_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
+
 @dataclass(frozen=True)
 class ProtocolConfig:
     "Everything that determines the data, the split and the f/g encoder pairs of a memorization experiment."
@@ -44,6 +48,11 @@ class ProtocolConfig:
     warmup_epochs: int = 0
     seeds: tuple = (0, 1, 2)
     dp: tuple = ()                       # DP-SGD setting as (key, value) pairs (chapter 05); () = non-private
+
+    def __post_init__(self):
+        # registry parameters arrive as JSON, with lists where the config keeps hashable tuples: convert them here
+        for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), list): object.__setattr__(self, f.name, _as_tuples(getattr(self, f.name)))
 
     def replace(self, **changes) -> 'ProtocolConfig': return dataclasses.replace(self, **changes)
 

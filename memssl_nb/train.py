@@ -375,7 +375,8 @@ def _run_epochs(spec, key, model, encoder, objective, optimizer, data, augment, 
     use_amp = device.type == 'cuda'
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if spec.dp is not None:
-        sigma, delta = dp_noise_multiplier(spec.dp, min(1.0, spec.batch_size / n), total, n)
+        sample_rate = min(1.0, spec.batch_size / n)
+        sigma, delta = dp_noise_multiplier(spec.dp, sample_rate, total, n)
         clip_norm = float(spec.dp['max_grad_norm'])
     epochs = range(start_epoch, spec.epochs)
     bar = progress(epochs, desc=f'train {spec.objective}/{spec.arch}', total=spec.epochs,
@@ -412,7 +413,7 @@ def _run_epochs(spec, key, model, encoder, objective, optimizer, data, augment, 
         history.append({'epoch': epoch + 1, 'loss': total_loss / max(1, count), 'seconds': time.perf_counter() - t0})
         if spec.dp is not None:
             history[-1] |= {'noise_multiplier': sigma, 'delta': delta,
-                            'epsilon': dp_epsilon(sigma, min(1.0, spec.batch_size / n), (epoch + 1) * steps_per_epoch, delta)}
+                            'epsilon': dp_epsilon(sigma, sample_rate, (epoch + 1) * steps_per_epoch, delta)}
         if hasattr(bar, 'set_postfix'): bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
         if ckpt is not None and rank == 0:
             save_checkpoint(ckpt, encoder, objective, optimizer, {'key': key, 'spec': spec.to_dict(), 'epoch': epoch + 1,

@@ -17,7 +17,8 @@ from .layermem import tap_reader
 
 # %% auto 0
 __all__ = ['unit_activations', 'unit_selectivity', 'UnitMemResult', 'unitmem_from_activations', 'unitmem', 'ClassMemResult',
-           'class_means', 'classmem_from_activations', 'classmem', 'class_selectivity', 'plot_unit_vs_class']
+           'class_means', 'classmem_from_activations', 'classmem', 'class_selectivity', 'plot_unit_vs_class',
+           'plot_unitmem_hist']
 
 # %% ../nbs/12_unitmem.ipynb 5
 def unit_activations(encoder: nn.Module, images, layers: Sequence[str] | None = None, augment: Callable | None = None,
@@ -193,3 +194,15 @@ def plot_unit_vs_class(unit: UnitMemResult, cls: ClassMemResult, layers: Sequenc
         ax.set_title(l, fontsize=9); ax.set_xlabel('ClassMem')
     axes[0].set_ylabel('UnitMem')
     return axes
+
+def plot_unitmem_hist(groups: dict, ax=None, high: float | None = None, bins: int = 25, xlabel: str = 'UnitMem',
+                      title: str | None = None):
+    "Overlaid histograms of per-unit UnitMem (label -> scores) on [0, 1], with a dashed line at the threshold `high`."
+    import matplotlib.pyplot as plt
+    if ax is None: _, ax = plt.subplots(figsize=(5.5, 3.4))
+    edges = np.linspace(0, 1, bins + 1)
+    for label, s in groups.items(): ax.hist(np.asarray(s, dtype=float).ravel(), bins=edges, alpha=.55, label=label)
+    if high is not None: ax.axvline(high, color='k', ls='--', lw=.8)
+    ax.set_xlabel(xlabel); ax.set_ylabel('units'); ax.legend(fontsize=8)
+    if title: ax.set_title(title)
+    return ax
