@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from .core import get_device, iter_batches, make_generator, progress
+from .core import get_device, iter_batches, make_generator, progress, Summarized
 from .data import image_grid, load_dataset, DATASETS
 from .augment import Augment, PRESETS
 from .models import ENCODERS, build_encoder, available_taps
@@ -314,8 +314,8 @@ def audit_augment(augment, images: torch.Tensor, normalize='none'):
     return augment if n_args >= 2 else TransformAugment(augment)
 
 # %% ../nbs/25_audit.ipynb 27
-@dataclass
-class AuditResult:
+@dataclass(repr=False)
+class AuditResult(Summarized):
     "Everything an audit measured: per unit (UnitMem, owner, ClassMem), per image (owned units, SSLMem) and per layer."
     images: AuditImages
     layers: list[str]
@@ -327,11 +327,12 @@ class AuditResult:
     high: float = 0.8
     config: dict = field(default_factory=dict)
 
-    def __repr__(self):
+    def headline(self) -> str:
         n_units = sum(len(self.unit.score[l]) for l in self.layers)
         extra = ''.join([', ClassMem' if self.classmem else '', ', SSLMem + LayerMem' if self.sslmem else ''])
-        return (f"AuditResult({len(self.images)} images, {len(self.layers)} layers, {n_units} units, "
-                f"{self.n_high} highly memorizing (UnitMem >= {self.high:g}){extra})")
+        return (f"{len(self.images)} images, {len(self.layers)} layers, {n_units} units, "
+                f"{self.n_high} highly memorizing (UnitMem >= {self.high:g}){extra}")
+    def overview(self) -> pd.DataFrame: return self.layer_table()
 
     @property
     def n_high(self) -> int: return int(sum((self.unit.score[l] >= self.high).sum() for l in self.layers))

@@ -12,7 +12,7 @@ import torch
 # %% auto 0
 __all__ = ['PROJECT_ROOT', 'DATA_DIR', 'FIGURES_DIR', 'CACHE_DIR', 'find_project_root', 'get_device', 'configure_threads',
            'seed_everything', 'make_generator', 'progress_enabled', 'progress', 'stable_hash', 'atomic_write_bytes',
-           'atomic_write_text', 'to_float01', 'iter_batches']
+           'atomic_write_text', 'to_float01', 'iter_batches', 'Summarized']
 
 # %% ../nbs/00_core.ipynb 5
 def find_project_root(start: Path | None = None) -> Path:
@@ -108,3 +108,16 @@ def iter_batches(n: int, batch_size: int):
     "Slices covering `range(n)` in order, `batch_size` at a time."
     if batch_size < 1: raise ValueError("batch_size must be >= 1")
     for start in range(0, n, batch_size): yield slice(start, min(start + batch_size, n))
+
+# %% ../nbs/00_core.ipynb 23
+class Summarized:
+    "Mixin for result classes: `repr` is the class name and `headline()`; notebooks show it above `overview()` as a table."
+    def headline(self) -> str: raise NotImplementedError
+    def overview(self):
+        "A small pandas DataFrame summarising the result."
+        raise NotImplementedError
+    def __repr__(self): return f"{type(self).__name__}({self.headline()})"
+    def _repr_html_(self) -> str:
+        import html
+        return (f"<p><b>{type(self).__name__}</b>: {html.escape(self.headline())}</p>"
+                + self.overview().to_html(index=False, float_format=lambda v: f'{v:.4g}', na_rep=''))

@@ -13,6 +13,7 @@ import torch.nn as nn
 from .models import LayerTaps, resolve_taps
 from .sslmem import (alignment_distances, as_encoder_list, normalize_scores, check_choice, SSLMemResult,
                               NORMALIZATIONS)
+from .core import Summarized
 
 # %% auto 0
 __all__ = ['tap_reader', 'layer_parents', 'measured_layers', 'LayerMemResult', 'layermem', 'layer_agreement']
@@ -65,8 +66,8 @@ def measured_layers(encoder: nn.Module, layers: Sequence[str] | None, parents: d
     return order, par
 
 # %% ../nbs/11_layermem.ipynb 9
-@dataclass
-class LayerMemResult:
+@dataclass(repr=False)
+class LayerMemResult(Summarized):
     "Per-point × per-layer memorization scores, the alignment distances behind them, and each layer's parent."
     layers: list[str]
     parents: dict
@@ -77,6 +78,13 @@ class LayerMemResult:
     dist_g_all: torch.Tensor  # [n_g, N, L]
     config: dict = field(default_factory=dict)
     def __len__(self): return self.score.shape[0]
+    def headline(self) -> str:
+        lm = self.score.double().mean(0)
+        return (f"{self.score.shape[0]} points × {len(self.layers)} layers; LayerMem {self.layers[0]} {lm[0]:+.4f} … "
+                f"{self.layers[-1]} {lm[-1]:+.4f}, highest {self.layers[int(lm.argmax())]} {lm.max():+.4f}")
+    def overview(self) -> pd.DataFrame:
+        "LayerMem, ΔLayerMem and the fraction of negative scores per layer."
+        return self.table()[['layer', 'parent', 'layermem', 'sem', 'delta_layermem', 'frac_negative']]
     def _col(self, name):
         if name not in self.layers: raise KeyError(f"layer {name!r} was not measured; have {self.layers}")
         return self.layers.index(name)

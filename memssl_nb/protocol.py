@@ -6,8 +6,9 @@
 from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
+import pandas as pd
 import torch
-from .core import make_generator, progress
+from .core import make_generator, progress, Summarized
 from .data import ImageSet, MemSplit, load_dataset, make_split, inject_atypical, choose_atypical
 from .augment import Augment
 from .train import TrainSpec, TrainedEncoder, train_encoder
@@ -79,8 +80,8 @@ def protocol_config(scale: str = 'smoke', **changes) -> ProtocolConfig:
     return PROTOCOL_SCALES[scale].replace(**changes)
 
 # %% ../nbs/17_protocol.ipynb 6
-@dataclass
-class ProtocolRun:
+@dataclass(repr=False)
+class ProtocolRun(Summarized):
     "Data, split, atypical ground truth and trained f/g encoders (one pair per seed) of a protocol."
     config: ProtocolConfig
     data: ImageSet                 # training split with atypical points injected
@@ -88,6 +89,15 @@ class ProtocolRun:
     atypical: torch.Tensor         # indices (into `data`) of injected atypical points
     f: list[TrainedEncoder]
     g: list[TrainedEncoder]
+    def headline(self) -> str:
+        c = self.config
+        return (f"{c.dataset} {c.image_size} px, {self.split!r}, {len(self.atypical)} atypical; {len(self.f)} f/g pairs of "
+                f"{c.objective} {c.arch} width {c.width:g}, {c.epochs} epochs")
+    def overview(self) -> pd.DataFrame:
+        "Per seed: the final training loss of f and of g."
+        return pd.DataFrame({'seed': list(self.config.seeds[:len(self.f)]),
+                             'f final loss': [t.loss[-1] if t.history else None for t in self.f],
+                             'g final loss': [t.loss[-1] if t.history else None for t in self.g]})
     @property
     def augment(self) -> Augment:
         "The training augmentation (shared by f and g): the views every metric uses."

@@ -21,7 +21,8 @@ __all__ = ['VERDICTS', 'CLAIM_FIELDS', 'SCALES', 'PAPER_NB_ROOT', 'REGISTRY_PATH
            'save_registry', 'notebook_hash', 'package_hash', 'constraints_hash', 'stamp_path', 'failure_path',
            'executed_path', 'input_hash', 'artifact_status', 'list_artifacts', 'check_kernel', 'NotebookJob',
            'run_papermill', 'notebook_parameters', 'check_parameters', 'ArtifactResult', 'RunSummary', 'reproduce',
-           'markdown_table', 'write_report']
+           'markdown_table', 'write_report', 'reference_outputs', 'Comparison', 'compare_outputs', 'comparison_path',
+           'verify']
 
 # %% ../nbs/20_reproduce.ipynb 5
 VERDICTS = ('holds', 'does not hold', 'not checkable')
@@ -318,7 +319,10 @@ def list_artifacts(pattern=None, scale: str = 'cpu', out_root=FIGURES_DIR, regis
 
 # %% ../nbs/20_reproduce.ipynb 21
 # (per-cell timeout, whole-notebook wall-clock guard) in seconds; None = no limit
-TIMEOUTS = {'smoke': (300, 900), 'cpu': (1800, 3 * 3600), 'paper': (None, None)}
+# No per-cell limit anywhere: a slow or busy machine must not turn a long cell into a failure. The wall-clock guard per
+# notebook only catches a hung kernel: 30 min at smoke scale (seconds of work), 6 h at cpu scale (the slowest artifact
+# takes about 13 min on 2 idle cores), none at paper scale. `--timeout` overrides it (0: no guard).
+TIMEOUTS = {'smoke': (None, 1800), 'cpu': (None, 6 * 3600), 'paper': (None, None)}
 
 def check_kernel(name: str = 'python3') -> str:
     "The resource dir of Jupyter kernel `name`, or a clear error saying how to get one."
@@ -425,7 +429,6 @@ def check_parameters(artifact: Artifact, scale: str, nb_root) -> None:
         raise ValueError(f"{artifact.id}: parameter(s) {unknown} at scale {scale!r} are not defined in the parameters cell of "
                          f"{artifact.notebook} (they would be ignored); its parameters: {', '.join(known)}")
 
-
 # %% ../nbs/20_reproduce.ipynb 23
 @dataclass
 class ArtifactResult:
@@ -444,6 +447,7 @@ class RunSummary:
     results: list = field(default_factory=list)
     report: Path | None = None
     seconds: float = 0.0
+    comparison: Any = None          # a `Comparison` with the committed outputs, when one was made
 
     def by_status(self, status: str) -> list[str]: return [r.id for r in self.results if r.status == status]
     @property
@@ -497,12 +501,13 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
               timeout: float | None = None, wall_timeout: float | None = None, registry=None, nb_root=None,
               kernel_name: str = 'python3', execute: Callable[[NotebookJob], str | None] | None = None,
               report: bool = True, verbose: bool = True, executor: str = 'local', cluster: str | None = None,
-              executor_params: dict | None = None) -> RunSummary:
+              executor_params: dict | None = None, compare: str | None = 'HEAD') -> RunSummary:
     """Run the registered artifacts (matching `only`) at `scale` with papermill; skip unchanged ones unless `force`.
-    `timeout` is per cell, `wall_timeout` per notebook (defaults from `TIMEOUTS`); `registry` is a registry file
+    `timeout` is per cell, `wall_timeout` per notebook (defaults from `TIMEOUTS`; 0 = none); `registry` is a registry file
     or a list of `Artifact`s, `nb_root` their notebook folder; `execute` replaces papermill (dry runs, tests).
     `executor='submitit'` runs each wave of ready artifacts as submitit jobs (a SLURM array where SLURM is available,
-    submitit's local executor otherwise, or `cluster`), `jobs` at a time; `executor_params` go to submitit."""
+    submitit's local executor otherwise, or `cluster`), `jobs` at a time; `executor_params` go to submitit.
+    At the end the outputs are compared with those committed at git `compare` (None: no comparison)."""
     if scale not in SCALES: raise ValueError(f"unknown scale {scale!r}; scales are {SCALES}")
     if executor not in EXECUTORS: raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     arts, nb_root = _resolve(registry, nb_root)
@@ -512,7 +517,8 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     if execute is None: check_kernel(kernel_name); execute = run_papermill
     out_dir = (Path(out_root)/scale).resolve()
     cell_timeout, guard = TIMEOUTS[scale]
-    cell_timeout, guard = timeout or cell_timeout, wall_timeout or guard
+    cell_timeout = timeout or cell_timeout
+    guard = guard if wall_timeout is None else (wall_timeout or None)      # 0 = no guard
     ex = None
     if executor == 'submitit':
         from memssl_nb.train import submitit_executor
@@ -627,10 +633,15 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
         bar.close()
         summary.results = [results[a.id] for a in selected if a.id in results]
         summary.seconds = time.time() - t_start
+        if compare is not None:
+            try: summary.comparison = verify(scale, out_root, compare)
+            except Exception as e: print(f"could not compare with the committed outputs: {e}", file=sys.stderr)
         if report:
             try: summary.report = write_report(scale, out_root, registry=registry, nb_root=nb_root)
             except Exception as e: print(f"could not write the report: {e}", file=sys.stderr)
-    if verbose: tqdm.write(repr(summary))
+    if verbose:
+        tqdm.write(repr(summary))
+        if summary.comparison is not None: tqdm.write(summary.comparison.summary_line())
     return summary
 
 # %% ../nbs/20_reproduce.ipynb 26
@@ -691,6 +702,10 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
     md += [summary_row(p, [a for a in arts.values() if a.paper == p]) for p in papers]
     md += [summary_row('**all**', list(arts.values())), ""]
     if not arts: md += ["No artifacts are registered.", ""]
+    saved = comparison_path(out_dir)
+    if saved.exists():
+        try: md += [Comparison.from_json(saved.read_text()).markdown(), ""]
+        except (ValueError, KeyError) as e: md += [f"*{saved.name} could not be read: {e}*", ""]
 
     for p in papers:
         md += [f"## {p}", ""]
@@ -728,3 +743,171 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
     path = out_dir/'REPORT.md'
     atomic_write_text(path, '\n'.join(md).rstrip() + '\n')
     return path
+
+# %% ../nbs/20_reproduce.ipynb 28
+def _git(args: list[str], cwd, input: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(['git', *args], cwd=cwd, input=input, capture_output=True)
+
+def reference_outputs(out_dir, ref: str = 'HEAD') -> dict[str, bytes] | None:
+    "The claims and tables of `out_dir` as committed at git `ref` ({file name: bytes}); None outside a git checkout."
+    out_dir = Path(out_dir).resolve()
+    if not out_dir.exists(): return None
+    top = _git(['rev-parse', '--show-toplevel'], out_dir)
+    if top.returncode != 0: return None
+    top = Path(top.stdout.decode().strip()).resolve()
+    rel = out_dir.relative_to(top).as_posix()
+    listed = _git(['ls-tree', '--name-only', f'{ref}:{rel}'], top)     # from the top: ls-tree filters by the cwd
+    if listed.returncode != 0: return {}
+    names = [n for n in listed.stdout.decode().splitlines() if n.endswith(('.claims.json', '.csv'))]
+    if not names: return {}
+    blob = _git(['cat-file', '--batch'], top, ''.join(f'{ref}:{rel}/{n}\n' for n in names).encode()).stdout
+    files, pos = {}, 0
+    for n in names:
+        end = blob.index(b'\n', pos)
+        size = int(blob[pos:end].split()[2]); files[n] = blob[end + 1:end + 1 + size]; pos = end + 2 + size
+    return files
+
+def _numbers(x) -> list[float]:
+    "Every number in a claim value (lists and dicts walked, booleans and text skipped)."
+    if isinstance(x, bool) or x is None or isinstance(x, str): return []
+    if isinstance(x, (int, float)): return [float(x)]
+    if isinstance(x, dict): return [v for k in sorted(x) for v in _numbers(x[k])]
+    if isinstance(x, (list, tuple)): return [v for e in x for v in _numbers(e)]
+    return []
+
+def _outside(now: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> np.ndarray:
+    "Which numbers lie outside |now - ref| <= atol + rtol |ref| (NaN matches NaN)."
+    both_nan = np.isnan(now) & np.isnan(ref)
+    return ~both_nan & ~(np.abs(now - ref) <= atol + rtol * np.abs(ref))
+
+@dataclass
+class Comparison:
+    "Outputs on disk against a reference run: claim verdicts and numbers, per output id."
+    scale: str
+    reference: str                 # where the reference came from, e.g. 'git HEAD'; '' when there is none
+    verdicts: pd.DataFrame         # id, statement, committed, now
+    numbers: pd.DataFrame          # id, where, n, outside, example
+    only_reference: list = field(default_factory=list)
+    only_now: list = field(default_factory=list)
+    rtol: float = 0.1
+    atol: float = 0.01
+
+    @property
+    def changed(self) -> pd.DataFrame: return self.verdicts[self.verdicts.committed != self.verdicts.now]
+    @property
+    def n_numbers(self) -> int: return int(self.numbers.n.sum()) if len(self.numbers) else 0
+    @property
+    def n_outside(self) -> int: return int(self.numbers.outside.sum()) if len(self.numbers) else 0
+    @property
+    def n_outputs(self) -> int: return self.verdicts.id.nunique() if len(self.verdicts) else 0
+
+    def summary_line(self) -> str:
+        if not self.reference: return f"no committed reference outputs for scale {self.scale!r}: nothing to compare"
+        n, c = len(self.verdicts), len(self.changed)
+        return (f"compared with {self.reference}: {self.n_outputs} outputs, {n - c} of {n} verdicts identical, {c} changed; "
+                f"{self.n_numbers - self.n_outside} of {self.n_numbers} numbers within tolerance, {self.n_outside} outside")
+
+    def __repr__(self): return f"Comparison({self.summary_line()})"
+
+    def markdown(self, max_rows: int = 40) -> str:
+        "The report section: a summary table, then the changed verdicts and the numbers outside the tolerance."
+        md = ["## Compared with the committed run", ""]
+        if not self.reference: return '\n'.join(md + [f"No committed reference outputs for scale `{self.scale}` (not a git "
+                                                      "checkout, or nothing committed under this folder).", ""])
+        n, c = len(self.verdicts), len(self.changed)
+        pct = lambda a, b: f"{a} ({a / b:.1%})" if b else str(a)
+        md += [f"Reference: the outputs of `figures/{self.scale}/` at {self.reference}. Numbers agree when |now − committed| ≤ "
+               f"{self.atol:g} + {self.rtol:g}·|committed|.", "",
+               "| outputs compared | claims compared | verdicts identical | verdicts changed | numbers compared | within tolerance | outside |",
+               "|---|---|---|---|---|---|---|",
+               f"| {self.n_outputs} | {n} | {pct(n - c, n)} | {c} | {self.n_numbers} | "
+               f"{pct(self.n_numbers - self.n_outside, self.n_numbers)} | {self.n_outside} |", ""]
+        if self.only_reference or self.only_now:
+            md += [f"Only in the reference: {', '.join(self.only_reference) or 'none'}. Only now: {', '.join(self.only_now) or 'none'}.", ""]
+        if c:
+            md += ["### Verdicts that changed", "", "| output | claim | committed | now |", "|---|---|---|---|"]
+            md += [f"| {r.id} | {_fmt(r.statement)} | {r.committed} | {r.now} |" for r in self.changed.head(max_rows).itertuples()]
+            md += [f"\n*… {c - max_rows} more.*" if c > max_rows else "", ""]
+        out = self.numbers[self.numbers.outside > 0]
+        if len(out):
+            md += ["### Numbers outside the tolerance", "", "| output | where | outside / compared | example (committed → now) |",
+                   "|---|---|---|---|"]
+            md += [f"| {r.id} | {_fmt(r.where)} | {r.outside} / {r.n} | {_fmt(r.example)} |" for r in out.head(max_rows).itertuples()]
+            md += [f"\n*… {len(out) - max_rows} more.*" if len(out) > max_rows else "", ""]
+        return '\n'.join(md)
+
+    def to_json(self) -> str:
+        return json.dumps({'scale': self.scale, 'reference': self.reference, 'rtol': self.rtol, 'atol': self.atol,
+                           'only_reference': self.only_reference, 'only_now': self.only_now,
+                           'verdicts': self.verdicts.to_dict('records'), 'numbers': self.numbers.to_dict('records')},
+                          indent=1, default=str) + '\n'
+
+    @classmethod
+    def from_json(cls, text: str) -> 'Comparison':
+        d = json.loads(text)
+        return cls(d['scale'], d['reference'], pd.DataFrame(d['verdicts'], columns=['id', 'statement', 'committed', 'now']),
+                   pd.DataFrame(d['numbers'], columns=['id', 'where', 'n', 'outside', 'example']),
+                   d['only_reference'], d['only_now'], d['rtol'], d['atol'])
+
+# %% ../nbs/20_reproduce.ipynb 29
+def _claims_from(data: bytes) -> list[dict]:
+    try: d = json.loads(data)
+    except ValueError: return []
+    return d.get('claims', []) if isinstance(d, dict) else []
+
+def _table_numbers(now: bytes, ref: bytes, rtol: float, atol: float) -> tuple[int, int, str]:
+    "(numbers compared, numbers outside, an example) for two CSV files."
+    a, b = (pd.read_csv(io.BytesIO(x)) for x in (now, ref))
+    if list(a.columns) != list(b.columns) or len(a) != len(b):
+        n = int(b.select_dtypes('number').size)
+        return n, n, f"shape {b.shape} → {a.shape}" + (' (columns changed)' if list(a.columns) != list(b.columns) else '')
+    cols = [c for c in b.columns if pd.api.types.is_numeric_dtype(b[c]) and pd.api.types.is_numeric_dtype(a[c])]
+    if not cols: return 0, 0, ''
+    x, y = a[cols].to_numpy(float), b[cols].to_numpy(float)
+    bad = _outside(x, y, rtol, atol)
+    if not bad.any(): return x.size, 0, ''
+    i, j = map(int, np.argwhere(bad)[0])
+    return x.size, int(bad.sum()), f"row {i} {cols[j]}: {y[i, j]:.4g} → {x[i, j]:.4g}"
+
+def compare_outputs(now: dict[str, bytes], reference: dict[str, bytes] | None, scale: str, label: str = 'git HEAD',
+                    rtol: float = 0.1, atol: float = 0.01) -> Comparison:
+    "Compare output files ({name: bytes}: `<id>.claims.json`, `<id>.csv`) with a reference set."
+    empty = Comparison(scale, '', pd.DataFrame(columns=['id', 'statement', 'committed', 'now']),
+                       pd.DataFrame(columns=['id', 'where', 'n', 'outside', 'example']), rtol=rtol, atol=atol)
+    if not reference: return empty
+    ids = lambda files: {n[:-len('.claims.json')] for n in files if n.endswith('.claims.json')}
+    common = sorted(ids(now) & ids(reference))
+    verdicts, numbers = [], []
+    for i in common:
+        mine = {c.get('statement'): c for c in _claims_from(now[f'{i}.claims.json'])}
+        for c in _claims_from(reference[f'{i}.claims.json']):
+            m = mine.get(c.get('statement'))
+            verdicts.append(dict(id=i, statement=c.get('statement'), committed=c.get('verdict'),
+                                 now=m.get('verdict') if m else 'missing'))
+            a, b = _numbers(m.get('ours')) if m else [], _numbers(c.get('ours'))
+            if not b: continue
+            if len(a) != len(b): numbers.append(dict(id=i, where=c.get('statement'), n=len(b), outside=len(b),
+                                                     example=f"{len(b)} numbers → {len(a)}")); continue
+            bad = _outside(np.array(a), np.array(b), rtol, atol)
+            k = int(np.argmax(bad)) if bad.any() else None
+            numbers.append(dict(id=i, where=c.get('statement'), n=len(b), outside=int(bad.sum()),
+                                example='' if k is None else f"{b[k]:.4g} → {a[k]:.4g}"))
+        if f'{i}.csv' in reference and f'{i}.csv' in now:
+            n, bad, ex = _table_numbers(now[f'{i}.csv'], reference[f'{i}.csv'], rtol, atol)
+            if n: numbers.append(dict(id=i, where=f'{i}.csv', n=n, outside=bad, example=ex))
+    return Comparison(scale, label, pd.DataFrame(verdicts, columns=empty.verdicts.columns),
+                      pd.DataFrame(numbers, columns=empty.numbers.columns),
+                      sorted(ids(reference) - ids(now)), sorted(ids(now) - ids(reference)), rtol, atol)
+
+def comparison_path(out_dir) -> Path: return Path(out_dir)/'comparison.json'
+
+def verify(scale: str = 'cpu', out_root=FIGURES_DIR, ref: str = 'HEAD', rtol: float = 0.1, atol: float = 0.01,
+           save: bool = True) -> Comparison:
+    "Compare the outputs on disk under `out_root/scale` with those committed at git `ref`; saved to comparison.json."
+    if scale not in SCALES: raise ValueError(f"unknown scale {scale!r}; scales are {SCALES}")
+    out_dir = Path(out_root)/scale
+    now = {p.name: p.read_bytes() for p in sorted(out_dir.glob('*')) if p.name.endswith(('.claims.json', '.csv'))} \
+          if out_dir.is_dir() else {}
+    cmp = compare_outputs(now, reference_outputs(out_dir, ref), scale, f'git {ref}', rtol, atol)
+    if save and out_dir.is_dir(): atomic_write_text(comparison_path(out_dir), cmp.to_json())
+    return cmp

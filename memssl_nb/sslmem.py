@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import get_device, make_generator, iter_batches, to_float01, progress as progress_bar
+from .core import get_device, make_generator, iter_batches, to_float01, progress as progress_bar, Summarized
 
 # %% auto 0
 __all__ = ['DISTANCES', 'NORMALIZATIONS', 'VIEW_MODES', 'REPRESENTATIONS', 'SET_COMPARISONS', 'measuring', 'check_images',
@@ -201,8 +201,8 @@ def normalize_scores(dist_f: torch.Tensor, dist_g: torch.Tensor, normalization: 
     else: den = diff.abs().amax(0).expand_as(diff)
     return torch.where(den > 0, diff / den.clamp_min(torch.finfo(diff.dtype).tiny), torch.zeros_like(diff))
 
-@dataclass
-class SSLMemResult:
+@dataclass(repr=False)
+class SSLMemResult(Summarized):
     "Per-point SSLMem scores with the raw alignment distances they came from."
     score: torch.Tensor       # [N]
     dist_f: torch.Tensor      # [N] SSL_f: mean over the f encoders
@@ -211,6 +211,13 @@ class SSLMemResult:
     dist_g_all: torch.Tensor  # [n_g, N]
     config: dict = field(default_factory=dict)
     def __len__(self): return len(self.score)
+    def headline(self) -> str:
+        s = self.score.double()
+        return (f"{len(s)} points, mean {s.mean():+.4f}, {int((s > 0).sum())} > 0; {self.dist_f_all.shape[0]} f / "
+                f"{self.dist_g_all.shape[0]} g encoders, {self.config.get('normalization', '?')} normalization")
+    def overview(self) -> pd.DataFrame:
+        "count, mean, std, min, quartiles, max of the score and of the two distances."
+        return pd.DataFrame({k: getattr(self, k).double().numpy() for k in ('score', 'dist_f', 'dist_g')}).describe().T.reset_index(names='')
     def rescore(self, normalization: str) -> torch.Tensor:
         "The score under another normalization (no new forward passes)."
         return normalize_scores(self.dist_f.double(), self.dist_g.double(), normalization).float()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np, pandas as pd
 import torch, torch.nn.functional as F
-from .core import make_generator, iter_batches, progress, to_float01
+from .core import make_generator, iter_batches, progress, to_float01, Summarized
 from .data import ImageSet
 from .evaluate import eval_mode
 from .train import TrainSpec, TrainedEncoder, train_encoder
@@ -22,8 +22,8 @@ def subset_masks(n: int, n_models: int, keep: float = 0.5, seed: int = 0) -> tor
     if n_models < 2: raise ValueError("need at least 2 models")
     return torch.rand(n_models, n, generator=make_generator(seed)) < keep
 
-@dataclass
-class SupMemResult:
+@dataclass(repr=False)
+class SupMemResult(Summarized):
     "Per-point supervised memorization with its two ingredients."
     mem: torch.Tensor        # p_in - p_out (NaN where a point was never in, or never out)
     p_in: torch.Tensor       # mean correctness (or probability) over models trained with the point
@@ -32,6 +32,11 @@ class SupMemResult:
     n_out: torch.Tensor
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame({k: getattr(self, k).numpy() for k in ('mem', 'p_in', 'p_out', 'n_in', 'n_out')})
+    def headline(self) -> str:
+        m = self.mem[~torch.isnan(self.mem)].double()
+        return (f"{len(self.mem)} points ({len(m)} scored), mean memorization {m.mean():.3f}, "
+                f"{int((m > 0.5).sum())} above 0.5" if len(m) else f"{len(self.mem)} points, none scored")
+    def overview(self) -> pd.DataFrame: return self.to_frame().describe().T.reset_index(names='')
 
 def supmem_from_predictions(correct: torch.Tensor, masks: torch.Tensor) -> SupMemResult:
     "Feldman's estimator from per-model correctness [M, N] (0/1 or probabilities) and training masks [M, N]."

@@ -14,7 +14,8 @@ import torch.distributed.nn.functional as dist_nn
 from torch.nn.parallel import DistributedDataParallel
 from safetensors.torch import save as st_save, load as st_load
 from .core import (CACHE_DIR, atomic_write_bytes, atomic_write_text, get_device, make_generator,
-                            progress, seed_everything, stable_hash)
+                            progress, seed_everything, stable_hash, Summarized)
+import pandas as pd
 from .data import ImageSet, load_dataset
 from .augment import Augment
 from .models import build_encoder
@@ -338,8 +339,8 @@ def dp_gradients(model: nn.Module, views: list[torch.Tensor], labels: torch.Tens
     return losses.mean().detach()
 
 # %% ../nbs/05_train.ipynb 28
-@dataclass
-class TrainedEncoder:
+@dataclass(repr=False)
+class TrainedEncoder(Summarized):
     "A trained encoder (in eval mode) with its objective (heads), spec, loss history and cache location."
     encoder: nn.Module
     objective: Objective
@@ -352,6 +353,14 @@ class TrainedEncoder:
     from_cache: bool = False            # loaded from the cache rather than trained by this call
     @property
     def loss(self) -> list[float]: return [h['loss'] for h in self.history]
+    def headline(self) -> str:
+        s = self.spec
+        loss = f", final loss {self.loss[-1]:.4f}" if self.history else ''
+        return (f"{s.objective} {s.arch} (width {s.width:g}) on {s.dataset} ({len(s.indices) if s.indices else 'all'} images), "
+                f"{len(self.history)} epochs{loss}; {'from the cache' if self.from_cache else 'trained'}, key {self.key}")
+    def overview(self) -> pd.DataFrame:
+        "The loss history, one row per epoch."
+        return pd.DataFrame(self.history)
 
 @contextmanager
 def _file_lock(path: Path):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from .core import iter_batches, progress as progress_bar
+from .core import iter_batches, progress as progress_bar, Summarized
 from .models import resolve_taps
 from .sslmem import (check_images, check_choice, encoders_device, measuring, pool_units, view_blocks)
 from .layermem import tap_reader
@@ -81,8 +81,8 @@ def _unit_summary(layers, score, mu_max, top_fraction) -> pd.DataFrame:
                          frac_dead=(mu_max[l] == 0).double().mean().item()))
     return pd.DataFrame(rows)
 
-@dataclass
-class UnitMemResult:
+@dataclass(repr=False)
+class UnitMemResult(Summarized):
     "UnitMem per unit and layer, the owner (µmax point) of each unit, and the activations µ_u(x) it came from."
     layers: list[str]
     score: dict            # layer -> [U] UnitMem
@@ -92,6 +92,14 @@ class UnitMemResult:
     activations: dict      # layer -> [N, U] µ_u(x)
     rest: str = 'mean'
     config: dict = field(default_factory=dict)
+    def headline(self) -> str:
+        n = len(next(iter(self.activations.values()))) if self.activations else 0
+        means = {l: self.score[l].double().mean().item() for l in self.layers}
+        top = max(means, key=means.get)
+        return (f"{n} points, {len(self.layers)} layers, {sum(len(self.score[l]) for l in self.layers)} units; mean UnitMem "
+                f"{self.layers[0]} {means[self.layers[0]]:.3f} … {self.layers[-1]} {means[self.layers[-1]]:.3f}, highest "
+                f"{top} {means[top]:.3f}; µ-max = {self.rest}")
+    def overview(self) -> pd.DataFrame: return self.summary()
     def rescore(self, rest: str) -> 'UnitMemResult':
         "The same activations with µ_-max as 'mean' or 'median' of the other points."
         return unitmem_from_activations(self.activations, rest, self.config)
@@ -128,8 +136,8 @@ def unitmem(encoder: nn.Module, images, augment: Callable | None, layers: Sequen
     return unitmem_from_activations(acts, rest, cfg)
 
 # %% ../nbs/12_unitmem.ipynb 17
-@dataclass
-class ClassMemResult:
+@dataclass(repr=False)
+class ClassMemResult(Summarized):
     "ClassMem (training points) or class selectivity (test points) per unit, with the preferred class of each unit."
     layers: list[str]
     score: dict              # layer -> [U]
@@ -144,6 +152,11 @@ class ClassMemResult:
         return _unit_table(self.layers, self.score, self.preferred_class, self.mu_max, self.mu_rest, 'preferred_class')
     def summary(self, top_fraction: float = 0.1) -> pd.DataFrame:
         return _unit_summary(self.layers, self.score, self.mu_max, top_fraction)
+    def headline(self) -> str:
+        means = [self.score[l].double().mean().item() for l in self.layers]
+        return (f"{len(self.classes)} classes, {len(self.layers)} layers, {sum(len(self.score[l]) for l in self.layers)} "
+                f"units; mean score {self.layers[0]} {means[0]:.3f} … {self.layers[-1]} {means[-1]:.3f}")
+    def overview(self) -> pd.DataFrame: return self.summary()
 
 def class_means(activations: torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor]:
     "`(classes present [M], class-conditional means [M, U])` of per-point activations [N, U]."
