@@ -11,8 +11,9 @@ import torch
 
 # %% auto 0
 __all__ = ['PROJECT_ROOT', 'DATA_DIR', 'FIGURES_DIR', 'CACHE_DIR', 'find_project_root', 'get_device', 'configure_threads',
-           'seed_everything', 'make_generator', 'progress_enabled', 'progress', 'stable_hash', 'atomic_write_bytes',
-           'atomic_write_text', 'to_float01', 'iter_batches', 'Summarized']
+           'seed_everything', 'make_generator', 'progress_enabled', 'progress', 'stable_hash',
+           'remove_stale_temporaries', 'atomic_write_bytes', 'atomic_write_text', 'to_float01', 'iter_batches',
+           'Summarized']
 
 # %% ../nbs/00_core.ipynb 5
 def find_project_root(start: Path | None = None) -> Path:
@@ -81,12 +82,33 @@ def stable_hash(obj, length: int | None = None) -> str:
     return h[:length] if length else h
 
 # %% ../nbs/00_core.ipynb 17
+def _umask() -> int:
+    mask = os.umask(0); os.umask(mask); return mask
+
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    "Delete the temporaries of interrupted atomic writes to `path` (their writer process is gone); the paths removed."
+    path, removed = Path(path), []
+    for tmp in path.parent.glob(f'.{path.name}.*.tmp'):
+        pid = tmp.name[len(path.name) + 2:].split('.', 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            try: tmp.unlink(); removed.append(tmp)
+            except FileNotFoundError: pass
+    return removed
+
 def atomic_write_bytes(path: str | Path, data: bytes):
-    "Write `data` to `path` atomically (temporary file in the same folder, then `os.replace`)."
+    "Write `data` to `path` atomically (temporary file in the same folder, then `os.replace`), with umask permissions."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.{os.getpid()}.', suffix='.tmp')
     try:
-        with os.fdopen(fd, 'wb') as f: f.write(data); f.flush(); os.fsync(f.fileno())
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data); f.flush(); os.fchmod(f.fileno(), 0o666 & ~_umask()); os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.remove(tmp)

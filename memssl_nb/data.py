@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb 2
 from __future__ import annotations
-import functools, json
+import functools, json, math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -255,6 +255,9 @@ def load_dataset(name: str, split: str = 'train', root: str | Path | None = None
         raise ValueError(f"{key_name} has no split {split!r}; available: {', '.join(SPLITS[key_name])}")
     if size is None and key_name in EMBEDDED: size = 16
     if isinstance(size, (tuple, list)): size = tuple(int(s) for s in size)
+    sizes = size if isinstance(size, tuple) else (size,) if size is not None else ()
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in sizes) or len(sizes) > 2:
+        raise ValueError(f"size must be a positive integer (or a pair of them); got {size!r}")
     root = Path(root or DATA_DIR).expanduser()
     key = (key_name, split, None if key_name in EMBEDDED else str(root.resolve()), size)
     if key not in _CACHE:
@@ -329,10 +332,11 @@ def make_split(n_or_indices, fractions: Sequence[float] = (0.8, 0.1, 0.1), *, n_
                extra=None) -> MemSplit:
     "Seeded split of a pool (`range(n)` or given indices) into S_E (`n_extra` points or `extra`) and S_S/S_C/S_I by `fractions`."
     if isinstance(n_or_indices, (int, np.integer)):
+        if n_or_indices < 0: raise ValueError(f"n must be a non-negative number of points; got {n_or_indices}")
         n, pool = int(n_or_indices), torch.arange(int(n_or_indices))
     else: n, pool = None, as_index(n_or_indices)
     if len(pool.unique()) != len(pool): raise ValueError("the pool indices contain duplicates")
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+    if len(fractions) != 3 or any(not math.isfinite(f) or f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"fractions must be 3 non-negative numbers summing to 1 (S_S, S_C, S_I), got {fractions}")
     fixed_extra = torch.empty(0, dtype=torch.int64)
     if extra is not None:

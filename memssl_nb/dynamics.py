@@ -132,7 +132,7 @@ def record_hits(spec: TrainSpec, data: ImageSet, views: torch.Tensor, labels: to
             hits.append(measure_hits(twin, twin_obj, views, labels, eval_batch))
         return on_epoch_end
     shared = root/'encoders'/key
-    if cache and not any((shared/f).exists() for f in ('final.json', 'checkpoint.json')):
+    if cache and not any((shared/f).exists() for f in ('final.safetensors', 'checkpoint.safetensors')):
         train_encoder(spec, data, cache=True, cache_dir=root, progress_bar=False, on_epoch_end=score(shared))
     if len(hits) != spec.epochs:
         # not trained here, or a concurrent job trained (or half-trained) this key while we waited for its lock:

@@ -8,6 +8,7 @@ import copy, math
 import torch, torch.nn as nn, torch.nn.functional as F
 from .objectives import Objective, register_objective, get_objective, OBJECTIVES
 from .models import ProjectionHead
+from .core import make_generator
 import torch.distributed as dist
 from .train import GLOBAL_LOSSES, gather_batch, global_loss_for, dist_info
 
@@ -65,14 +66,27 @@ class DINO(Objective):
         self.student_temp, self.teacher_temp, self.momentum, self.center_momentum = student_temp, teacher_temp, momentum, center_momentum
         self.register_buffer('center', torch.zeros(1, n_prototypes))
         self._teacher, self._student, self._batch_center = None, None, None   # not modules: outside state_dict
+        self._pending_teacher = None       # teacher weights from a checkpoint, loaded when the teacher is built
 
     def _make_teacher(self, encoder):
         t = nn.ModuleDict(dict(encoder=copy.deepcopy(encoder), head=copy.deepcopy(self.head)))
         for p in t.parameters(): p.requires_grad_(False)
         return t
 
+    def resume_state(self) -> dict[str, torch.Tensor]:
+        "The EMA teacher (encoder and head): resuming without it would restart the teacher from the student."
+        if self._teacher is None: return {}
+        return {f'teacher.{k}': v for k, v in self._teacher[0].state_dict().items()}
+
+    def load_resume_state(self, tensors):
+        self._teacher = None
+        self._pending_teacher = {k[len('teacher.'):]: v for k, v in tensors.items() if k.startswith('teacher.')} or None
+
     def forward(self, encoder, views, labels=None):
-        if self._teacher is None: self._teacher = [self._make_teacher(encoder)]
+        if self._teacher is None:
+            self._teacher = [self._make_teacher(encoder)]
+            if self._pending_teacher is not None:
+                self._teacher[0].load_state_dict(self._pending_teacher); self._pending_teacher = None
         self._student = [encoder]          # a list, so it is not registered as a submodule
         teacher = self._teacher[0]
         with torch.no_grad():
@@ -112,9 +126,13 @@ class MAE(Objective):
         super().__init__()
         self.image_size, self.in_channels, self.patch, self.ratio, self.norm_pix = image_size, in_channels, patch, ratio, norm_pix
         self.decoder = nn.Sequential(nn.Linear(out_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, in_channels * image_size ** 2))
+        self.generator = make_generator(0)   # the masks' only source of randomness: seeded from the spec, checkpointed
+    def seed(self, seed: int): self.generator.manual_seed(int(seed))
+    def resume_state(self) -> dict[str, torch.Tensor]: return {'generator': self.generator.get_state()}
+    def load_resume_state(self, tensors): self.generator.set_state(tensors['generator'])
     def forward(self, encoder, views, labels=None):
         x = views[0]
-        mask = random_patch_mask(len(x), self.image_size, self.patch, self.ratio, device=x.device)
+        mask = random_patch_mask(len(x), self.image_size, self.patch, self.ratio, self.generator).to(x.device)
         rec = self.decoder(encoder(x.masked_fill(mask, 0.))).view_as(x).float()
         target = x.float()
         if self.norm_pix:
@@ -160,6 +178,9 @@ class AlignLimit(Objective):
         self.last_similarity = alignment_similarity(*capture.outputs[:2]).mean()
         return loss + self.lam * self.last_similarity
     def after_step(self): self.base.after_step()
+    def seed(self, seed: int): self.base.seed(seed)
+    def resume_state(self): return self.base.resume_state()
+    def load_resume_state(self, tensors): self.base.load_resume_state(tensors)
 
 # %% ../nbs/07_frameworks.ipynb 19
 def global_batch_mean(mean: torch.Tensor, rows: int) -> torch.Tensor:

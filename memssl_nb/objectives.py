@@ -21,6 +21,13 @@ class Objective(nn.Module):
         raise NotImplementedError
     def prepare_labels(self, labels: torch.Tensor, seed: int) -> torch.Tensor: return labels
     def after_step(self): pass
+    def seed(self, seed: int):
+        "Seed the objective's own random generator. An objective that draws random numbers owns one: never the global RNG."
+    def resume_state(self) -> dict[str, torch.Tensor]:
+        "Tensors beyond `state_dict()` that the next training step depends on (an EMA teacher, a generator's state)."
+        return {}
+    def load_resume_state(self, tensors: dict[str, torch.Tensor]):
+        "Restore what `resume_state` returned: resuming from a checkpoint then continues exactly."
 
 OBJECTIVES: dict[str, type] = {}
 

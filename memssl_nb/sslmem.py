@@ -88,6 +88,8 @@ def block_generator(seed: int, block: int, device='cpu') -> torch.Generator:
 def view_blocks(images: torch.Tensor, augment: Callable | None, n_views: int, seed: int = 0,
                 view_block: int = 32, device='cpu'):
     "Yield `(points_slice, x, views)` per block: `x` [b,C,H,W] float on `device`, `views` [n_views*b, ...] (row r*b+i = view r of point i)."
+    if isinstance(view_block, bool) or not isinstance(view_block, (int, np.integer)) or view_block < 1:
+        raise ValueError(f"view_block (points whose views are drawn together) must be an integer >= 1; got {view_block!r}")
     device = get_device(device)
     for j, sl in enumerate(iter_batches(len(images), view_block)):
         x = to_float01(images[sl].to(device, non_blocking=True))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb 2
 from __future__ import annotations
-import argparse, copy, dataclasses, fcntl, json, math, os, shutil, sys, time
+import argparse, copy, dataclasses, fcntl, hashlib, json, math, os, shutil, sys, time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -22,16 +22,17 @@ from .models import build_encoder
 from .objectives import get_objective, Objective, SimCLR, nt_xent
 
 # %% auto 0
-__all__ = ['CACHE_VERSION', 'OPTIMIZERS', 'DP_OBJECTIVES', 'SYNC_BN_OBJECTIVES', 'GLOBAL_LOSSES', 'PAPER_DATASETS', 'PAPER_SPECS',
-           'TrainSpec', 'check_dp', 'training_data', 'cache_key', 'build_augment', 'build_clean', 'build_model', 'LARS',
-           'make_optimizer', 'lr_factor', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'dist_info',
-           'init_distributed', 'shard', 'gather_batch', 'simclr_global_loss', 'global_loss_for', 'CPUSyncBatchNorm',
+__all__ = ['CACHE_VERSION', 'OPTIMIZERS', 'DP_OBJECTIVES', 'CHECKPOINT_FORMAT', 'SYNC_BN_OBJECTIVES', 'GLOBAL_LOSSES',
+           'PAPER_DATASETS', 'PAPER_SPECS', 'TrainSpec', 'check_dp', 'training_data', 'cache_key', 'build_augment',
+           'build_clean', 'build_model', 'LARS', 'make_optimizer', 'lr_factor', 'CheckpointError', 'checkpoint_bytes',
+           'save_checkpoint', 'read_checkpoint', 'apply_checkpoint', 'load_checkpoint', 'dist_info', 'init_distributed',
+           'shard', 'gather_batch', 'simclr_global_loss', 'global_loss_for', 'CPUSyncBatchNorm',
            'convert_sync_batchnorm', 'LossModel', 'dp_epsilon', 'dp_noise_multiplier', 'check_dp_model', 'dp_gradients',
            'TrainedEncoder', 'train_encoder', 'cached_encoders', 'paper_spec', 'submitit_executor', 'train_encoders',
            'main']
 
 # %% ../nbs/05_train.ipynb 5
-CACHE_VERSION = 1  # bump when a change to the loop alters trained weights
+CACHE_VERSION = 2  # bump when a change alters trained weights or the cache layout (2: one-file checkpoints, MAE's own generator)
 OPTIMIZERS = ('adam', 'adamw', 'sgd', 'lars')
 
 @dataclass
@@ -115,6 +116,7 @@ def build_model(spec: TrainSpec, train_data: ImageSet) -> tuple[nn.Module, Objec
     c, h = train_data.images.shape[1], train_data.images.shape[-1]
     encoder = build_encoder(spec.arch, in_channels=c, width=spec.width, image_size=h, **spec.encoder_kw)
     objective = get_objective(spec.objective, encoder.out_dim, num_classes=len(train_data.classes), **spec.objective_kw)
+    objective.seed(spec.seed)
     return encoder, objective
 
 class LARS(torch.optim.Optimizer):
@@ -155,8 +157,10 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = 'c
     return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 # %% ../nbs/05_train.ipynb 13
+CHECKPOINT_FORMAT = '2'
+
 class CheckpointError(RuntimeError):
-    "A checkpoint that cannot be used (corrupted, truncated, or from a different spec)."
+    "A checkpoint that cannot be used (corrupted, truncated, malformed, or from a different spec)."
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     sd = opt.state_dict(); tensors, scalars = {}, {'param_groups': sd['param_groups'], 'state': {}}
@@ -173,43 +177,94 @@ def _optimizer_state(tensors: dict, scalars: dict) -> dict:
     for pid, st in scalars['state'].items(): state.setdefault(int(pid), {}).update(st)
     return {'state': state, 'param_groups': scalars['param_groups']}
 
+def checkpoint_bytes(tensors: dict, meta: dict) -> bytes:
+    "safetensors bytes whose header carries `meta` (as JSON) and the SHA-256 of the tensor data."
+    header = {'format': CHECKPOINT_FORMAT, 'meta': json.dumps(meta)}
+    blob = st_save(tensors, metadata=header)
+    n = int.from_bytes(blob[:8], 'little')
+    return st_save(tensors, metadata=header | {'sha256': hashlib.sha256(blob[8 + n:]).hexdigest()})
+
 def save_checkpoint(path: Path, encoder, objective, optimizer=None, meta: dict | None = None):
-    "Write `<path>.safetensors` and `<path>.json` atomically (tensors first, the sidecar marks completion)."
-    path = Path(path)
+    "Write `<path>.safetensors` atomically; with an `optimizer` it is a resume checkpoint (optimiser + objective state)."
     tensors = {f'encoder.{k}': v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     tensors |= {f'objective.{k}': v.detach().cpu().contiguous() for k, v in objective.state_dict().items()}
     meta = dict(meta or {})
     if optimizer is not None:
         opt_t, opt_s = _optimizer_tensors(optimizer)
         tensors |= {f'optimizer.{k}': v for k, v in opt_t.items()}; meta['optimizer'] = opt_s
-    atomic_write_bytes(path.with_suffix('.safetensors'), st_save(tensors))
-    atomic_write_text(path.with_suffix('.json'), json.dumps(meta, indent=1))
+        tensors |= {f'resume.{k}': v.detach().cpu().contiguous() for k, v in objective.resume_state().items()}
+    atomic_write_bytes(Path(path).with_suffix('.safetensors'), checkpoint_bytes(tensors, meta))
 
-def load_checkpoint(path: Path, encoder, objective=None, optimizer=None, expected_key: str | None = None) -> dict:
-    "Load a checkpoint written by `save_checkpoint` into the given modules; returns its metadata."
-    path = Path(path); st_path, js_path = path.with_suffix('.safetensors'), path.with_suffix('.json')
-    try:
-        meta = json.loads(js_path.read_text())
-        tensors = st_load(st_path.read_bytes())
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {st_path} cannot be read ({type(e).__name__}: {e}); "
-                              f"delete {path.parent} to retrain it") from e
+def _meta_problem(meta, expected_key, epochs, final, resume=False) -> str | None:
+    "What is wrong with a checkpoint's metadata, or None."
+    if not isinstance(meta, dict): return f"its metadata is a JSON {type(meta).__name__}, not an object"
     if expected_key is not None and meta.get('key') != expected_key:
-        raise CheckpointError(f"checkpoint {st_path} belongs to spec {meta.get('key')!r}, not {expected_key!r}")
+        return f"it belongs to spec {meta.get('key')!r}, not {expected_key!r}"
+    epoch, history = meta.get('epoch'), meta.get('history')
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1: return f"its epoch {epoch!r} is impossible"
+    if epochs is not None and (epoch > epochs or (final and epoch != epochs)):
+        return f"it records epoch {epoch} of a {epochs}-epoch run" + (" as final" if final else '')
+    if not isinstance(history, list) or len(history) != epoch or not all(isinstance(h, dict) and 'loss' in h for h in history):
+        return f"its loss history does not match its epoch {epoch}"
+    if resume and not (isinstance(meta.get('optimizer'), dict) and isinstance(meta['optimizer'].get('param_groups'), list)):
+        return "it holds no optimiser state to resume from"
+    return None
+
+def read_checkpoint(path: Path, expected_key: str | None = None, epochs: int | None = None, final: bool = False,
+                    advice: str | None = None, resume: bool = False) -> tuple[dict, dict]:
+    """(tensors, metadata) of the checkpoint `<path>.safetensors` once its SHA-256 and metadata check out (`epochs`: the
+    run's length; `final`: it must have reached it; `resume`: it must hold optimiser state); otherwise `CheckpointError`
+    naming the file and `advice`."""
+    path = Path(path).with_suffix('.safetensors')
+    how = f"; {advice or f'delete {path.parent} to retrain it'}"
+    try:
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], 'little')
+        header = json.loads(data[8:8 + n]).get('__metadata__') or {}
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}){how}") from e
+    if header.get('format') != CHECKPOINT_FORMAT or 'sha256' not in header:
+        raise CheckpointError(f"checkpoint {path} has no verifiable header (format {CHECKPOINT_FORMAT} with a SHA-256){how}")
+    if hashlib.sha256(data[8 + n:]).hexdigest() != header['sha256']:
+        raise CheckpointError(f"checkpoint {path} is corrupted: its tensor data does not match the SHA-256 in its header{how}")
+    try: meta = json.loads(header.get('meta', ''))
+    except ValueError as e: raise CheckpointError(f"checkpoint {path} has unreadable metadata ({e}){how}") from e
+    problem = _meta_problem(meta, expected_key, epochs, final, resume)
+    if problem: raise CheckpointError(f"checkpoint {path} cannot be used: {problem}{how}")
+    try: tensors = st_load(data)
+    except Exception as e: raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}){how}") from e
+    return tensors, meta
+
+def apply_checkpoint(tensors: dict, meta: dict, path, encoder, objective=None, optimizer=None):
+    "Load verified checkpoint tensors into the modules; every name and shape (and the optimiser's layout) is checked first."
+    loads = []
     for prefix, module in (('encoder.', encoder), ('objective.', objective)):
         if module is None: continue
         sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         own = module.state_dict()
         bad = sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and own[k].shape != sd[k].shape]
-        if bad: raise CheckpointError(f"checkpoint {st_path} does not match the model ({len(bad)} mismatched "
-                                      f"tensors, e.g. {bad[:3]}); delete {path.parent} to retrain it")
-        module.load_state_dict(sd)
+        if bad: raise CheckpointError(f"checkpoint {path} does not match the model ({len(bad)} mismatched tensors, "
+                                      f"e.g. {bad[:3]}); delete {Path(path).parent} to retrain it")
+        loads.append((module, sd))
     if optimizer is not None:
-        opt_t = {k[len('optimizer.'):]: v for k, v in tensors.items() if k.startswith('optimizer.')}
-        optimizer.load_state_dict(_optimizer_state(opt_t, meta['optimizer']))
+        scalars = meta.get('optimizer')
+        groups = scalars.get('param_groups') if isinstance(scalars, dict) else None
+        if not isinstance(groups, list) or [len(g.get('params', ())) for g in groups] != [len(g['params']) for g in optimizer.param_groups]:
+            raise CheckpointError(f"checkpoint {path} holds no optimiser state for this model: it cannot be resumed from")
+        optimizer.load_state_dict(_optimizer_state({k[len('optimizer.'):]: v for k, v in tensors.items()
+                                                    if k.startswith('optimizer.')}, scalars))
+    for module, sd in loads: module.load_state_dict(sd)
+    if optimizer is not None and objective is not None:
+        objective.load_resume_state({k[len('resume.'):]: v for k, v in tensors.items() if k.startswith('resume.')})
+
+def load_checkpoint(path: Path, encoder, objective=None, optimizer=None, expected_key: str | None = None,
+                    epochs: int | None = None, final: bool = False) -> dict:
+    "Verify the checkpoint `<path>.safetensors` and load it into the given modules; its metadata."
+    tensors, meta = read_checkpoint(path, expected_key, epochs, final)
+    apply_checkpoint(tensors, meta, Path(path).with_suffix('.safetensors'), encoder, objective, optimizer)
     return meta
 
-# %% ../nbs/05_train.ipynb 15
+# %% ../nbs/05_train.ipynb 17
 def dist_info() -> tuple[int, int]:
     "(rank, world size) of this process: (0, 1) unless a `torch.distributed` process group is initialised."
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
@@ -229,7 +284,7 @@ def shard(x, rank: int, world: int):
     if world == 1: return x
     return x[rank:len(x) // world * world:world]
 
-# %% ../nbs/05_train.ipynb 20
+# %% ../nbs/05_train.ipynb 22
 SYNC_BN_OBJECTIVES = ('simclr', 'simsiam', 'vicreg', 'dino')   # SSL objectives trained with global-batch BN
 
 def gather_batch(t: torch.Tensor) -> torch.Tensor:
@@ -289,7 +344,7 @@ class LossModel(nn.Module):
         if self.global_loss is not None: return self.global_loss(self.objective, self.encoder, views, labels)
         return self.objective(self.encoder, views, labels)
 
-# %% ../nbs/05_train.ipynb 24
+# %% ../nbs/05_train.ipynb 26
 def dp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     "ε after `steps` DP-SGD steps with noise σ and sampling rate q, at δ (Opacus's RDP accountant; σ = 0 gives ∞)."
     if noise_multiplier == 0: return math.inf
@@ -338,7 +393,7 @@ def dp_gradients(model: nn.Module, views: list[torch.Tensor], labels: torch.Tens
         p.grad = g / len(labels)
     return losses.mean().detach()
 
-# %% ../nbs/05_train.ipynb 28
+# %% ../nbs/05_train.ipynb 30
 @dataclass(repr=False)
 class TrainedEncoder(Summarized):
     "A trained encoder (in eval mode) with its objective (heads), spec, loss history and cache location."
@@ -364,8 +419,13 @@ class TrainedEncoder(Summarized):
 
 @contextmanager
 def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'w') as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, 'a')
+    except OSError as e:
+        raise CheckpointError(f"cannot take the training lock {path} ({e.strerror}): the cache is not writable and does "
+                              "not hold this encoder yet; point MEMSSL_CACHE (or cache_dir) at a writable folder") from e
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
@@ -430,9 +490,9 @@ def _run_epochs(spec, key, model, encoder, objective, optimizer, data, augment, 
         if on_epoch_end is not None: on_epoch_end(epoch + 1)
     return history
 
-def _train(spec, key, encoder, objective, data, augment, device, ckpt=None, resume=False, progress_bar=True,
+def _train(spec, key, encoder, objective, data, augment, device, ckpt=None, resume_from=None, progress_bar=True,
            on_epoch_end=None, rank=0, world=1, compile=False, channels_last=None, sync_bn=None) -> list[dict]:
-    "Train `encoder` and `objective` in place (from the checkpoint `ckpt` if `resume`); the loss history."
+    "Train `encoder` and `objective` in place (from the verified checkpoint `resume_from` = (tensors, meta)); the loss history."
     if channels_last is None: channels_last = device.type == 'cuda' and spec.arch.startswith('resnet')
     if sync_bn is None:   # align_limit adds a term on top of a base objective: it needs what its base needs
         sync_bn = spec.objective in SYNC_BN_OBJECTIVES or (
@@ -443,8 +503,9 @@ def _train(spec, key, encoder, objective, data, augment, device, ckpt=None, resu
     if channels_last: enc.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(spec, list(enc.parameters()) + list(obj.parameters()))
     start, history = 0, []
-    if resume:
-        meta = load_checkpoint(ckpt, enc, obj, optimizer, expected_key=key)
+    if resume_from is not None:
+        tensors, meta = resume_from
+        apply_checkpoint(tensors, meta, Path(ckpt).with_suffix('.safetensors'), enc, obj, optimizer)
         start, history = meta['epoch'], meta['history']
     model = LossModel(enc, obj, global_loss_for(obj) if world > 1 else None)
     if world > 1: model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -483,28 +544,42 @@ def train_encoder(spec: TrainSpec, data: ImageSet | None = None, device=None, ca
     if folder is None:
         history = _train(spec, key, encoder, objective, train_data, augment, device, **opts)
         return TrainedEncoder(encoder.eval(), objective.eval(), spec, history, key, None, augment, clean)
+    final, ckpt = folder / 'final', folder / 'checkpoint'
+    def cached() -> TrainedEncoder:
+        meta = load_checkpoint(final, encoder, objective, expected_key=key, epochs=spec.epochs, final=True)
+        return TrainedEncoder(encoder.eval(), objective.eval(), spec, meta['history'], key, folder, augment, clean, True)
+    # a finished encoder was renamed into place whole: it is read without the lock (a read-only cache serves it)
+    if _broadcast(final.with_suffix('.safetensors').exists() if rank == 0 else None, world): return cached()
     # rank 0 holds the lock (another job may be training this key) while it looks at the folder and trains
     with _file_lock(folder.parent / f'{key}.lock') if rank == 0 else nullcontext():
-        final, ckpt = folder / 'final', folder / 'checkpoint'
-        state = 'cached' if final.with_suffix('.json').exists() else 'resume' if ckpt.with_suffix('.json').exists() else 'new'
+        state = ('cached' if final.with_suffix('.safetensors').exists() else
+                 'resume' if ckpt.with_suffix('.safetensors').exists() else 'new')
         state = _broadcast(state if rank == 0 else None, world)   # the other ranks wait here for rank 0's lock
-        if state == 'cached':
-            meta = load_checkpoint(final, encoder, objective, expected_key=key)
-            return TrainedEncoder(encoder.eval(), objective.eval(), spec, meta['history'], key, folder, augment, clean, True)
-        history = _train(spec, key, encoder, objective, train_data, augment, device, ckpt, state == 'resume', **opts)
+        if state == 'cached': return cached()
+        resume_from = None
+        if state == 'resume':
+            try: resume_from = read_checkpoint(ckpt, key, spec.epochs, advice='discarding it', resume=True)
+            except CheckpointError as e:
+                if rank == 0:
+                    print(f"memssl: {e}; training {key} from scratch", file=sys.stderr)
+                    ckpt.with_suffix('.safetensors').unlink(missing_ok=True)
+        history = _train(spec, key, encoder, objective, train_data, augment, device, ckpt, resume_from, **opts)
         if rank == 0:
             save_checkpoint(final, encoder, objective, None, {'key': key, 'spec': spec.to_dict(), 'epoch': spec.epochs,
                                                               'history': history, 'world_size': world})
-            for p in (ckpt.with_suffix('.safetensors'), ckpt.with_suffix('.json')): p.unlink(missing_ok=True)
+            ckpt.with_suffix('.safetensors').unlink(missing_ok=True)
         if world > 1: dist.barrier()                       # the final encoder is on disk before any rank returns
         return TrainedEncoder(encoder.eval(), objective.eval(), spec, history, key, folder, augment, clean)
 
 def cached_encoders(cache_dir: Path | None = None) -> list[dict]:
-    "Metadata of every finished encoder in the cache."
-    root = Path(cache_dir or CACHE_DIR) / 'encoders'
-    return [json.loads(p.read_text()) | {'path': str(p.parent)} for p in sorted(root.glob('*/final.json'))]
+    "Metadata of every finished encoder in the cache; an entry that does not verify is listed with its `error`."
+    out = []
+    for p in sorted((Path(cache_dir or CACHE_DIR) / 'encoders').glob('*/final.safetensors')):
+        try: out.append(read_checkpoint(p)[1] | {'path': str(p.parent)})
+        except CheckpointError as e: out.append({'key': p.parent.name, 'path': str(p.parent), 'error': str(e)})
+    return out
 
-# %% ../nbs/05_train.ipynb 30
+# %% ../nbs/05_train.ipynb 32
 PAPER_DATASETS = ('cifar10', 'cifar100', 'svhn')
 PAPER_SPECS = {
     ('localizing', 'simclr'): dict(arch='resnet9', width=1.0, augment='ssl_normal', epochs=600, warmup_epochs=60,
@@ -528,7 +603,7 @@ def paper_spec(objective: str = 'simclr', dataset: str = 'cifar10', source: str 
         changes['lr'] = recipe['lr'] * changes['batch_size'] / recipe['batch_size']     # linear scaling rule
     return TrainSpec(dataset=dataset, split='train', image_size=32, objective=objective, **{**recipe, **changes})
 
-# %% ../nbs/05_train.ipynb 33
+# %% ../nbs/05_train.ipynb 35
 def submitit_executor(folder, cluster: str | None = None, array_parallelism: int | None = None, **params):
     "A submitit executor writing its logs to `folder`: SLURM where it is available, else submitit's local executor."
     import submitit
@@ -560,7 +635,7 @@ def train_encoders(specs, data: ImageSet | None = None, executor: str = 'local',
     if errors: raise RuntimeError(f"{len(errors)} of {len(jobs)} training jobs failed (logs in {ex.folder}):\n" + '\n'.join(errors))
     return [train_encoder(s, data, device=device, cache_dir=cache_dir, progress_bar=False) for s in specs]
 
-# %% ../nbs/05_train.ipynb 35
+# %% ../nbs/05_train.ipynb 37
 def _json_value(v: str):
     try: return json.loads(v)
     except json.JSONDecodeError: return v

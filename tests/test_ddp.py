@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from memssl_nb.train import TrainSpec, build_model, train_encoder, training_data
+from memssl_nb.train import TrainSpec, build_model, train_encoder, training_data, read_checkpoint
 
 DATA = textwrap.dedent('''
     import torch
@@ -120,8 +120,8 @@ def test_ddp_matches_single_process(tmp_path):
     # rank 0 alone wrote the cache: one finished encoder per spec, trained by 2 ranks, no checkpoint left behind
     for name in SPECS:
         folder = tmp_path / 'cache' / name / 'encoders'
-        finals = list(folder.glob('*/final.json'))
-        assert len(finals) == 1 and json.loads(finals[0].read_text())['world_size'] == 2
+        finals = list(folder.glob('*/final.safetensors'))
+        assert len(finals) == 1 and read_checkpoint(finals[0])[1]['world_size'] == 2
         assert not list(folder.glob('*/checkpoint.*'))
     # a second launch, through the command-line entry point (data loaded by name), is served from the cache on both ranks
     (tmp_path / 'cli.json').write_text(json.dumps(CLI_SPEC.to_dict()))

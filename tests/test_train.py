@@ -4,6 +4,7 @@ import os, subprocess, sys, textwrap
 from pathlib import Path
 import torch
 from safetensors.torch import load_file
+from memssl_nb.train import read_checkpoint
 
 SCRIPT = textwrap.dedent('''
     import os, sys
@@ -35,9 +36,9 @@ def same_weights(a, b):
 def test_killed_run_resumes_to_identical_weights(tmp_path):
     killed = run(tmp_path, tmp_path / 'cache_a', tmp_path / 'a.safetensors', KILL_AT='3')
     assert killed.returncode == -9, killed.stderr
-    ckpts = list((tmp_path / 'cache_a' / 'encoders').glob('*/checkpoint.json'))
-    assert len(ckpts) == 1 and '"epoch": 3' in ckpts[0].read_text()
-    assert not list((tmp_path / 'cache_a' / 'encoders').glob('*/final.json'))
+    ckpts = list((tmp_path / 'cache_a' / 'encoders').glob('*/checkpoint.safetensors'))
+    assert len(ckpts) == 1 and read_checkpoint(ckpts[0])[1]['epoch'] == 3
+    assert not list((tmp_path / 'cache_a' / 'encoders').glob('*/final.safetensors'))
     log = tmp_path / 'resume.log'
     resumed = run(tmp_path, tmp_path / 'cache_a', tmp_path / 'a.safetensors', EPOCH_LOG=str(log))
     assert resumed.returncode == 0, resumed.stderr
