@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse, json, sys
 from pathlib import Path
 from .core import FIGURES_DIR
-from .reproduce import SCALES, REGISTRY_PATH, EXECUTORS, reproduce, list_artifacts, write_report, verify
+from .reproduce import (SCALES, REGISTRY_PATH, EXECUTORS, RegistryError, reproduce, list_artifacts, write_report,
+                                 verify)
 
 # %% auto 0
 __all__ = ['COMMANDS', 'build_parser', 'cmd_list', 'cmd_reproduce', 'cmd_report', 'cmd_verify', 'cmd_demo', 'cmd_audit', 'main']
@@ -125,6 +126,7 @@ def cmd_reproduce(args) -> int:
         if r.status == 'failed': print(f"FAILED {r.id}: {r.error}" + (f"\n       executed notebook: {r.executed}" if r.executed else ''))
     print(f"{len(summary.ran)} ran, {len(summary.skipped)} skipped, {len(summary.failed)} failed; report: {summary.report}")
     if summary.comparison is not None: print(summary.comparison.summary_line())
+    if summary.report_error: print(f"memssl reproduce: the report could not be written: {summary.report_error}", file=sys.stderr)
     return summary.exit_code
 
 def cmd_report(args) -> int:
@@ -179,9 +181,11 @@ COMMANDS = {'list': cmd_list, 'reproduce': cmd_reproduce, 'report': cmd_report, 
             'demo': cmd_demo}
 
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `memssl` command; returns the exit code."
+    "Entry point of the `memssl` command; returns the exit code (2: input it cannot use, with a message, no traceback)."
     try: args = build_parser().parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    return COMMANDS[args.command](args)
+    try: return COMMANDS[args.command](args)
+    except (RegistryError, OSError) as e:
+        print(f"memssl {args.command}: {e}", file=sys.stderr); return 2
 
 if __name__ == '__main__' and 'IPython' not in sys.modules: sys.exit(main())   # python -m memssl_nb.cli

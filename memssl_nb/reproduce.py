@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_reproduce.ipynb 2
 from __future__ import annotations
-import ast, dataclasses, fnmatch, io, json, math, os, subprocess, sys, tempfile, threading, time
+import ast, dataclasses, fnmatch, io, json, math, os, shutil, subprocess, sys, tempfile, threading, time
 from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,13 +16,13 @@ import pandas as pd
 from .core import PROJECT_ROOT, FIGURES_DIR, atomic_write_text, atomic_write_bytes, stable_hash, progress
 
 # %% auto 0
-__all__ = ['VERDICTS', 'CLAIM_FIELDS', 'SCALES', 'PAPER_NB_ROOT', 'REGISTRY_PATH', 'REGISTRY', 'TIMEOUTS', 'EXECUTORS', 'Claim',
-           'check', 'not_checkable', 'ClaimSet', 'save_figure', 'save_table', 'Artifact', 'load_registry', 'load_notes',
-           'save_registry', 'notebook_hash', 'package_hash', 'constraints_hash', 'stamp_path', 'failure_path',
-           'executed_path', 'input_hash', 'artifact_status', 'list_artifacts', 'check_kernel', 'NotebookJob',
-           'run_papermill', 'notebook_parameters', 'check_parameters', 'ArtifactResult', 'RunSummary', 'reproduce',
-           'markdown_table', 'write_report', 'reference_outputs', 'Comparison', 'compare_outputs', 'comparison_path',
-           'verify']
+__all__ = ['VERDICTS', 'CLAIM_FIELDS', 'SCALES', 'PAPER_NB_ROOT', 'REGISTRY_PATH', 'ARTIFACT_FIELDS', 'REQUIRED_FIELDS',
+           'TIMEOUTS', 'EXECUTORS', 'Claim', 'check', 'not_checkable', 'ClaimSet', 'save_figure', 'save_table',
+           'Artifact', 'RegistryError', 'load_registry', 'load_notes', 'save_registry', 'notebook_hash', 'package_hash',
+           'constraints_hash', 'stamp_path', 'failure_path', 'executed_path', 'staging_path', 'input_hash',
+           'artifact_status', 'list_artifacts', 'check_kernel', 'NotebookJob', 'run_papermill', 'notebook_parameters',
+           'check_parameters', 'ArtifactResult', 'RunSummary', 'reproduce', 'markdown_table', 'write_report',
+           'reference_outputs', 'Comparison', 'compare_outputs', 'comparison_path', 'verify']
 
 # %% ../nbs/20_reproduce.ipynb 5
 VERDICTS = ('holds', 'does not hold', 'not checkable')
@@ -208,18 +208,45 @@ def _ordered(arts: list[Artifact]) -> dict[str, Artifact]:
     for a in arts: visit(a, [])
     return order
 
+class RegistryError(ValueError):
+    "A registry file that is missing, not JSON, or not in the registry's schema; the message names the file and entry."
+
+ARTIFACT_FIELDS = ('id', 'paper', 'title', 'notebook', 'params', 'ids', 'depends_on')
+REQUIRED_FIELDS = ('id', 'paper', 'title', 'notebook')
+
+def _read_json_file(path: Path, what: str = 'registry'):
+    if not path.is_file(): raise RegistryError(f"{what} {path} does not exist")
+    try: return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RegistryError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except (OSError, UnicodeDecodeError) as e: raise RegistryError(f"{what} {path} cannot be read: {e}") from None
+
 def load_registry(path=None) -> dict[str, Artifact]:
     "The artifacts declared in a registry JSON file (default `nbs/paper/registry.json`), dependencies first."
     path = Path(path or REGISTRY_PATH)
-    if not path.exists(): return {}
-    data = json.loads(path.read_text())
-    entries = data['artifacts'] if isinstance(data, dict) else data
-    return _ordered([Artifact(**{k: v for k, v in e.items() if not k.startswith('_')}) for e in entries])
+    data = _read_json_file(path)
+    entries = data.get('artifacts') if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise RegistryError(f"registry {path}: expected {{'artifacts': [...]}} or a list of artifacts, got {type(entries).__name__}")
+    arts = []
+    for i, e in enumerate(entries):
+        where = f"registry {path}, artifact #{i + 1}" + (f" ({e['id']!r})" if isinstance(e, dict) and 'id' in e else '')
+        if not isinstance(e, dict): raise RegistryError(f"{where}: expected an object, got {type(e).__name__}")
+        fields = {k: v for k, v in e.items() if not k.startswith('_')}
+        missing, unknown = [f for f in REQUIRED_FIELDS if f not in fields], sorted(set(fields) - set(ARTIFACT_FIELDS))
+        if missing: raise RegistryError(f"{where}: missing field(s) {missing}")
+        if unknown: raise RegistryError(f"{where}: unknown field(s) {unknown}; the fields are {list(ARTIFACT_FIELDS)}")
+        if not isinstance(fields.get('params', {}), dict):
+            raise RegistryError(f"{where}: params must be an object {{scale: {{parameter: value}}}}, got {type(fields['params']).__name__}")
+        try: arts.append(Artifact(**fields))
+        except (TypeError, ValueError) as err: raise RegistryError(f"{where}: {err}") from None
+    try: return _ordered(arts)
+    except ValueError as err: raise RegistryError(f"registry {path}: {err}") from None
 
 def load_notes(path=None) -> dict[str, dict[str, str]]:
     "The registry file's `notes`: per scale and paper, what the report says before that paper's artifacts."
     path = Path(path or REGISTRY_PATH)
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = _read_json_file(path) if path.exists() else {}
     return data.get('notes', {}) if isinstance(data, dict) else {}
 
 def save_registry(artifacts, path, notes: dict | None = None):
@@ -228,8 +255,6 @@ def save_registry(artifacts, path, notes: dict | None = None):
     _ordered(arts)
     atomic_write_text(path, json.dumps({'artifacts': [a.to_dict() for a in arts], **({'notes': notes} if notes else {})},
                                        indent=2) + '\n')
-
-REGISTRY = load_registry()
 
 def _resolve(registry=None, nb_root=None) -> tuple[dict[str, Artifact], Path]:
     "(artifacts by id, notebook root) from a registry path, a list/dict of artifacts or the default file."
@@ -245,7 +270,7 @@ def _matches(a: Artifact, only) -> bool:
     pats = [p.strip() for p in (only.split(',') if isinstance(only, str) else only) if p.strip()]
     return any(fnmatch.fnmatchcase(i, p) for p in pats for i in (a.id, *a.ids))
 
-# %% ../nbs/20_reproduce.ipynb 18
+# %% ../nbs/20_reproduce.ipynb 20
 def notebook_hash(path) -> str:
     "Hash of a notebook's code: cell types, sources and tags (not outputs, ids or other metadata)."
     nb = json.loads(Path(path).read_text())
@@ -268,6 +293,7 @@ def constraints_hash(root=None) -> str:
 def stamp_path(out_dir, artifact_id) -> Path: return Path(out_dir)/'.stamps'/f'{artifact_id}.json'
 def failure_path(out_dir, artifact_id) -> Path: return Path(out_dir)/'.stamps'/f'{artifact_id}.failed.json'
 def executed_path(out_dir, artifact_id) -> Path: return Path(out_dir)/'executed'/f'{artifact_id}.ipynb'
+def staging_path(out_dir, artifact_id) -> Path: return Path(out_dir)/'.staging'/artifact_id
 
 def _read_json(path) -> dict | None:
     try: return json.loads(Path(path).read_text())
@@ -317,7 +343,7 @@ def list_artifacts(pattern=None, scale: str = 'cpu', out_root=FIGURES_DIR, regis
                      'seconds': stamp.get('seconds'), 'title': a.title, 'notebook': a.notebook})
     return pd.DataFrame(rows, columns=['id', 'paper', 'status', 'seconds', 'title', 'notebook'])
 
-# %% ../nbs/20_reproduce.ipynb 21
+# %% ../nbs/20_reproduce.ipynb 23
 # (per-cell timeout, whole-notebook wall-clock guard) in seconds; None = no limit
 # No per-cell limit anywhere: a slow or busy machine must not turn a long cell into a failure. The wall-clock guard per
 # notebook only catches a hung kernel: 30 min at smoke scale (seconds of work), 6 h at cpu scale (the slowest artifact
@@ -348,8 +374,12 @@ class NotebookJob:
     log: Path | None = None
 
 _CHILD = r'''
-import json, sys, traceback
+import ctypes, json, os, signal, sys, traceback
 spec = json.load(open(sys.argv[1]))
+try:    # Linux: die with the runner (SIGKILL included); the kernel's parent poller then ends the kernel too
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
+except Exception: pass
+if os.getppid() != spec['parent']: sys.exit(1)                          # the runner died before prctl took effect
 try:
     import papermill as pm
     pm.execute_notebook(spec['input'], spec['output'], parameters=spec['parameters'], kernel_name=spec['kernel_name'],
@@ -389,7 +419,7 @@ def run_papermill(job: NotebookJob) -> str | None:
         spec, result = Path(td)/'spec.json', Path(td)/'result.json'
         spec.write_text(json.dumps({'input': str(job.input), 'output': str(job.output), 'parameters': job.parameters,
                                     'kernel_name': job.kernel_name, 'cwd': str(job.cwd), 'result': str(result),
-                                    'execution_timeout': job.execution_timeout}))
+                                    'execution_timeout': job.execution_timeout, 'parent': os.getpid()}))
         with open(log_path, 'w') as log:
             proc = subprocess.Popen([sys.executable, '-c', _CHILD, str(spec)], cwd=job.cwd, env=job.env,
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -429,7 +459,7 @@ def check_parameters(artifact: Artifact, scale: str, nb_root) -> None:
         raise ValueError(f"{artifact.id}: parameter(s) {unknown} at scale {scale!r} are not defined in the parameters cell of "
                          f"{artifact.notebook} (they would be ignored); its parameters: {', '.join(known)}")
 
-# %% ../nbs/20_reproduce.ipynb 23
+# %% ../nbs/20_reproduce.ipynb 25
 @dataclass
 class ArtifactResult:
     "Outcome of one artifact in a run: done (ran and succeeded), skipped (unchanged), failed or n/a."
@@ -448,6 +478,7 @@ class RunSummary:
     report: Path | None = None
     seconds: float = 0.0
     comparison: Any = None          # a `Comparison` with the committed outputs, when one was made
+    report_error: str | None = None # why REPORT.md could not be written (the run then exits non-zero)
 
     def by_status(self, status: str) -> list[str]: return [r.id for r in self.results if r.status == status]
     @property
@@ -459,7 +490,7 @@ class RunSummary:
     @property
     def ok(self) -> bool: return not self.failed
     @property
-    def exit_code(self) -> int: return 0 if self.ok else 1
+    def exit_code(self) -> int: return 0 if self.ok and not self.report_error else 1
     def __getitem__(self, artifact_id) -> ArtifactResult: return next(r for r in self.results if r.id == artifact_id)
 
     def table(self) -> pd.DataFrame:
@@ -469,7 +500,7 @@ class RunSummary:
         return (f"RunSummary(scale={self.scale!r}: {len(self.ran)} ran, {len(self.skipped)} skipped, "
                 f"{len(self.failed)} failed in {self.seconds:.1f} s; report {self.report})")
 
-# %% ../nbs/20_reproduce.ipynb 24
+# %% ../nbs/20_reproduce.ipynb 26
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec='seconds')
 
 def _env_overrides(jobs: int, threads: int | None = None) -> dict:
@@ -516,6 +547,11 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     for a in selected: check_parameters(a, scale, nb_root)       # before anything runs: a misspelt setting is an error
     if execute is None: check_kernel(kernel_name); execute = run_papermill
     out_dir = (Path(out_root)/scale).resolve()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir/f'.write-test-{os.getpid()}'; probe.write_bytes(b''); probe.unlink()
+    except OSError as e:
+        raise RuntimeError(f"cannot write the outputs to {out_dir} ({e.strerror or e}); choose a writable --out-root") from None
     cell_timeout, guard = TIMEOUTS[scale]
     cell_timeout = timeout or cell_timeout
     guard = guard if wall_timeout is None else (wall_timeout or None)      # 0 = no guard
@@ -552,15 +588,21 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
         stamp_path(out_dir, a.id).unlink(missing_ok=True)        # only completed artifacts keep a stamp
         nb, executed = Path(nb_root)/a.notebook, executed_path(out_dir, a.id)
         if not nb.exists(): return fail(a, f"notebook not found: {nb}", h=h)
-        job = NotebookJob(a.id, nb.resolve(), executed, {**params, 'scale': scale, 'out_dir': str(out_dir)},
+        stage = staging_path(out_dir, a.id)                     # outputs land here, and move into place on success
+        shutil.rmtree(stage, ignore_errors=True); stage.mkdir(parents=True)
+        job = NotebookJob(a.id, nb.resolve(), executed, {**params, 'scale': scale, 'out_dir': str(stage)},
                           cwd=PROJECT_ROOT, kernel_name=kernel_name, execution_timeout=cell_timeout,
                           wall_timeout=guard, env=env, log=executed.with_suffix('.log'))
         return job, h, comps, _claims_mtimes(a, out_dir)
 
     def complete(a, job, h, comps, before, error, seconds) -> ArtifactResult:
-        if error is None:
-            missing = _outputs_present(a, out_dir, before)
-            if missing: error = f"the notebook finished but wrote no claims for {', '.join(missing)} (ClaimSet.save)"
+        stage = staging_path(out_dir, a.id)
+        try:
+            if error is None:
+                for f in sorted(stage.iterdir()): os.replace(f, out_dir/f.name)   # each file whole, by a rename
+                missing = _outputs_present(a, out_dir, before)
+                if missing: error = f"the notebook finished but wrote no claims for {', '.join(missing)} (ClaimSet.save)"
+        finally: shutil.rmtree(stage, ignore_errors=True)         # a failed run leaves no half-written outputs
         if error: return fail(a, error, seconds, str(job.output), h)
         atomic_write_text(stamp_path(out_dir, a.id), json.dumps(
             {'artifact': a.id, 'scale': scale, 'input_hash': h, 'components': comps, 'ids': list(a.ids),
@@ -638,13 +680,15 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
             except Exception as e: print(f"could not compare with the committed outputs: {e}", file=sys.stderr)
         if report:
             try: summary.report = write_report(scale, out_root, registry=registry, nb_root=nb_root)
-            except Exception as e: print(f"could not write the report: {e}", file=sys.stderr)
+            except Exception as e:
+                summary.report_error = f"{type(e).__name__}: {e}"
+                print(f"could not write the report: {summary.report_error}", file=sys.stderr)
     if verbose:
         tqdm.write(repr(summary))
         if summary.comparison is not None: tqdm.write(summary.comparison.summary_line())
     return summary
 
-# %% ../nbs/20_reproduce.ipynb 26
+# %% ../nbs/20_reproduce.ipynb 28
 def _fmt(x) -> str:
     "A value for a markdown cell: floats to 4 significant digits, lists compactly, pipes escaped."
     if x is None or (isinstance(x, float) and math.isnan(x)): return '—'
@@ -687,7 +731,7 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
     notes = load_notes(registry).get(scale, {}) if registry is None or isinstance(registry, (str, Path)) else {}
 
     def summary_row(name, group):
-        cl = [c for a in group for i in a.ids for c in (claims[i] or [])]
+        cl = [c for a in group if status[a.id] == 'done' for i in a.ids for c in (claims[i] or [])]
         st = [status[a.id] for a in group]
         n = _count(cl)
         return (f"| {name} | {len(group)} | {st.count('done')} | {st.count('stale')} | {st.count('failed')} | "
@@ -695,7 +739,9 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
 
     md = [f"# Reproduction report: scale `{scale}`", "",
           f"Rebuilt by `memssl reproduce --scale {scale}` and `memssl report --scale {scale}` from the outputs in "
-          f"this folder. Each claim compares a paper's statement with our measurement at this scale.", "",
+          f"this folder. Each claim compares a paper's statement with our measurement at this scale. Only the claims "
+          f"of artifacts that are **done** on this machine (run with the current code, notebooks and parameters) are "
+          f"counted; the claims shown for stale, failed or never-run artifacts come from an earlier run.", "",
           "## Summary", "",
           "| paper | artifacts | done | stale | failed | not run | claims | holds | does not hold | not checkable |",
           "|---|---|---|---|---|---|---|---|---|---|"]
@@ -723,6 +769,8 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
                     except Exception as e: md += [f"*Table {i}.csv could not be read: {e}*", ""]
                 cl = claims[i]
                 if cl is None: md += ["*No claims yet.*", ""]; continue
+                if status[a.id] != 'done' and cl:
+                    md += [f"*Claims from an earlier run (status {status[a.id]}): shown, not counted above.*", ""]
                 if not cl: md += ["*This artifact states no claims.*", ""]; continue
                 md += ["| statement | paper | ours | test | p | verdict | why |", "|---|---|---|---|---|---|---|"]
                 md += [f"| {_fmt(c.get('statement'))} | {_fmt(c.get('paper_value'))} | {_fmt(c.get('ours'))} | "
@@ -744,7 +792,7 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
     atomic_write_text(path, '\n'.join(md).rstrip() + '\n')
     return path
 
-# %% ../nbs/20_reproduce.ipynb 28
+# %% ../nbs/20_reproduce.ipynb 30
 def _git(args: list[str], cwd, input: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(['git', *args], cwd=cwd, input=input, capture_output=True)
 
@@ -849,7 +897,7 @@ class Comparison:
                    pd.DataFrame(d['numbers'], columns=['id', 'where', 'n', 'outside', 'example']),
                    d['only_reference'], d['only_now'], d['rtol'], d['atol'])
 
-# %% ../nbs/20_reproduce.ipynb 29
+# %% ../nbs/20_reproduce.ipynb 31
 def _claims_from(data: bytes) -> list[dict]:
     try: d = json.loads(data)
     except ValueError: return []
