@@ -177,12 +177,15 @@ def _optimizer_state(tensors: dict, scalars: dict) -> dict:
     for pid, st in scalars['state'].items(): state.setdefault(int(pid), {}).update(st)
     return {'state': state, 'param_groups': scalars['param_groups']}
 
+_DIGEST_SLOT = '0' * 64
+
 def checkpoint_bytes(tensors: dict, meta: dict) -> bytes:
     "safetensors bytes whose header carries `meta` (as JSON) and the SHA-256 of the tensor data."
-    header = {'format': CHECKPOINT_FORMAT, 'meta': json.dumps(meta)}
-    blob = st_save(tensors, metadata=header)
+    blob = bytearray(st_save(tensors, metadata={'format': CHECKPOINT_FORMAT, 'meta': json.dumps(meta), 'sha256': _DIGEST_SLOT}))
     n = int.from_bytes(blob[:8], 'little')
-    return st_save(tensors, metadata=header | {'sha256': hashlib.sha256(blob[8 + n:]).hexdigest()})
+    slot = blob.index(f'"sha256":"{_DIGEST_SLOT}"'.encode(), 8, 8 + n) + len('"sha256":"')
+    blob[slot:slot + 64] = hashlib.sha256(memoryview(blob)[8 + n:]).hexdigest().encode()   # same length: offsets stay
+    return bytes(blob)
 
 def save_checkpoint(path: Path, encoder, objective, optimizer=None, meta: dict | None = None):
     "Write `<path>.safetensors` atomically; with an `optimizer` it is a resume checkpoint (optimiser + objective state)."
