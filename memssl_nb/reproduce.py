@@ -824,9 +824,9 @@ def _numbers(x) -> list[float]:
     return []
 
 def _outside(now: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> np.ndarray:
-    "Which numbers lie outside |now - ref| <= atol + rtol |ref| (NaN matches NaN)."
-    both_nan = np.isnan(now) & np.isnan(ref)
-    return ~both_nan & ~(np.abs(now - ref) <= atol + rtol * np.abs(ref))
+    "Which numbers lie outside |now - ref| <= atol + rtol |ref| (equal values, infinities included, and NaN/NaN agree)."
+    with np.errstate(invalid='ignore'): close = np.abs(now - ref) <= atol + rtol * np.abs(ref)
+    return ~(close | (now == ref) | (np.isnan(now) & np.isnan(ref)))
 
 @dataclass
 class Comparison:
