@@ -263,13 +263,14 @@ def layer_shapes(model: nn.Module, images: torch.Tensor, layers: Sequence[str] |
     "One row per layer in forward order: module type, output shape of one image, number of units (channels or features)."
     from memssl_nb.models import LayerTaps
     from memssl_nb.core import to_float01
+    from memssl_nb.sslmem import measuring
     layers = list(layers or default_layers(model))
     try: taps = LayerTaps(model, layers)
     except ValueError as e: raise AuditError(f"{e}\nlayers an audit measures by default: {', '.join(default_layers(model))}") from e
     modules = dict(model.named_modules())
     device = get_device(device) if device is not None else next(model.parameters()).device
-    with torch.no_grad(), taps:
-        model.eval()(to_float01(images[:1]).to(device))
+    with measuring(model) as to_input, taps:                 # eval mode and no_grad, restored afterwards
+        model(to_input(to_float01(images[:1]).to(device)))
     rows = []
     for name, out in taps.outputs.items():
         out = out[0] if isinstance(out, (tuple, list)) else out
