@@ -125,7 +125,6 @@ def cmd_reproduce(args) -> int:
     for r in summary.results:
         if r.status == 'failed': print(f"FAILED {r.id}: {r.error}" + (f"\n       executed notebook: {r.executed}" if r.executed else ''))
     print(f"{len(summary.ran)} ran, {len(summary.skipped)} skipped, {len(summary.failed)} failed; report: {summary.report}")
-    if summary.comparison is not None: print(summary.comparison.summary_line())
     if summary.report_error: print(f"memssl reproduce: the report could not be written: {summary.report_error}", file=sys.stderr)
     return summary.exit_code
 
