@@ -13,7 +13,8 @@ from .core import get_device, make_generator
 from .data import ImageSet, load_dataset
 from .augment import Augment, benchmark_augment
 from .models import build_encoder
-from .train import TrainSpec, LossModel, build_augment, build_model, make_optimizer, training_data
+from .spec import TrainSpec, build_augment, build_model, make_optimizer, training_data
+from .train import LossModel
 from .sslmem import benchmark_sslmem, official_style_sslmem, sslmem
 
 # %% auto 0

@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse, json, sys
 from pathlib import Path
 from .core import FIGURES_DIR
-from .reproduce import (SCALES, REGISTRY_PATH, EXECUTORS, RegistryError, reproduce, list_artifacts, write_report,
-                                 verify)
+from .registry import SCALES, REGISTRY_PATH, RegistryError, list_artifacts
+from .runner import EXECUTORS, reproduce
+from .report import write_report, verify
 
 # %% auto 0
 __all__ = ['COMMANDS', 'build_parser', 'cmd_list', 'cmd_reproduce', 'cmd_report', 'cmd_verify', 'cmd_demo', 'cmd_audit', 'main']

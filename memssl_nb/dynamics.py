@@ -12,8 +12,9 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from .core import CACHE_DIR, atomic_write_bytes, iter_batches, make_generator, progress, stable_hash
 from .data import ImageSet
 from .augment import Augment
-from .train import (TrainSpec, train_encoder, training_data, cache_key, build_augment, build_model,
-                             load_checkpoint)
+from .spec import TrainSpec, training_data, cache_key, build_augment, build_model
+from .checkpoint import load_checkpoint
+from .train import train_encoder
 
 # %% auto 0
 __all__ = ['WEAK_DIGITS', 'random_labelling', 'Regime', 'lobacheva_regimes', 'fixed_views', 'contrastive_hits', 'recalibrate_bn',

@@ -18,7 +18,7 @@ from .evaluate import embed, linear_probe
 
 # %% auto 0
 __all__ = ['BN_CHOICES', 'layer_state', 'swap_layers', 'exchange_layers', 'bn_affine_cosine', 'PrunedUnits', 'prune_units',
-           'choose_units', 'trainable', 'finetune', 'probe_accuracy', 'finetune_classifier']
+           'choose_units', 'trainable', 'finetune', 'finetune_classifier']
 
 # %% ../nbs/16_interventions.ipynb 5
 BN_CHOICES = ('none', 'affine', 'all')
@@ -196,22 +196,12 @@ def finetune(model: nn.Module, loss_fn: Callable, batches: Iterable, layers: Ite
     return losses
 
 # %% ../nbs/16_interventions.ipynb 23
-def probe_accuracy(encoder: nn.Module, train: ImageSet, test: ImageSet, clean: Callable | None = None,
-                   max_iter: int = 2000, per_point: bool = False):
-    """Linear-probe test accuracy of the frozen `encoder` (forward hooks such as pruning masks stay active).
-    `clean` is the encoder's input transform for un-augmented images (`TrainedEncoder.clean`: the normalisation it
-    was trained with); None feeds [0, 1] pixels, right only for encoders trained without normalisation.
-    `per_point`: instead, a bool array with one entry per test point (was it classified correctly?), for paired tests."""
-    ztr, zte = embed(encoder, train.images, augment=clean), embed(encoder, test.images, augment=clean)
-    acc, probe = linear_probe(ztr, train.labels, zte, test.labels, max_iter=max_iter, return_model=True)
-    return probe.predict(np.asarray(zte, dtype=np.float64)) == test.labels.numpy() if per_point else acc
-
 def finetune_classifier(encoder: nn.Module, train: ImageSet, test: ImageSet, layers: Sequence[str] = (),
                         epochs: int = 10, lr: float = 1e-3, batch_size: int = 128, augment: Callable | None = None,
                         clean: Callable | None = None, seed: int = 0) -> float:
     """Test accuracy after fine-tuning `layers` of a copy of `encoder` plus a new linear head with cross-entropy.
     Training images go through `augment` (which normalises, like a training augmentation) or else `clean`; test
-    images through `clean` (the encoder's normalisation, as in `probe_accuracy`)."""
+    images through `clean` (the encoder's normalisation, as in chapter 06's `probe_accuracy`)."""
     prepare = clean if clean is not None else (lambda x: x)
     seed_everything(seed)
     model = copy.deepcopy(encoder)

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 from .data import ImageSet, load_dataset, class_disjoint_halves
 from .models import build_encoder, count_parameters, RESNET9_CHANNELS
-from .train import TrainSpec, TrainedEncoder, train_encoder
+from .spec import TrainSpec
+from .train import TrainedEncoder, train_encoder
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .sslmem import sslmem
 
@@ -57,7 +58,7 @@ LOC_GLOSSARY = {
 }
 
 LOC_HYPERPARAMETERS = pd.DataFrame({
-    # Table 9 (CIFAR-scale values; ImageNet values in the spec) and what this library uses
+    # Table 9 (CIFAR-scale values; the paper also lists ImageNet values) and what this library uses
     'paper SimCLR': {'epochs': 600, 'warm-up': 60, 'batch': 4096, 'optimizer': 'LARS', 'lr': 4.8, 'augment': 'ssl_normal'},
     'paper SimSiam': {'epochs': 200, 'warm-up': 24, 'batch': 128, 'optimizer': 'SGD', 'lr': 0.025, 'augment': 'ssl_normal'},
     'ours cpu (protocol_config("cpu"))': {'epochs': 400, 'warm-up': 0, 'batch': 150, 'optimizer': 'Adam', 'lr': 2e-3,

@@ -11,7 +11,8 @@ import torch
 from .core import make_generator, progress, Summarized
 from .data import ImageSet, MemSplit, load_dataset, make_split, inject_atypical, choose_atypical
 from .augment import Augment
-from .train import TrainSpec, TrainedEncoder, train_encoder
+from .spec import TrainSpec
+from .train import TrainedEncoder, train_encoder
 
 # %% auto 0
 __all__ = ['PROTOCOL_SCALES', 'ProtocolConfig', 'protocol_config', 'ProtocolRun', 'protocol_data', 'run_protocol']

@@ -9,13 +9,14 @@ import numpy as np, pandas as pd
 import torch, torch.nn as nn, torch.nn.functional as F
 from .core import make_generator, seed_everything
 from .data import ImageSet, load_dataset, inject_atypical
-from .train import TrainSpec, TrainedEncoder, train_encoder
+from .spec import TrainSpec
+from .train import TrainedEncoder, train_encoder
 from .evaluate import embed, linear_probe
-from .interventions import probe_accuracy
+from .evaluate import probe_accuracy
 from .sslmem import sslmem
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .objectives import nt_xent
-import memssl_nb.frameworks as frameworks  # registers vicreg, dino, mae, align_limit
+from .objectives import masked_augment
 
 # %% auto 0
 __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'ATYPICAL_SCALES', 'AUGMENT_STRENGTHS', 'framework_config', 'atypical_config',
@@ -26,7 +27,7 @@ __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'ATYPICAL_SCALES', 'AUGMENT_STREN
 # %% ../nbs/18_sslmem_experiments.ipynb 5
 SSLMEM_PAPER_SETUP = {
     'split': dict(dataset='cifar10', S_S=40000, S_C=5000, S_I=5000, S_E='5000 (test split)', seeds=3, distance='l2'),
-    'mae':    dict(arch='vit_tiny (192/12/3, patch 2 in code, 4 in [FU])', epochs=800, warmup=120, batch=2048,
+    'mae':    dict(arch='vit_tiny (192/12/3, patch 2 in the official code, 4 in the follow-up paper)', epochs=800, warmup=120, batch=2048,
                    optimizer='adamw', lr=1.2e-3, betas=(0.9, 0.95), weight_decay=0.05, mask_ratio=0.75, augment='none (normalise 0.5/0.5)'),
     'simclr': dict(arch='resnet50 (CIFAR stem)', epochs=500, batch=512, optimizer='adam', lr=1e-3, weight_decay=1e-6,
                    temperature=0.5, proj='2048-512-128', augment='RRC32, hflip .5, jitter(.4,.4,.4,.1) p .8, gray .2'),
@@ -81,7 +82,7 @@ def scoring_augment(run: ProtocolRun):
     cfg = run.config
     if cfg.objective != 'mae': return run.augment
     kw = dict(cfg.objective_kw)
-    return frameworks.masked_augment(run.augment, cfg.image_size, kw.get('patch', 4), kw.get('ratio', 0.75))
+    return masked_augment(run.augment, cfg.image_size, kw.get('patch', 4), kw.get('ratio', 0.75))
 
 # %% ../nbs/18_sslmem_experiments.ipynb 8
 def score_run(run: ProtocolRun, n_pairs: int = 20, sets=('S_S', 'S_C', 'S_I', 'S_E'), augment=None, seed: int = 0,

@@ -10,7 +10,8 @@ import torch, torch.nn.functional as F
 from .core import make_generator, iter_batches, progress, to_float01, Summarized
 from .data import ImageSet
 from .evaluate import eval_mode
-from .train import TrainSpec, TrainedEncoder, train_encoder
+from .spec import TrainSpec
+from .train import TrainedEncoder, train_encoder
 
 # %% auto 0
 __all__ = ['subset_masks', 'SupMemResult', 'supmem_from_predictions', 'predict_proba', 'supervised_memorization', 'supmem_pair']

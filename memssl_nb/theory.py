@@ -137,7 +137,7 @@ def simclr_pretrain(Xa: torch.Tensor, Xb: torch.Tensor, m: int = 10, tau: float 
 # %% ../nbs/15_theory.ipynb 16
 @dataclass
 class PatchSetup:
-    "Settings of the patch-model experiments (defaults: the spec's reconstruction, §6)."
+    "Settings of the patch-model experiments (defaults: our reconstruction of the paper's simulation)."
     d: int = 1000
     sigma_p: float = 1.0
     q: float = 3.0

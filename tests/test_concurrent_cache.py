@@ -5,9 +5,10 @@ import shutil, threading, time
 from pathlib import Path
 import numpy as np
 from memssl_nb.data import load_dataset
-from memssl_nb.train import train_encoder, training_data, cache_key, _file_lock
+from memssl_nb.spec import training_data, cache_key
+from memssl_nb.train import train_encoder, _file_lock
 from memssl_nb.dynamics import lobacheva_regimes, fixed_views, record_hits
-from memssl_nb.train import build_augment
+from memssl_nb.spec import build_augment
 
 
 def test_record_hits_after_waiting_for_another_jobs_training(tmp_path):

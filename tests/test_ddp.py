@@ -13,10 +13,10 @@ of its gradient, so coordinates whose gradient is rounding noise (a convolution 
 it) take steps of random sign. The Adam run is therefore checked on what the network computes after one epoch (loss
 1e-4, embeddings 2e-2; measured 3e-7 and 6e-3), not on those weights.
 
-VICReg and DINO (chapter 07) have batch-level terms that chapter 07 computes over the global batch under DDP
-(`GLOBAL_LOSSES`): VICReg's variance and covariance on the gathered expander outputs, DINO's centre from the
+VICReg and DINO (chapter 04) have batch-level terms that each computes over the global batch inside its own forward
+(chapter 03a's collectives): VICReg's variance and covariance on the gathered expander outputs, DINO's centre from the
 all-reduced teacher mean. Measured over 8 SGD steps: VICReg loss 4e-7, embeddings 4e-5, weights 1e-5; DINO 3e-8, 9e-7,
-2e-7, within the same 1e-4 tolerances. With those global versions unregistered (per-rank terms) the runs differ by
+2e-7, within the same 1e-4 tolerances. With per-rank terms instead (measured before the gathers were added) the runs differ by
 VICReg 1e-2, 3e-1, 5e-1 and DINO 2.5e-4, 1.6e-3, 8e-4 (loss, embeddings, weights), so the test fails. DINO runs with
 teacher_temp 0.1: at the default 0.04 the sharp teacher amplifies rounding (DDP 4e-6, 2e-3, 7e-4 with the global
 centre; one process whose initial weights are perturbed by a relative 1e-7 drifts as far, 7e-4 in the weights after
@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from memssl_nb.train import TrainSpec, build_model, train_encoder, training_data, read_checkpoint
+from memssl_nb.spec import TrainSpec, build_model, training_data
+from memssl_nb.checkpoint import read_checkpoint
+from memssl_nb.train import train_encoder
 
 DATA = textwrap.dedent('''
     import torch
@@ -48,7 +50,7 @@ SPECS = {
     'simclr_sgd': TrainSpec(**BASE, warmup_epochs=1),                           # gathered NT-Xent + synchronised BN
     'simsiam_sgd': TrainSpec(**BASE, objective='simsiam'),                      # per-rank mean + synchronised BN (1-D too)
     'simclr_adam': TrainSpec(**{**BASE, 'optimizer': 'adam', 'lr': 2e-3, 'epochs': 1}),
-    # chapter 07's global losses: VICReg's variance/covariance over the gathered batch, DINO's centre all-reduced
+    # chapter 04's global-batch terms: VICReg's variance/covariance over the gathered batch, DINO's centre all-reduced
     'vicreg_sgd': TrainSpec(**{**BASE, 'epochs': 2}, objective='vicreg', objective_kw=dict(expander_dim=64)),
     'dino_sgd': TrainSpec(**{**BASE, 'epochs': 2}, objective='dino',   # teacher_temp 0.1: see the docstring
                           objective_kw=dict(n_prototypes=64, hidden_dim=64, teacher_temp=0.1)),
@@ -59,7 +61,9 @@ SCRIPT = DATA + textwrap.dedent('''
     import json, sys
     from pathlib import Path
     from safetensors.torch import save_file
-    from memssl_nb.train import TrainSpec, train_encoder, init_distributed
+    from memssl_nb.spec import TrainSpec
+    from memssl_nb.train import train_encoder
+    from memssl_nb.distributed import init_distributed
     rank, world = init_distributed()
     assert world == 2, world
     specs, cache, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), Path(sys.argv[3])

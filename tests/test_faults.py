@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import memssl_nb.frameworks  # noqa: F401  (the registry is complete once chapter 07 is imported)
 from memssl_nb.objectives import OBJECTIVES
 from memssl_nb.data import load_dataset, make_split
-from memssl_nb.train import (TrainSpec, train_encoder, CheckpointError, cached_encoders, checkpoint_bytes, read_checkpoint)
+from memssl_nb.spec import TrainSpec
+from memssl_nb.checkpoint import CheckpointError, checkpoint_bytes, read_checkpoint
+from memssl_nb.train import train_encoder, cached_encoders
 import memssl_nb.train as train_module
 
 torch.set_num_threads(1)
@@ -19,10 +20,10 @@ SCRIPT = textwrap.dedent('''
     import os, sys
     from pathlib import Path
     from safetensors.torch import save_file
-    import memssl_nb.frameworks
     from memssl_nb.objectives import OBJECTIVES
     from memssl_nb.data import load_dataset
-    from memssl_nb.train import TrainSpec, train_encoder
+    from memssl_nb.spec import TrainSpec
+    from memssl_nb.train import train_encoder
     name, cache, out = sys.argv[1:4]
     kill_epoch, log = int(os.environ.get('KILL_EPOCH', '0')), os.environ.get('EPOCH_LOG')
     armed = []

@@ -15,44 +15,18 @@ from memssl_nb.core import make_generator, to_float01
 from memssl_nb.sslmem import block_generator, sslmem, compare_sets, set_summary, SSLMemResult
 from memssl_nb.layermem import layermem
 from memssl_nb.unitmem import unitmem, unit_activations, classmem, class_selectivity
+from memssl_nb.testing import toy_augment as augment, toy_images, ToyRes
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- stand-ins
-def augment(x, generator=None):
-    "Random flip, brightness and noise; every random number from `generator`."
-    dev, B = x.device, x.shape[0]
-    flip = torch.rand(B, 1, 1, 1, generator=generator, device=dev) < 0.5
-    x = torch.where(flip, x.flip(-1), x)
-    x = x * (0.6 + 0.8 * torch.rand(B, 1, 1, 1, generator=generator, device=dev))
-    return (x + 0.1 * torch.randn(x.shape, generator=generator, device=dev)).clamp(0, 1)
+def Res(seed, w=6, c_in=1):
+    "Small residual CNN with BatchNorm (non-trivial running stats), paper-style taps and parents, and a dead unit."
+    return ToyRes(seed, w, c_in, bn_stats=True, dead_unit=True)
 
 
-class Res(nn.Module):
-    "Small residual CNN with BatchNorm (non-trivial running stats), paper-style taps and parents."
-    def __init__(self, seed, w=6, c_in=1):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv1 = nn.Sequential(nn.Conv2d(c_in, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
-        self.conv2 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
-        self.pool = nn.MaxPool2d(2)
-        self.conv3 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU())
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.taps = {'conv1': 'conv1', 'conv2': 'conv2', 'pool': 'pool', 'conv3': 'conv3', 'embedding': 'head'}
-        self.tap_parents = {'conv1': None, 'conv2': 'conv1', 'pool': 'conv2', 'conv3': 'pool', 'embedding': 'conv3'}
-        for m in self.modules():                       # BN with non-default statistics, so eval vs train matters
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-.2, .2); m.running_var.uniform_(.5, 2.)
-        with torch.no_grad(): self.conv1[1].bias[0] = -50.   # a dead unit in conv1
-
-    def forward(self, x):
-        h = self.conv1(x)
-        return self.head(self.conv3(self.pool(self.conv2(h) + h)))
-
-
-def images(n=7, size=8, seed=0, c=1):
-    return (torch.rand(n, c, size, size, generator=make_generator(seed)) * 255).to(torch.uint8)
+def images(n=7, size=8, seed=0, c=1): return toy_images(n, size, seed, channels=c)
 
 
 # ---------------------------------------------------------------- naive references

@@ -2,7 +2,7 @@
 papermill would add a misspelt name as a new variable that nothing reads, so a paper-scale setting could be ignored
 without an error on a GPU machine that CI never sees."""
 import pytest
-from memssl_nb.reproduce import load_registry, PAPER_NB_ROOT, SCALES, check_parameters, notebook_parameters
+from memssl_nb.registry import load_registry, PAPER_NB_ROOT, SCALES, check_parameters, notebook_parameters
 
 REGISTRY = load_registry()
 

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from memssl_nb import reproduce as R
+from memssl_nb import claims
+from memssl_nb import registry
+from memssl_nb import report
+from memssl_nb import runner
 from memssl_nb.cli import main
 
 FIXTURES = Path(__file__).parent/'fixtures'/'paper'
@@ -22,27 +25,27 @@ def _pinned_package_hash():
     which would (rightly) make every stamp stale."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv('MEMSSL_PROGRESS', '0')
-        mp.setattr(R, 'package_hash', lambda package_dir=None: 'pinned-package-hash')
+        for mod in (registry, report, runner): mp.setattr(mod, 'package_hash', lambda package_dir=None: 'pinned-package-hash')
         yield mp
 
 
 def fixture_registry(slope_b=3.0):
-    return [R.Artifact('ok_a', 'Fixture', 'a fitted line', 'ok_artifact.ipynb',
+    return [registry.Artifact('ok_a', 'Fixture', 'a fitted line', 'ok_artifact.ipynb',
                        params={'smoke': {'artifact_ids': ['ok_a'], 'slope': 2.0}}),
-            R.Artifact('ok_b', 'Fixture', 'a line and an extra claim set', 'ok_artifact.ipynb',
+            registry.Artifact('ok_b', 'Fixture', 'a line and an extra claim set', 'ok_artifact.ipynb',
                        params={'smoke': {'artifact_ids': ['ok_b', 'ok_b-extra'], 'slope': slope_b}},
                        ids=('ok_b', 'ok_b-extra')),
-            R.Artifact('bad', 'Broken', 'a notebook that raises', 'failing_artifact.ipynb'),
-            R.Artifact('after_bad', 'Broken', 'depends on the failing one', 'ok_artifact.ipynb',
+            registry.Artifact('bad', 'Broken', 'a notebook that raises', 'failing_artifact.ipynb'),
+            registry.Artifact('after_bad', 'Broken', 'depends on the failing one', 'ok_artifact.ipynb',
                        params={'smoke': {'artifact_ids': ['after_bad']}}, depends_on=('bad',))]
 
 
-def run(out_root, registry=None, **kw):
-    return R.reproduce('smoke', out_root=out_root, registry=registry or fixture_registry(), nb_root=FIXTURES, **kw)
+def run(out_root, arts=None, **kw):
+    return runner.reproduce('smoke', out_root=out_root, registry=arts or fixture_registry(), nb_root=FIXTURES, **kw)
 
 
-def statuses(out_root, registry=None):
-    df = R.list_artifacts(scale='smoke', out_root=out_root, registry=registry or fixture_registry(), nb_root=FIXTURES)
+def statuses(out_root, arts=None):
+    df = registry.list_artifacts(scale='smoke', out_root=out_root, registry=arts or fixture_registry(), nb_root=FIXTURES)
     return dict(zip(df.id, df.status))
 
 
@@ -117,14 +120,15 @@ def test_skip_unchanged_and_parameter_change(copy_of):
 
 def test_package_or_notebook_change_makes_stale(copy_of, _pinned_package_hash, tmp_path):
     assert statuses(copy_of)['ok_a'] == 'done'
-    _pinned_package_hash.setattr(R, 'package_hash', lambda package_dir=None: 'edited-package')
+    for mod in (registry, report, runner): _pinned_package_hash.setattr(mod, 'package_hash', lambda package_dir=None: 'edited-package')
     try: assert statuses(copy_of) == {'ok_a': 'stale', 'ok_b': 'stale', 'bad': 'failed', 'after_bad': 'failed'}
-    finally: _pinned_package_hash.setattr(R, 'package_hash', lambda package_dir=None: 'pinned-package-hash')
+    finally:
+        for mod in (registry, report, runner): _pinned_package_hash.setattr(mod, 'package_hash', lambda package_dir=None: 'pinned-package-hash')
     nb_root = tmp_path/'nbs'; shutil.copytree(FIXTURES, nb_root)
     nb = json.loads((nb_root/'ok_artifact.ipynb').read_text())
     nb['cells'][-1]['source'].append('\nprint("edited")')
     (nb_root/'ok_artifact.ipynb').write_text(json.dumps(nb))
-    df = R.list_artifacts(scale='smoke', out_root=copy_of, registry=fixture_registry(), nb_root=nb_root)
+    df = registry.list_artifacts(scale='smoke', out_root=copy_of, registry=fixture_registry(), nb_root=nb_root)
     assert dict(zip(df.id, df.status))['ok_a'] == 'stale'
 
 
@@ -136,7 +140,7 @@ def test_force_interrupt_and_resume(copy_of):
         "ok_a completes (its notebook rewrites its claims, without a kernel to save time); Ctrl-C during ok_b."
         calls.append(job.artifact_id)
         if len(calls) == 2: raise KeyboardInterrupt
-        R.ClaimSet.load(sd/'ok_a.claims.json').save(job.parameters['out_dir'])
+        claims.ClaimSet.load(sd/'ok_a.claims.json').save(job.parameters['out_dir'])
     with pytest.raises(KeyboardInterrupt):
         run(copy_of, only='ok_*', force=True, jobs=1, execute=interrupt_second)
     assert calls == ['ok_a', 'ok_b']                                   # force re-ran the unchanged ok_a
@@ -153,7 +157,7 @@ def test_force_interrupt_and_resume(copy_of):
 
 def test_cli_list_report_reproduce(copy_of, tmp_path, capsys):
     reg = tmp_path/'registry.json'
-    R.save_registry(fixture_registry(), reg)
+    registry.save_registry(fixture_registry(), reg)
     loc = ['--registry', str(reg), '--nb-root', str(FIXTURES), '--out-root', str(copy_of)]
     assert main(['list', '--scale', 'smoke', *loc]) == 0
     out = capsys.readouterr().out
@@ -164,20 +168,20 @@ def test_cli_list_report_reproduce(copy_of, tmp_path, capsys):
     assert main(['reproduce', '--scale', 'smoke', '--only', 'ok_*', *loc]) == 0          # unchanged: no kernel
     assert '0 ran, 2 skipped, 0 failed' in capsys.readouterr().out
     assert main(['list', '--scale', 'cpu', *loc]) == 0 and 'n/a' in capsys.readouterr().out
-    R.save_registry(fixture_registry() + [R.Artifact('gone', 'Broken', 'x', 'missing.ipynb')], reg)
+    registry.save_registry(fixture_registry() + [registry.Artifact('gone', 'Broken', 'x', 'missing.ipynb')], reg)
     assert main(['reproduce', '--scale', 'smoke', '--only', 'ok_*,gone', *loc]) == 1
     assert 'FAILED gone: notebook not found' in capsys.readouterr().out
 
 
 def test_python3_kernel_is_visible():
-    assert Path(R.check_kernel('python3')).exists()
+    assert Path(runner.check_kernel('python3')).exists()
     from jupyter_client.kernelspec import KernelSpecManager
     native = KernelSpecManager(kernel_dirs=[]).get_kernel_spec('python3')   # no spec files at all: ipykernel's own
     assert native.argv[1:3] == ['-m', 'ipykernel_launcher']
 
 
 def test_wall_clock_guard_kills_the_run(tmp_path):
-    job = R.NotebookJob('bad', FIXTURES/'failing_artifact.ipynb', tmp_path/'executed'/'bad.ipynb',
+    job = runner.NotebookJob('bad', FIXTURES/'failing_artifact.ipynb', tmp_path/'executed'/'bad.ipynb',
                         {'scale': 'smoke', 'out_dir': str(tmp_path)}, cwd=tmp_path, wall_timeout=0.5)
-    error = R.run_papermill(job)
-    assert error.startswith('timed out after') and not R._ACTIVE
+    error = runner.run_papermill(job)
+    assert error.startswith('timed out after') and not runner._ACTIVE

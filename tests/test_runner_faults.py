@@ -7,7 +7,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from memssl_nb import reproduce as R
+from memssl_nb import claims
+from memssl_nb import registry
+from memssl_nb import report
+from memssl_nb import runner
 from memssl_nb.cli import main
 
 FIXTURES = Path(__file__).parent / 'fixtures' / 'paper'
@@ -18,7 +21,7 @@ def slow_notebook(folder: Path) -> Path:
     nb = {'cells': [{'cell_type': 'code', 'metadata': {'tags': ['parameters']}, 'execution_count': None, 'outputs': [],
                      'source': "scale = 'smoke'\nout_dir = '.'"},
                     {'cell_type': 'code', 'metadata': {}, 'execution_count': None, 'outputs': [],
-                     'source': "import time\ntime.sleep(60)\nfrom memssl_nb.reproduce import ClaimSet\n"
+                     'source': "import time\ntime.sleep(60)\nfrom memssl_nb.claims import ClaimSet\n"
                                "ClaimSet('slow').save(out_dir)"}],
           'metadata': {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}},
           'nbformat': 4, 'nbformat_minor': 5}
@@ -27,9 +30,9 @@ def slow_notebook(folder: Path) -> Path:
 
 def test_sigkill_of_the_runner_leaves_no_orphans_and_no_outputs(tmp_path):
     slow_notebook(tmp_path)
-    R.save_registry([R.Artifact('slow', 'Fixture', 'sleeps', 'slow.ipynb')], tmp_path / 'registry.json')
+    registry.save_registry([registry.Artifact('slow', 'Fixture', 'sleeps', 'slow.ipynb')], tmp_path / 'registry.json')
     script = textwrap.dedent(f'''
-        from memssl_nb.reproduce import reproduce
+        from memssl_nb.runner import reproduce
         reproduce('smoke', registry={str(tmp_path / 'registry.json')!r}, out_root={str(tmp_path / 'figures')!r},
                   verbose=False, compare=None)
     ''')
@@ -64,7 +67,7 @@ def test_a_broken_default_registry_does_not_break_other_registries(tmp_path):
     home = tmp_path / 'home'; (home / 'nbs' / 'paper').mkdir(parents=True)
     (home / 'nbs' / 'paper' / 'registry.json').write_text('{"artifacts": [')           # broken default registry
     good = tmp_path / 'good.json'
-    R.save_registry([R.Artifact('ok_a', 'Fixture', 'a line', 'ok_artifact.ipynb')], good)
+    registry.save_registry([registry.Artifact('ok_a', 'Fixture', 'a line', 'ok_artifact.ipynb')], good)
     env = dict(os.environ, MEMSSL_HOME=str(home), MEMSSL_PROGRESS='0')
     ok = subprocess.run([sys.executable, '-m', 'memssl_nb.cli', 'list', '--scale', 'smoke', '--registry', str(good),
                          '--nb-root', str(FIXTURES), '--out-root', str(tmp_path / 'figures')],
@@ -77,38 +80,38 @@ def test_a_broken_default_registry_does_not_break_other_registries(tmp_path):
 
 def test_an_unwritable_output_folder_is_an_error(tmp_path, capsys):
     good = tmp_path / 'good.json'
-    R.save_registry([R.Artifact('ok_a', 'Fixture', 'a line', 'ok_artifact.ipynb')], good)
+    registry.save_registry([registry.Artifact('ok_a', 'Fixture', 'a line', 'ok_artifact.ipynb')], good)
     (tmp_path / 'figures').mkdir(); (tmp_path / 'figures' / 'smoke').write_text('a file where the folder should be')
     code = run_cli('reproduce', '--scale', 'smoke', '--registry', good, '--nb-root', FIXTURES, '--out-root', tmp_path / 'figures')
     assert code == 2 and 'cannot write the outputs' in capsys.readouterr().err
 
 
 def fake_execute(job):
-    cs = R.ClaimSet(job.artifact_id); cs.check('one is positive', ours=1, condition=True); cs.save(job.parameters['out_dir'])
+    cs = claims.ClaimSet(job.artifact_id); cs.check('one is positive', ours=1, condition=True); cs.save(job.parameters['out_dir'])
 
 
 def test_report_counts_only_done_artifacts_and_a_failed_report_fails_the_run(tmp_path, monkeypatch):
-    arts = [R.Artifact('A', 'P', 'a', 'ok_artifact.ipynb'), R.Artifact('B', 'P', 'b', 'ok_artifact.ipynb')]
-    run = lambda **kw: R.reproduce('smoke', registry=arts, nb_root=FIXTURES, out_root=tmp_path, execute=fake_execute,
+    arts = [registry.Artifact('A', 'P', 'a', 'ok_artifact.ipynb'), registry.Artifact('B', 'P', 'b', 'ok_artifact.ipynb')]
+    run = lambda **kw: runner.reproduce('smoke', registry=arts, nb_root=FIXTURES, out_root=tmp_path, execute=fake_execute,
                                    verbose=False, compare=None, **kw)
     assert run().exit_code == 0
-    report = (tmp_path / 'smoke' / 'REPORT.md').read_text()
-    assert '| **all** | 2 | 2 | 0 | 0 | 0 | 2 | 2 | 0 | 0 |' in report
+    md = (tmp_path / 'smoke' / 'REPORT.md').read_text()
+    assert '| **all** | 2 | 2 | 0 | 0 | 0 | 2 | 2 | 0 | 0 |' in md
     (tmp_path / 'smoke' / '.stamps' / 'B.json').unlink()                      # B's outputs are no longer vouched for
-    report = R.write_report('smoke', tmp_path, registry=arts, nb_root=FIXTURES).read_text()
-    assert '| **all** | 2 | 1 | 0 | 0 | 1 | 1 | 1 | 0 | 0 |' in report
-    assert 'Claims from an earlier run (status missing): shown, not counted above.' in report
+    md = report.write_report('smoke', tmp_path, registry=arts, nb_root=FIXTURES).read_text()
+    assert '| **all** | 2 | 1 | 0 | 0 | 1 | 1 | 1 | 0 | 0 |' in md
+    assert 'Claims from an earlier run (status missing): shown, not counted above.' in md
     def broken(*a, **k): raise OSError(30, 'Read-only file system')
-    monkeypatch.setattr(R, 'write_report', broken)
+    monkeypatch.setattr(runner, 'write_report', broken)   # what the runner calls
     s = run(only='A', force=True)
     assert s.report_error and s.exit_code == 1
 
 
 def test_staged_outputs_move_into_place_only_on_success(tmp_path):
-    arts = [R.Artifact('A', 'P', 'a', 'ok_artifact.ipynb')]
+    arts = [registry.Artifact('A', 'P', 'a', 'ok_artifact.ipynb')]
     def half(job):
         (Path(job.parameters['out_dir']) / 'A.png').write_bytes(b'half a figure')
         return 'RuntimeError: died after the figure (cell 3)'
-    s = R.reproduce('smoke', registry=arts, nb_root=FIXTURES, out_root=tmp_path, execute=half, verbose=False, compare=None)
+    s = runner.reproduce('smoke', registry=arts, nb_root=FIXTURES, out_root=tmp_path, execute=half, verbose=False, compare=None)
     assert s.failed == ['A'] and not (tmp_path / 'smoke' / 'A.png').exists()
     assert not list((tmp_path / 'smoke' / '.staging').glob('*'))

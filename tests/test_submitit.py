@@ -6,10 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from memssl_nb import reproduce as R
+from memssl_nb import registry
+from memssl_nb import runner
+from memssl_nb import report
 from memssl_nb.cli import main
 from memssl_nb.data import load_dataset
-from memssl_nb.train import TrainSpec, train_encoder, train_encoders, submitit_executor
+from memssl_nb.spec import TrainSpec
+from memssl_nb.train import train_encoder
+from memssl_nb.jobs import train_encoders, submitit_executor
 
 FIXTURES = Path(__file__).parent/'fixtures'/'paper'
 
@@ -18,7 +22,7 @@ FIXTURES = Path(__file__).parent/'fixtures'/'paper'
 def _quiet(monkeypatch):
     monkeypatch.setenv('MEMSSL_PROGRESS', '0')
     monkeypatch.setenv('MEMSSL_THREADS', '1')
-    monkeypatch.setattr(R, 'package_hash', lambda package_dir=None: 'pinned-package-hash')
+    for mod in (registry, report, runner): monkeypatch.setattr(mod, 'package_hash', lambda package_dir=None: 'pinned-package-hash')
 
 
 def test_auto_executor_is_local_without_slurm(tmp_path):
@@ -27,9 +31,9 @@ def test_auto_executor_is_local_without_slurm(tmp_path):
 
 def test_reproduce_two_artifacts_as_submitit_jobs(tmp_path, capsys):
     reg = tmp_path/'registry.json'
-    R.save_registry([R.Artifact('ok_a', 'Fixture', 'a fitted line', 'ok_artifact.ipynb',
+    registry.save_registry([registry.Artifact('ok_a', 'Fixture', 'a fitted line', 'ok_artifact.ipynb',
                                 params={'smoke': {'artifact_ids': ['ok_a'], 'slope': 2.0}}),
-                     R.Artifact('ok_b', 'Fixture', 'another line', 'ok_artifact.ipynb',
+                     registry.Artifact('ok_b', 'Fixture', 'another line', 'ok_artifact.ipynb',
                                 params={'smoke': {'artifact_ids': ['ok_b'], 'slope': 3.0}})], reg)
     out = tmp_path/'figures'
     code = main(['reproduce', '--scale', 'smoke', '--executor', 'submitit', '--jobs', '2', '--registry', str(reg),
@@ -44,7 +48,7 @@ def test_reproduce_two_artifacts_as_submitit_jobs(tmp_path, capsys):
         assert (sd/f'{aid}.png').exists() and (sd/'.stamps'/f'{aid}.json').exists()
     logs = list((sd/'.submitit').rglob('*_log.out'))
     assert len(logs) == 2                                                 # two jobs, each with its own log
-    df = R.list_artifacts(scale='smoke', out_root=out, registry=reg, nb_root=FIXTURES)
+    df = registry.list_artifacts(scale='smoke', out_root=out, registry=reg, nb_root=FIXTURES)
     assert df.status.tolist() == ['done', 'done']                         # the local runner agrees: nothing to redo
     assert '| Fixture | 2 | 2 | 0 | 0 | 0 |' in (sd/'REPORT.md').read_text()
 

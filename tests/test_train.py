@@ -4,14 +4,15 @@ import os, subprocess, sys, textwrap
 from pathlib import Path
 import torch
 from safetensors.torch import load_file
-from memssl_nb.train import read_checkpoint
+from memssl_nb.checkpoint import read_checkpoint
 
 SCRIPT = textwrap.dedent('''
     import os, sys
     from pathlib import Path
     from safetensors.torch import save_file
     from memssl_nb.data import load_dataset
-    from memssl_nb.train import TrainSpec, train_encoder
+    from memssl_nb.spec import TrainSpec
+    from memssl_nb.train import train_encoder
     cache, out = sys.argv[1], sys.argv[2]
     kill_at = int(os.environ.get('KILL_AT', '0'))
     log = os.environ.get('EPOCH_LOG')
