@@ -63,7 +63,7 @@ def cpu_clock(*modules, enabled: bool = True):
         for m, t in saved: m.time = t
 
 def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device=None, repeats: int = 3) -> dict:
-    """Seconds per training step of `spec` (chapter 05's `LossModel`, optimiser, bf16 autocast and channels-last on CUDA)
+    """Seconds per training step of `spec` (chapter 05d's `LossModel`, optimiser, bf16 autocast and channels-last on CUDA)
     with the views augmented in the step, as the loop does, vs the same step on views augmented beforehand, and the
     augmentation alone (CPU time on CPU, wall time on CUDA). `overhead` = augmentation / (augmentation + step on ready
     views), each timed directly; `overhead_by_difference` = (step with - step without) / step with, the same fraction."""

@@ -205,7 +205,7 @@ def random_patch_mask(n: int, image_size: int, patch: int = 4, ratio: float = 0.
     if not 0 < ratio < 1: raise ValueError("ratio must lie strictly between 0 and 1")
     g = image_size // patch; p = g * g; k = max(1, int(round(ratio * p)))
     noise = torch.rand(n, p, generator=generator, device=generator.device if generator is not None else device)
-    masked = torch.zeros_like(noise, dtype=torch.bool)       # out-of-place ops below: vmap-safe (DP-SGD, chapter 05)
+    masked = torch.zeros_like(noise, dtype=torch.bool)       # out-of-place ops below: vmap-safe (DP-SGD, chapter 05c)
     masked = masked.scatter(1, noise.argsort(1)[:, :k], True)
     return masked.view(n, 1, g, g).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
 

@@ -49,7 +49,7 @@ class ProtocolConfig:
     weight_decay: float = 1e-6
     warmup_epochs: int = 0
     seeds: tuple = (0, 1, 2)
-    dp: tuple = ()                       # DP-SGD setting as (key, value) pairs (chapter 05); () = non-private
+    dp: tuple = ()                       # DP-SGD setting as (key, value) pairs (chapter 05c); () = non-private
 
     def __post_init__(self):
         # registry parameters arrive as JSON, with lists where the config keeps hashable tuples: convert them here
