@@ -13,7 +13,7 @@ import torch
 __all__ = ['PROJECT_ROOT', 'DATA_DIR', 'FIGURES_DIR', 'CACHE_DIR', 'find_project_root', 'get_device', 'configure_threads',
            'seed_everything', 'make_generator', 'progress_enabled', 'progress', 'stable_hash',
            'remove_stale_temporaries', 'atomic_write_bytes', 'atomic_write_text', 'to_float01', 'iter_batches',
-           'Summarized']
+           'Summarized', 'Preset']
 
 # %% ../nbs/00_core.ipynb 5
 def find_project_root(start: Path | None = None) -> Path:
@@ -143,3 +143,25 @@ class Summarized:
         import html
         return (f"<p><b>{type(self).__name__}</b>: {html.escape(self.headline())}</p>"
                 + self.overview().to_html(index=False, float_format=lambda v: f'{v:.4g}', na_rep=''))
+
+# %% ../nbs/00_core.ipynb 26
+class Preset:
+    "Mixin for a frozen dataclass of settings with per-scale presets in the class attribute `SCALES` ({scale: instance})."
+    SCALES: dict = {}
+    @classmethod
+    def preset(cls, scale: str = 'cpu', **changes):
+        "The preset of `scale` with `changes` applied."
+        if scale not in cls.SCALES: raise ValueError(f"unknown scale {scale!r} for {cls.__name__}; scales: {list(cls.SCALES)}")
+        return cls.SCALES[scale].replace(**changes)
+    def replace(self, **changes):
+        "A copy with `changes`; unknown setting names are an error."
+        import dataclasses
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown: raise ValueError(f"unknown {type(self).__name__} setting(s) {unknown}; settings: {names}")
+        return dataclasses.replace(self, **changes)
+    @classmethod
+    def table(cls):
+        "The presets side by side, one row per setting."
+        import dataclasses, pandas as pd
+        return pd.DataFrame({s: {f.name: getattr(c, f.name) for f in dataclasses.fields(c)} for s, c in cls.SCALES.items()})

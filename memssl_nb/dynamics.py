@@ -18,9 +18,9 @@ from .train import train_encoder
 
 # %% auto 0
 __all__ = ['WEAK_DIGITS', 'random_labelling', 'Regime', 'lobacheva_regimes', 'fixed_views', 'contrastive_hits', 'recalibrate_bn',
-           'measure_hits', 'record_hits', 'Dynamics', 'learning_dynamics', 'lobacheva_study', 'binomial_chi2',
-           'binomial_mae', 'sorted_gap', 'match_epoch', 'augmentation_spread', 'binomial_mae_null', 'bootstrap_stat',
-           'mcnemar', 'class_kl', 'plot_sorted_curves']
+           'measure_hits', 'record_hits', 'Dynamics', 'learning_dynamics', 'binomial_chi2', 'binomial_mae',
+           'sorted_gap', 'match_epoch', 'augmentation_spread', 'binomial_mae_null', 'bootstrap_stat', 'mcnemar',
+           'class_kl', 'plot_sorted_curves']
 
 # %% ../nbs/14_dynamics.ipynb 5
 def random_labelling(data: ImageSet, seed: int = 0) -> ImageSet:
@@ -205,23 +205,6 @@ def learning_dynamics(regime: Regime, data: ImageSet, n_measure: int, n_networks
                                             chance=1 / (2 * min(eval_batch, n_measure) - 1) if contrastive else 0.1))
 
 # %% ../nbs/14_dynamics.ipynb 17
-def lobacheva_study(n_train: int = 1024, n_measure: int = 256, n_networks: int = 6, n_aug: int = 4,
-                    eval_batch: int = 256, epochs: dict | None = None, width: float = 0.25, batch_size: int = 128,
-                    data_seed: int = 0, label_seed: int = 0, dataset: str = 'digits', arch: str = 'resnet9',
-                    image_size: int = 16, overrides: dict | None = None, cache: bool = True,
-                    show_progress: bool = True) -> tuple[dict[str, Dynamics], ImageSet, dict[str, Regime]]:
-    "(dynamics per regime, the training subset, the regimes) of the four-regime study on a random subset of `dataset`."
-    from memssl_nb.data import load_dataset
-    full = load_dataset(dataset, 'train', size=image_size)
-    idx = torch.randperm(len(full), generator=make_generator(data_seed))[:n_train]
-    train = full.subset(idx, name=f'{dataset}-train{n_train}-seed{data_seed}')
-    regimes = lobacheva_regimes(epochs, width=width, batch_size=batch_size, label_seed=label_seed, arch=arch,
-                                image_size=image_size, overrides=overrides)
-    dyn = {name: learning_dynamics(r, train, n_measure, n_networks, n_aug, eval_batch, cache=cache,
-                                   show_progress=show_progress) for name, r in regimes.items()}
-    return dyn, train, regimes
-
-# %% ../nbs/14_dynamics.ipynb 19
 def _pool(expected: np.ndarray, observed: np.ndarray, min_expected: float):
     "Merge the smallest bin with its smaller neighbour until every expected count is ≥ `min_expected`."
     e, o = list(expected), list(observed)
@@ -277,7 +260,7 @@ def bootstrap_stat(fn, dyns: dict, n_boot: int = 200, seed: int = 0) -> np.ndarr
     return np.array([fn({k: d.resample(seed * 1_000_003 + 7919 * b + i) for i, (k, d) in enumerate(dyns.items())})
                      for b in range(n_boot)])
 
-# %% ../nbs/14_dynamics.ipynb 23
+# %% ../nbs/14_dynamics.ipynb 21
 def mcnemar(correct_a, correct_b) -> float:
     "One-sided exact McNemar p-value that predictor a (per-point correctness `correct_a`) beats b on the same points."
     from scipy import stats
@@ -302,7 +285,7 @@ def class_kl(x, y) -> np.ndarray:
             K[i, j] = 0.5 * (np.trace(iS2 @ S1) + dm @ iS2 @ dm - D + np.linalg.slogdet(S2)[1] - np.linalg.slogdet(S1)[1])
     return (K + K.T) / 2
 
-# %% ../nbs/14_dynamics.ipynb 27
+# %% ../nbs/14_dynamics.ipynb 25
 def plot_sorted_curves(dyn: Dynamics, ax=None, fixed: bool = False, every: int = 1, cmap: str = 'viridis'):
     "Sorted r_t (or r̃_t of augmentation 0) of every `every`-th epoch, coloured by epoch."
     import matplotlib.pyplot as plt
