@@ -14,7 +14,7 @@ from .data import ImageSet
 from .augment import Augment
 from .spec import TrainSpec, training_data, cache_key, build_augment, build_model
 from .checkpoint import load_checkpoint
-from .train import train_encoder
+from .train import train_encoder, encoder_folder
 
 # %% auto 0
 __all__ = ['WEAK_DIGITS', 'random_labelling', 'Regime', 'lobacheva_regimes', 'fixed_views', 'contrastive_hits', 'recalibrate_bn',
@@ -132,7 +132,7 @@ def record_hits(spec: TrainSpec, data: ImageSet, views: torch.Tensor, labels: to
             if recalibrate: recalibrate_bn(twin, twin_obj, train_data.images, augment, seed=spec.seed * 7 + epoch)
             hits.append(measure_hits(twin, twin_obj, views, labels, eval_batch))
         return on_epoch_end
-    shared = root/'encoders'/key
+    shared = encoder_folder(key, root)
     if cache and not any((shared/f).exists() for f in ('final.safetensors', 'checkpoint.safetensors')):
         train_encoder(spec, data, cache=True, cache_dir=root, progress_bar=False, on_epoch_end=score(shared))
     if len(hits) != spec.epochs:
@@ -141,7 +141,7 @@ def record_hits(spec: TrainSpec, data: ImageSet, views: torch.Tensor, labels: to
         hits.clear()
         with tempfile.TemporaryDirectory() as tmp:
             train_encoder(spec, data, cache=True, cache_dir=Path(tmp), progress_bar=False,
-                          on_epoch_end=score(Path(tmp)/'encoders'/key))
+                          on_epoch_end=score(encoder_folder(key, Path(tmp))))
     out = torch.stack(hits).numpy() if hits else np.zeros((0, *views.shape[:3]), np.uint8)
     if cache:
         buf = io.BytesIO(); np.save(buf, out); atomic_write_bytes(path, buf.getvalue())   # concurrent readers never see half a file

@@ -4,6 +4,8 @@
 
 # %% ../nbs/19_localizing.ipynb 2
 from __future__ import annotations
+from dataclasses import dataclass, field
+from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
@@ -14,12 +16,32 @@ from .spec import TrainSpec
 from .train import TrainedEncoder, train_encoder
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .sslmem import sslmem
+from .core import Preset
 
 # %% auto 0
-__all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_ID', 'LOC_GLOSSARY', 'LOC_HYPERPARAMETERS',
-           'PAPER_RESNET9_PARAMS', 'RESNET9_BREAKDOWN', 'paper_layers', 'paper_block_name', 'block_of_paper_name',
-           'resnet9_architecture', 'EncoderWithHead', 'second_dataset', 'train_on', 'welch_greater', 'depth_trend',
-           'paired_greater', 'top_mean', 'loc_protocol', 'candidate_sslmem']
+__all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_ID', 'LOC_GLOSSARY', 'PAPER_RESNET9_PARAMS',
+           'RESNET9_BREAKDOWN', 'PRUNING_SETTINGS', 'PAPER_T6', 'PAPER_T1', 'PAPER_T18', 'PAPER_T3', 'PAPER_T28',
+           'T15_ARTIFACT', 'PAPER_T15_STEM', 'PAPER_T15_CONVS', 'PAPER_T15_TAIL', 'PAPER_T24', 'PAPER_T24_SETS',
+           'PAPER_T11', 'PAPER_T12', 'PAPER_T34_AVG_ALL', 'PAPER_T21', 'T21_SETS', 'PAPER_T30', 'T23_LAYERS',
+           'PAPER_T23', 'PAPER_T25', 'T5_SETTINGS', 'PAPER_T5', 'paper_layers', 'paper_block_name',
+           'block_of_paper_name', 'loc_hyperparameters', 'resnet9_architecture', 'EncoderWithHead', 'second_dataset',
+           'train_on', 'welch_greater', 'depth_trend', 'paired_greater', 'top_mean', 'loc_protocol', 'candidate_sslmem',
+           'LocF1Config', 'LocF2Config', 'LocF4Config', 'LocT1Config', 'LocT11Config', 'LocT13Config', 'LocT15Config',
+           'LocT2Config', 'LocT21Config', 'LocT27Config', 'LocT6Config', 'pruning_experiment', 'pruning_table',
+           'pruning_order_test', 'plot_pruning', 'unitmem_during_training', 'training_curve_tests',
+           'plot_unitmem_curve', 'depth_layermem', 'layer_profile', 'layer_profile_tests', 'plot_layer_profile',
+           'breakdown', 'breakdown_tests', 'plot_breakdown', 'layer_agreement_table', 'agreement_tests',
+           'plot_agreement', 'top_candidates', 'shared_top_test', 'plot_top_candidates', 'seed_agreement_table',
+           'seed_agreement_tests', 'plot_seed_agreement', 'subset_size_table', 'subset_size_test', 'plot_subset_sizes',
+           'distance_profiles', 'distance_tests', 'plot_distance_profiles', 'parse_pm', 'architecture_changes',
+           'architecture_rows', 'architecture_layermem', 'architecture_tests', 'plot_architecture', 'block_sets',
+           'exchange_encoders', 'exchange_table', 'exchange_tests', 'plot_exchange', 'candidate_unitmem', 'most_least',
+           'most_least_table', 'most_least_tests', 'plot_most_least', 'median_variant_table', 'median_variant_tests',
+           'plot_median_variant', 'owner_tables', 'owner_tests', 'plot_unit_owner', 'augmentation_effect',
+           'composition_table', 'composition_test', 'plot_composition', 'concept_table', 'concept_tests',
+           'LayerExchange', 'three_layer_table', 'three_layer_tests', 'plot_three_layer', 'single_layer_tables',
+           'single_layer_tests', 'plot_single_layer', 'combination_table', 'combination_tests', 'plot_combinations',
+           'bn_similarity', 'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -57,15 +79,16 @@ LOC_GLOSSARY = {
     'f / g': "encoder trained on S_S ∪ S_C / on S_S ∪ S_I",
 }
 
-LOC_HYPERPARAMETERS = pd.DataFrame({
-    # Table 9 (CIFAR-scale values; the paper also lists ImageNet values) and what this library uses
-    'paper SimCLR': {'epochs': 600, 'warm-up': 60, 'batch': 4096, 'optimizer': 'LARS', 'lr': 4.8, 'augment': 'ssl_normal'},
-    'paper SimSiam': {'epochs': 200, 'warm-up': 24, 'batch': 128, 'optimizer': 'SGD', 'lr': 0.025, 'augment': 'ssl_normal'},
-    'ours cpu (protocol_config("cpu"))': {'epochs': 400, 'warm-up': 0, 'batch': 150, 'optimizer': 'Adam', 'lr': 2e-3,
-                                         'augment': 'digits'},
-    'ours paper (protocol_config("paper"))': {'epochs': 600, 'warm-up': 60, 'batch': 1024, 'optimizer': 'Adam', 'lr': 2e-3,
-                                             'augment': 'ssl_normal'},
-})
+def loc_hyperparameters() -> pd.DataFrame:
+    "Table 9's pre-training settings (CIFAR scale; the paper also lists ImageNet's) beside the protocol's presets, generated from both."
+    from memssl_nb.recipes import PAPER_SPECS
+    row = lambda epochs, warm, batch, opt, lr, aug: {'epochs': epochs, 'warm-up': warm, 'batch': batch, 'optimizer': opt, 'lr': lr, 'augment': aug}
+    cols = {f'paper {o}': row(*(PAPER_SPECS['localizing', o][k] for k in ('epochs', 'warmup_epochs', 'batch_size', 'optimizer', 'lr', 'augment')))
+            for o in ('simclr', 'simsiam')}
+    for scale in ('cpu', 'paper'):
+        c = protocol_config(scale)
+        cols[f'ours {scale} (protocol_config({scale!r}))'] = row(c.epochs, c.warmup_epochs, c.batch_size, c.optimizer, c.lr, c.augment)
+    return pd.DataFrame(cols)
 
 PAPER_RESNET9_PARAMS = dict(conv1=896, conv2_0=18496, conv2_1=36928, conv2_2=36928, conv3=73856, conv4_0=295168,
                             conv4_1=590080, conv4_2=590080)
@@ -81,7 +104,7 @@ def resnet9_architecture(width: float = 1.0, in_channels: int = 3) -> pd.DataFra
                          max_pool_after=isinstance(blk.pool, nn.MaxPool2d)))
     return pd.DataFrame(rows)
 
-# %% ../nbs/19_localizing.ipynb 14
+# %% ../nbs/19_localizing.ipynb 15
 class EncoderWithHead(nn.Module):
     "`head(encoder(x))` with taps: the given encoder module paths in order, then `head.hidden` and `head.out`."
     def __init__(self, encoder: nn.Module, head: nn.Sequential, encoder_taps: list[str]):
@@ -101,7 +124,7 @@ RESNET9_BREAKDOWN = ['conv1.conv', 'conv1.bn', 'conv1.pool', 'conv2_0.conv', 'co
                      'conv2_2.conv', 'res2', 'conv3.conv', 'conv3.bn', 'conv3.pool', 'conv4_0.conv', 'conv4_0.bn',
                      'conv4_0.pool', 'conv4_1.conv', 'conv4_2.conv', 'res6', 'maxpool']
 
-# %% ../nbs/19_localizing.ipynb 17
+# %% ../nbs/19_localizing.ipynb 18
 def second_dataset(size: int = 16, names: tuple | list | None = None) -> dict[str, ImageSet]:
     "{'A_train', 'A_test', 'B_train', 'B_test'}: digits 0-4 / 5-9 by default, else the datasets `names` = (A, B) at `size` px."
     if names:
@@ -117,7 +140,7 @@ def train_on(data: ImageSet, cfg: ProtocolConfig, seed: int = 0, progress_bar: b
     spec = cfg.train_spec(range(len(data)), seed).replace(dataset=data.name, **changes)
     return train_encoder(spec, data, progress_bar=progress_bar)
 
-# %% ../nbs/19_localizing.ipynb 20
+# %% ../nbs/19_localizing.ipynb 21
 def welch_greater(a, b) -> tuple[float, float]:
     "(t, one-sided p) of Welch's test that mean(a) > mean(b)."
     from scipy.stats import ttest_ind
@@ -143,7 +166,7 @@ def top_mean(values, frac: float = 0.1) -> float:
     if not len(v): raise ValueError("top_mean of no values")
     return float(v[:max(1, int(round(frac * len(v))))].mean())
 
-# %% ../nbs/19_localizing.ipynb 23
+# %% ../nbs/19_localizing.ipynb 24
 def loc_protocol(scale: str, changes: dict | None = None, progress_bar: bool = False) -> ProtocolRun:
     "`run_protocol(protocol_config(scale, **changes))`, with lists in `changes` turned into tuples."
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in (changes or {}).items()}
@@ -153,3 +176,1041 @@ def candidate_sslmem(run: ProtocolRun, n_pairs: int = 10, seed: int = 0) -> torc
     "Per candidate (in `run.split.candidates` order): SSLMem of the encoder output, f/g distances averaged over seeds."
     return sslmem(run.f_encoders, run.g_encoders, run.data.images[run.split.candidates], run.augment,
                   n_pairs=n_pairs, seed=seed, progress=False).score
+
+# %% ../nbs/19_localizing.ipynb 27
+@dataclass(frozen=True)
+class LocF1Config(Preset):
+    "Settings of `nbs/paper/loc_f1.ipynb` (LOC-F1a, LOC-F1c); the defaults are the smoke scale."
+    layer: str = 'conv4_2'   # the paper's conv4-2 (layer 8)
+    n_views: int = 4
+    n_points: int = 100   # training points per dataset (F1a)
+    high: float = 0.8   # UnitMem threshold of a "highly memorizing" unit
+    datasets: list = field(default_factory=lambda: ['digits', 'photos'])   # simplest first
+    dp_config_changes: dict = field(default_factory=lambda: {'seeds': [0]})   # the SSLMem-DP sweep's protocol (atypical_config(scale) + these)
+    dp_epsilons: list = field(default_factory=lambda: [None, 20, 8])   # None = infinity (non-private)
+    dp_changes: dict = field(default_factory=lambda: {'objective': 'mae', 'epochs': 2})
+    dp_norm: str | None = 'group'
+    alpha: float = 0.05
+LocF1Config.SCALES = {
+    'smoke': LocF1Config(),
+    'cpu': LocF1Config(n_views=10, n_points=450, dp_config_changes={'seeds': [0]}, dp_changes={'objective': 'mae', 'epochs': 60}),
+    'paper': LocF1Config(n_views=10, n_points=50000, datasets=['svhn', 'cifar10', 'stl10'], dp_config_changes={'seeds': [0]}, dp_changes={'objective': 'mae', 'arch': 'vit_tiny', 'width': 1.0, 'objective_kw': [['image_size', 32], ['in_channels', 3], ['patch', 4]]}, dp_norm=None),
+}
+
+@dataclass(frozen=True)
+class LocF2Config(Preset):
+    "Settings of `nbs/paper/loc_f2.ipynb` (LOC-F2, LOC-F3, LOC-F9); the defaults are the smoke scale."
+    protocol_changes: dict = field(default_factory=lambda: {})
+    n_views: int = 3
+    sl_epochs: int = 2
+    sl_width: float = 0.25
+LocF2Config.SCALES = {
+    'smoke': LocF2Config(),
+    'cpu': LocF2Config(n_views=10, sl_epochs=60, sl_width=0.5),
+    'paper': LocF2Config(n_views=10, sl_epochs=200, sl_width=1.0),
+}
+
+@dataclass(frozen=True)
+class LocF4Config(Preset):
+    "Settings of `nbs/paper/loc_f4.ipynb` (LOC-F4); the defaults are the smoke scale."
+    changes: dict = field(default_factory=lambda: {'epochs': 4})   # TrainSpec changes
+    every: int = 1
+    n_views: int = 2
+    n_points: int = 40   # points of D' (from f's training set)
+LocF4Config.SCALES = {
+    'smoke': LocF4Config(),
+    'cpu': LocF4Config(changes={'width': 0.25, 'epochs': 150}, every=10, n_views=10, n_points=450),
+    'paper': LocF4Config(changes={'epochs': 800, 'warmup_epochs': 120}, every=5, n_views=10, n_points=5000),
+}
+
+@dataclass(frozen=True)
+class LocT1Config(Preset):
+    "Settings of `nbs/paper/loc_t1.ipynb` (LOC-T1, LOC-T18, LOC-T3, LOC-T28, LOC-F13, LOC-T19, LOC-T26); the defaults are the smoke scale."
+    n_pairs: int = 4   # view pairs per point
+    top_k: int = 10   # Top/Least subset size (Table 1)
+    agree_k: int = 8   # top-k of Tables 3 and 28
+    sizes: list = field(default_factory=lambda: [8, 16])   # |D'| of Table 19
+    n_draws: int = 10   # random subsets per size (the
+    protocol_changes: dict = field(default_factory=lambda: {})   # overrides of protocol_config(scale) (none: the shared f/g pairs of the scale)
+LocT1Config.SCALES = {
+    'smoke': LocT1Config(),
+    'cpu': LocT1Config(n_pairs=10, top_k=50, agree_k=25, sizes=[25, 50, 100, 150]),
+    'paper': LocT1Config(n_pairs=10, top_k=50, agree_k=100, sizes=[100, 500, 1000, 5000]),
+}
+
+@dataclass(frozen=True)
+class LocT11Config(Preset):
+    "Settings of `nbs/paper/loc_t11.ipynb` (LOC-T11, LOC-T12, LOC-F7, LOC-F8, LOC-F1b, LOC-F5, LOC-F6, LOC-T34); the defaults are the smoke scale."
+    protocol_changes: dict = field(default_factory=lambda: {})
+    n_pairs: int = 4   # SSLMem view pairs for the ranking
+    n_views: int = 3   # UnitMem views
+    k: int = 10   # most / least memorized points
+    concept_n: int = 8   # |D'| of the concept-subset test (LOC-T34)
+LocT11Config.SCALES = {
+    'smoke': LocT11Config(),
+    'cpu': LocT11Config(n_pairs=20, n_views=10, k=50, concept_n=40),
+    'paper': LocT11Config(n_pairs=10, n_views=10, k=300, concept_n=1000),
+}
+
+@dataclass(frozen=True)
+class LocT13Config(Preset):
+    "Settings of `nbs/paper/loc_t13.ipynb` (LOC-T13, LOC-T14); the defaults are the smoke scale."
+    protocol_changes: dict = field(default_factory=lambda: {})
+    ssl_epochs: int = 2   # SimSiam pre-training epochs
+    width: float = 0.25
+    steps: list = field(default_factory=lambda: [0, 2, 5])   # measurement points (optimisation steps)
+    batch: int = 8   # views per step for the single point
+    dup: int = 16   # Table 14(b) duplicates per batch
+    n_ref: int = 40   # training points in D'
+    n_views: int = 3
+    layer: str = 'conv4_2'
+    lr: float = 0.001
+LocT13Config.SCALES = {
+    'smoke': LocT13Config(),
+    'cpu': LocT13Config(ssl_epochs=100, steps=[0, 10, 50, 100], batch=32, dup=128, n_ref=150, n_views=10),
+    'paper': LocT13Config(ssl_epochs=200, width=1.0, steps=[0, 10, 50, 200, 500, 1000], batch=128, dup=300, n_ref=5000, n_views=10),
+}
+
+@dataclass(frozen=True)
+class LocT15Config(Preset):
+    "Settings of `nbs/paper/loc_t15.ipynb` (LOC-T15, LOC-T16, LOC-T17, LOC-T24); the defaults are the smoke scale."
+    archs: list = field(default_factory=lambda: ['resnet18', 'resnet34', 'resnet50'])   # Tables 15, 16, 17
+    protocol_changes: dict = field(default_factory=lambda: {'width': 0.125})   # overrides of protocol_config(scale) shared by the three runs
+    widths: dict = field(default_factory=lambda: {})   # per-architecture width; {} = the protocol's
+    n_pairs: int = 4   # view pairs per point
+    t24_changes: dict = field(default_factory=lambda: {'epochs': 2})   # TrainSpec changes of f1 and f2 (Table 24)
+    t24_points: int = 64   # training points of f1 and f2 (0 = all of A / B)
+    n_random: int = 2   # random block triples
+    datasets: list = field(default_factory=lambda: [])   # (A, B) for Table 24; [] = digits 0-4 / 5-9
+    second_donor: str = ''   # a second donor dataset (Table 24b)
+LocT15Config.SCALES = {
+    'smoke': LocT15Config(),
+    'cpu': LocT15Config(protocol_changes={'width': 0.125, 'pool_size': 250, 'n_extra': 50, 'epochs': 40, 'batch_size': 32, 'seeds': [0]}, widths={'resnet50': 0.25}, n_pairs=10, t24_changes={'epochs': 20}, t24_points=150, n_random=5),
+    'paper': LocT15Config(protocol_changes={}, widths={}, n_pairs=10, t24_changes={}, t24_points=0, n_random=10, datasets=['cifar10', 'stl10'], second_donor='svhn'),
+}
+
+@dataclass(frozen=True)
+class LocT2Config(Preset):
+    "Settings of `nbs/paper/loc_t2.ipynb` (LOC-T2, LOC-T10); the defaults are the smoke scale."
+    protocol_changes: dict = field(default_factory=lambda: {'arch': 'vit_micro'})
+    n_pairs: int = 4
+LocT2Config.SCALES = {
+    'smoke': LocT2Config(),
+    'cpu': LocT2Config(protocol_changes={'arch': 'vit_micro', 'width': 1.0, 'epochs': 200, 'seeds': [0, 1], 'objective': 'mae'}, n_pairs=10),
+    'paper': LocT2Config(protocol_changes={'arch': 'vit_tiny', 'width': 1.0, 'objective': 'mae', 'objective_kw': [['image_size', 32], ['in_channels', 3], ['patch', 4]]}, n_pairs=10),
+}
+
+@dataclass(frozen=True)
+class LocT21Config(Preset):
+    "Settings of `nbs/paper/loc_t21.ipynb` (LOC-T21, LOC-T22, LOC-T23, LOC-T30, LOC-T32, LOC-T33, LOC-T25, LOC-T5, LOC-T20); the defaults are the smoke scale."
+    width: float = 0.25
+    epochs: int = 2
+    sl_epochs: int = 2
+    grid: bool = False   # all 28 pairs and 56 triples (Tables 32, 33)
+    ft_epochs: int = 1   # fine-tuning epochs (Table 5)
+    ft_seeds: list = field(default_factory=lambda: [0])
+    datasets: list = field(default_factory=lambda: [])   # (A, B) dataset names; [] = digits 0-4 / 5-9.
+    protocol_changes: dict = field(default_factory=lambda: {})
+LocT21Config.SCALES = {
+    'smoke': LocT21Config(),
+    'cpu': LocT21Config(epochs=150, sl_epochs=40, grid=True, ft_epochs=10, ft_seeds=[0, 1]),
+    'paper': LocT21Config(width=1.0, epochs=600, sl_epochs=200, grid=True, ft_epochs=30, ft_seeds=[0, 1, 2], datasets=['cifar10', 'stl10']),
+}
+
+@dataclass(frozen=True)
+class LocT27Config(Preset):
+    "Settings of `nbs/paper/loc_t27.ipynb` (LOC-T27, LOC-F10, LOC-F11, LOC-T4, LOC-F12, LOC-T29, LOC-T31); the defaults are the smoke scale."
+    base_changes: dict = field(default_factory=lambda: {})
+    n_pairs: int = 4
+    n_views: int = 3
+LocT27Config.SCALES = {
+    'smoke': LocT27Config(),
+    'cpu': LocT27Config(base_changes={'width': 0.25, 'epochs': 100, 'seeds': [0]}, n_pairs=10, n_views=10),
+    'paper': LocT27Config(base_changes={}, n_pairs=10, n_views=10),
+}
+
+@dataclass(frozen=True)
+class LocT6Config(Preset):
+    "Settings of `nbs/paper/loc_t6.ipynb` (LOC-T6); the defaults are the smoke scale."
+    protocol_changes: dict = field(default_factory=lambda: {})
+    n_views: int = 3
+    n_random: int = 2
+LocT6Config.SCALES = {
+    'smoke': LocT6Config(),
+    'cpu': LocT6Config(n_views=10, n_random=3),
+    'paper': LocT6Config(n_views=10, n_random=10),
+}
+
+# %% ../nbs/19_localizing.ipynb 30
+PRUNING_SETTINGS = (('per_layer', 0.1), ('per_layer', 0.2), ('total', 0.1))
+PAPER_T6 = {('none', '-', 0.0): 70.44, ('top', 'per_layer', 0.1): 53.04, ('random', 'per_layer', 0.1): 58.09, ('low', 'per_layer', 0.1): 62.58,
+            ('top', 'per_layer', 0.2): 48.30, ('random', 'per_layer', 0.2): 51.34, ('low', 'per_layer', 0.2): 54.84,
+            ('top', 'total', 0.1): 49.16, ('random', 'total', 0.1): 56.77, ('low', 'total', 0.1): 62.62}
+
+def pruning_experiment(run: ProtocolRun, probe_train: ImageSet, probe_test: ImageSet, n_views: int, n_random: int,
+                       settings=PRUNING_SETTINGS) -> pd.DataFrame:
+    "Per f encoder: probe accuracy unpruned, and after pruning the top / random (`n_random` draws) / lowest-UnitMem units."
+    from memssl_nb.unitmem import unitmem
+    from memssl_nb.interventions import prune_units, choose_units
+    from memssl_nb.evaluate import probe_accuracy
+    rows = []
+    for s, t in enumerate(run.f):
+        u = unitmem(t.encoder, run.data.images[run.split.f_indices], t.augment, layers=RESNET9_CONVS, n_views=n_views, progress=False)
+        rows.append(dict(seed=s, strategy='none', scope='-', fraction=0.0, draw=0, acc=probe_accuracy(t.encoder, probe_train, probe_test, clean=t.clean)))
+        for scope, frac in settings:
+            for how in ['top', 'random', 'low']:
+                for d in range(n_random if how == 'random' else 1):
+                    with prune_units(t.encoder, choose_units(u.score, frac, how, scope, seed=100 * s + d)) as pr:
+                        rows.append(dict(seed=s, strategy=how, scope=scope, fraction=frac, draw=d, n_pruned=pr.n_pruned(),
+                                         acc=probe_accuracy(t.encoder, probe_train, probe_test, clean=t.clean)))
+    return pd.DataFrame(rows)
+
+def pruning_table(R: pd.DataFrame) -> pd.DataFrame:
+    "Accuracy (%) per (strategy, scope, fraction) with its std and count, beside Table 6's CIFAR-10 values."
+    T6 = R.groupby(['strategy', 'scope', 'fraction'], sort=False).acc.agg(['mean', 'std', 'count']).reset_index()
+    T6['acc_pct'] = 100 * T6['mean']; T6['std_pct'] = 100 * T6['std']
+    T6['paper_cifar10_pct'] = [PAPER_T6.get((a, b, c_)) for a, b, c_ in zip(T6.strategy, T6.scope, T6.fraction)]
+    return T6
+
+def pruning_order_test(R: pd.DataFrame, scope: str, frac: float) -> dict:
+    "Is accuracy after pruning top < random < low UnitMem units, in the majority of seeds (random: mean over draws)?"
+    sel = {how: R[(R.strategy == how) & (R.scope == scope) & (R.fraction == frac)] for how in ('top', 'random', 'low')}
+    per_seed = {how: d.groupby('seed').acc.mean() for how, d in sel.items()}
+    ok = bool((per_seed['top'] < per_seed['random']).mean() > 0.5 and (per_seed['random'] < per_seed['low']).mean() > 0.5)
+    return dict(ours=dict(top=100 * sel['top'].acc.mean(), random=100 * sel['random'].acc.mean(), low=100 * sel['low'].acc.mean()),
+                condition=ok, paper_value=dict(top=PAPER_T6[('top', scope, frac)], random=PAPER_T6[('random', scope, frac)], low=PAPER_T6[('low', scope, frac)]),
+                test='ordering of probe accuracy in the majority of seeds (random: mean over draws)')
+
+def plot_pruning(T6: pd.DataFrame, settings=PRUNING_SETTINGS):
+    "Probe accuracy after pruning, per setting and strategy, with the unpruned accuracy as a line."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for i, how in enumerate(['top', 'random', 'low']):
+        rows = [T6[(T6.strategy == how) & (T6.scope == sc) & (T6.fraction == fr)] for sc, fr in settings]
+        ax.bar(np.arange(len(settings)) + (i - 1) * .27, [r.acc_pct.item() for r in rows], .27, yerr=[r.std_pct.fillna(0).item() for r in rows], label=how)
+    ax.axhline(T6[T6.strategy == 'none'].acc_pct.item(), color='k', ls=':', label='no pruning')
+    ax.set_xticks(range(len(settings)), [f'{sc} {int(100 * fr)}%' for sc, fr in settings]); ax.set_ylabel('linear-probe accuracy (%)'); ax.legend(fontsize=7)
+    ax.set_ylim(max(0, T6.acc_pct.min() - 10), 100)
+    return fig
+
+def unitmem_during_training(spec: TrainSpec, data: ImageSet, points: torch.Tensor, every: int, n_views: int) -> pd.DataFrame:
+    """Mean UnitMem of every conv on `points` at initialisation and after epoch 1, every `every`-th and the last epoch of
+    training `spec` (a private training run, read through its resume checkpoint); cached by the spec's key."""
+    import json, tempfile
+    from memssl_nb.core import CACHE_DIR, atomic_write_text
+    from memssl_nb.spec import training_data, cache_key, build_model, build_augment
+    from memssl_nb.checkpoint import load_checkpoint
+    from memssl_nb.train import encoder_folder
+    from memssl_nb.unitmem import unitmem
+    train_data = training_data(spec, data)
+    key = cache_key(spec, train_data)
+    aug = build_augment(spec, train_data)
+    path = CACHE_DIR / 'loc_f4' / f'{key}_{every}_{n_views}_{len(points)}.json'
+    if path.exists(): return pd.DataFrame(json.loads(path.read_text())).set_index('epoch')
+    tmp = Path(tempfile.mkdtemp(prefix='loc_f4_cache_'))
+    probe, _ = build_model(spec, train_data)
+    curve = []
+    def measure(epoch):
+        if epoch != 1 and epoch % every and epoch != spec.epochs: return
+        load_checkpoint(encoder_folder(key, tmp) / 'checkpoint', probe)
+        u = unitmem(probe.eval(), points, aug, layers=RESNET9_CONVS, n_views=n_views, progress=False)
+        curve.append({'epoch': epoch, **{l: u.score[l].mean().item() for l in RESNET9_CONVS}})
+    probe0, _ = build_model(spec, train_data)       # epoch 0: the initialisation
+    u0 = unitmem(probe0.eval(), points, aug, layers=RESNET9_CONVS, n_views=n_views, progress=False)
+    curve.append({'epoch': 0, **{l: u0.score[l].mean().item() for l in RESNET9_CONVS}})
+    train_encoder(spec, data, cache_dir=tmp, progress_bar=False, on_epoch_end=measure)
+    atomic_write_text(path, json.dumps(curve))
+    return pd.DataFrame(curve).set_index('epoch')
+
+def training_curve_tests(F4: pd.DataFrame) -> dict:
+    "Figure 4's statements: layer 8's UnitMem rises, mostly in the first half of training, and every layer ends above its start."
+    l8 = F4['conv4_2']
+    trained = l8.loc[1:]
+    half = trained.index[len(trained) // 2]
+    early_gain = l8.loc[:half].iloc[-1] - l8.iloc[0]
+    late_gain = l8.iloc[-1] - l8.loc[:half].iloc[-1]
+    rho, p = depth_trend(trained.values)
+    return {'rises': dict(ours=dict(first=l8.iloc[0], last=l8.iloc[-1], spearman_vs_epoch=rho), condition=l8.iloc[-1] > l8.iloc[0] and rho > 0,
+                          test='last > initialisation and Spearman(UnitMem, epoch) > 0', p_value=p),
+            'early': dict(ours=dict(first_half_gain=early_gain, second_half_gain=late_gain), condition=early_gain > 0 and early_gain > late_gain,
+                          test='gain in the first half > gain in the second half'),
+            'all_layers': dict(ours=(F4.iloc[-1] > F4.iloc[0]).to_dict(), condition=bool((F4.iloc[-1] > F4.iloc[0]).mean() >= 0.75),
+                               test='≥ 6 of 8 layers end above their initial value')}
+
+def plot_unitmem_curve(F4: pd.DataFrame):
+    "Mean UnitMem per conv over training (layer 8 thick)."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for l in RESNET9_CONVS: ax.plot(F4.index, F4[l], lw=2.5 if l == 'conv4_2' else .8, label=l)
+    ax.set_xlabel('epoch'); ax.set_ylabel('mean UnitMem'); ax.legend(fontsize=6, ncol=2); ax.set_title('UnitMem during training (thick: layer 8)')
+    return fig
+
+# %% ../nbs/19_localizing.ipynb 33
+PAPER_T1 = pd.DataFrame({
+    'LM': [.091, .123, .154, .183, .185, .212, .246, .276, .308, .311],
+    'dLM': [np.nan, .032, .031, .029, .002, .027, .034, .030, .032, .003],
+    'LM_top50': [.144, .225, .308, .402, .403, .479, .599, .697, .817, .817],
+    'LM_least50': [.003, .012, .022, .031, .041, .051, .061, .071, .073, .086]}, index=RESNET9_T1_LAYERS)
+PAPER_T18 = [.091, .091, .097, .123, .124, .128, .154, .183, .185, .212, .211, .215, .246, .244, .247, .276, .308, .311, .318, .319, .192]
+PAPER_T3 = {(1, 2): (79, .607), (1, 8): (16, .104), (7, 8): (94, .837), (6, 7): (84, .657), (3, 4): (82, .665)}
+PAPER_T28 = [73, 69, 75, 89, 85, 88, 86, 90]
+
+def depth_layermem(run: ProtocolRun, n_pairs: int):
+    "LayerMem of the candidates over Table 1's and Table 18's taps, the SimCLR head's hidden layer and its output."
+    from memssl_nb.layermem import layermem
+    layers = list(dict.fromkeys(RESNET9_T1_LAYERS + ['embedding'] + RESNET9_BREAKDOWN + ['head.hidden', 'head.out']))
+    wrap = lambda t: EncoderWithHead(t.encoder, t.objective.head, layers[:-2]).eval()
+    images = run.data.images[run.split.candidates]
+    return layermem([wrap(t) for t in run.f], [wrap(t) for t in run.g], images, run.augment, layers=layers,
+                    parents=run.f[0].encoder.tap_parents, n_pairs=n_pairs, progress=False)
+
+def layer_profile(res, top_k: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    "(Table 1 beside the paper's, LayerMem, ΔLayerMem and its s.e.m. per Table 1 layer and subset all / top-k / least-k)."
+    t1 = res.table(top_k=top_k, rank_by='embedding')
+    piv = lambda col: t1.pivot(index='layer', columns='subset', values=col).loc[RESNET9_T1_LAYERS]
+    lm, dlm, sem = piv('layermem'), piv('delta_layermem'), piv('sem')
+    top, least = f'top{top_k}', f'least{top_k}'
+    T1 = pd.DataFrame({'paper_layer': [PAPER_LAYER[l] for l in RESNET9_T1_LAYERS], 'LM': lm['all'], 'LM_sem': sem['all'], 'dLM': dlm['all'],
+                       f'LM_{top}': lm[top], f'dLM_{top}': dlm[top], f'LM_{least}': lm[least]}).join(PAPER_T1.add_prefix('paper_'))
+    return T1, lm, dlm, sem
+
+def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int) -> dict:
+    "Table 1's four statements: the rise with depth, ΔLM > 0 at every conv, ΔLM ≈ 0 at the residual sums, Top ≫ Least."
+    conv_lm = lm.loc[RESNET9_CONVS, 'all'].values
+    rho, p_rho = depth_trend(conv_lm)
+    conv_d, res_d = dlm.loc[RESNET9_CONVS[1:], 'all'], dlm.loc[['res2', 'res6'], 'all']
+    sub = res.subsets(top_k, 'embedding')
+    pt = {l: welch_greater(res.layer(l).score[sub[f'top{top_k}']], res.layer(l).score[sub[f'least{top_k}']]) for l in RESNET9_T1_LAYERS}
+    return {'rise': dict(ours=dict(spearman_rho=rho, LM=conv_lm.round(4)), condition=rho > 0 and p_rho < 0.05, paper_value=PAPER_T1.LM.values,
+                         test='Spearman rank correlation of LM with conv index, p < 0.05', p_value=p_rho),
+            'delta_positive': dict(ours=conv_d.round(4).to_dict(), condition=bool((conv_d > 0).all()), paper_value=PAPER_T1.dLM.dropna().to_dict(),
+                                   test='sign of ΔLM per conv (point estimate)'),
+            'residual_flat': dict(ours=res_d.round(4).to_dict(), condition=bool((res_d.abs() < conv_d.mean()).all()), paper_value={'res2': .002, 'res6': .003},
+                                  test='|ΔLM(res)| < mean ΔLM over convs 2-8'),
+            'top_least': dict(ours={l: round(v[0], 2) for l, v in pt.items()}, condition=all(v[1] < 0.05 for v in pt.values()),
+                              paper_value={'conv1': [.144, .003], 'res6': [.817, .086]}, p_value=max(v[1] for v in pt.values()),
+                              test='one-sided Welch t-test per layer, p < 0.05 at all 10 layers')}
+
+def plot_layer_profile(lm: pd.DataFrame, dlm: pd.DataFrame, sem: pd.DataFrame, top_k: int, n_candidates: int):
+    "LayerMem per Table 1 layer (all / top / least, with the paper's profile) and ΔLayerMem."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    x = np.arange(len(RESNET9_T1_LAYERS))
+    for col, lab in [('all', f'all {n_candidates}'), (f'top{top_k}', f'top {top_k}'), (f'least{top_k}', f'least {top_k}')]:
+        ax[0].errorbar(x, lm[col], yerr=sem[col], marker='o', ms=3, label=f'ours: {lab}')
+    ax[0].plot(x, PAPER_T1.LM, 'k--', lw=.8, label='paper (CIFAR-10)')
+    ax[1].bar(x, dlm['all'], color=['tab:grey' if l.startswith('res') else 'tab:blue' for l in RESNET9_T1_LAYERS])
+    for a, t in zip(ax, ['LayerMem', 'ΔLayerMem (all candidates)']):
+        a.set_xticks(x, [PAPER_LAYER[l] for l in RESNET9_T1_LAYERS]); a.set_title(t); a.axhline(0, color='k', lw=.5)
+    ax[0].legend(fontsize=7)
+    return fig
+
+def breakdown(res, top_k: int) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
+    "(Table 18 beside the paper's, ΔLM against the row above, LayerMem per row and subset) over conv / BN / pool / residual / head rows."
+    rows = RESNET9_BREAKDOWN + ['head.hidden', 'head.out']
+    sub = res.table(top_k=top_k, rank_by='embedding')
+    lm18 = sub[sub.layer.isin(rows)].pivot(index='layer', columns='subset', values='layermem').loc[rows]
+    d18 = lm18['all'] - lm18['all'].shift(1)
+    paper18 = pd.Series(PAPER_T18[:18] + [.318, .319, .192], index=rows)
+    T18 = pd.DataFrame({'LM': lm18['all'], 'dLM_vs_row_above': d18, f'LM_top{top_k}': lm18[f'top{top_k}'], f'LM_least{top_k}': lm18[f'least{top_k}'],
+                        'paper_LM': paper18})
+    return T18, d18, lm18
+
+def breakdown_tests(d18: pd.Series, lm18: pd.DataFrame) -> dict:
+    "Table 18's statements: BN and pooling add ≈ 0, the convolutions carry the increase, the head's last layer drops."
+    rows = list(d18.index)
+    conv_rows, bnpool = [r for r in rows[1:] if r.endswith('.conv')], [r for r in rows if r.endswith(('.bn', '.pool'))]
+    return {'bn_pool_flat': dict(ours=dict(bn_pool=d18[bnpool].abs().mean(), conv=d18[conv_rows].mean()), condition=d18[bnpool].abs().mean() < d18[conv_rows].mean(),
+                                 paper_value=dict(bn_pool=0.003, conv=0.028), test='mean |Δ| comparison (point estimates)'),
+            'convs_carry': dict(ours=d18[conv_rows].round(4).to_dict(), condition=(d18[conv_rows] > 0).mean() >= 0.75, paper_value='all conv rows > 0',
+                                test='fraction of conv rows with ΔLM > 0 ≥ 3/4'),
+            'head_drop': dict(ours=dict(res6=lm18.loc['res6', 'all'], fc=lm18.loc['head.out', 'all']), condition=lm18.loc['head.out', 'all'] < lm18.loc['res6', 'all'],
+                              paper_value=dict(res6=.311, fc=.192), test='LM(FC) < LM(res6)')}
+
+def plot_breakdown(d18: pd.Series):
+    "ΔLayerMem against the row above for every row of Table 18 (blue conv, orange BN/pool, grey residual/head)."
+    import matplotlib.pyplot as plt
+    rows = list(d18.index)
+    fig, ax = plt.subplots(figsize=(9, 3))
+    colors = ['tab:blue' if r.endswith('conv') else 'tab:orange' if r.endswith(('.bn', '.pool', 'maxpool')) else 'tab:grey' for r in rows]
+    ax.bar(np.arange(len(rows)), d18.fillna(0), color=colors); ax.axhline(0, color='k', lw=.5)
+    ax.set_xticks(np.arange(len(rows)), rows, rotation=70, fontsize=7); ax.set_title('ΔLayerMem vs the row above (blue conv, orange BN/pool, grey residual/head)')
+    return fig
+
+def layer_agreement_table(res, agree_k: int) -> pd.DataFrame:
+    "Table 3: top-k overlap and Kendall τ for every pair of convs, their distance and the paper's overlap where given."
+    from memssl_nb.layermem import layer_agreement
+    agree = layer_agreement(res, k=agree_k, layers=RESNET9_CONVS)
+    agree['distance'] = [RESNET9_CONVS.index(b) - RESNET9_CONVS.index(a) for a, b in zip(agree.layer_a, agree.layer_b)]
+    agree['paper_overlap_pct'] = [PAPER_T3.get((RESNET9_CONVS.index(a) + 1, RESNET9_CONVS.index(b) + 1), (np.nan,))[0] for a, b in zip(agree.layer_a, agree.layer_b)]
+    return agree
+
+def agreement_tests(agree: pd.DataFrame, chance: float) -> dict:
+    "Table 3's statements: overlap high for adjacent layers and decaying with distance; Kendall τ decaying with distance."
+    by_d = agree.groupby('distance')[['overlap', 'kendall_tau']].mean()
+    rho_o, p_o = depth_trend(by_d.overlap.values); rho_t, p_t = depth_trend(by_d.kendall_tau.values)
+    return {'overlap': dict(ours=by_d.overlap.round(3).to_dict(), condition=rho_o < 0 and p_o < 0.05 and by_d.overlap.iloc[0] > 2 * chance,
+                            paper_value={1: 0.77, 7: 0.16}, p_value=p_o,
+                            test=f'Spearman of mean overlap vs distance < 0 (p < 0.05) and adjacent overlap > 2× chance ({chance:.2f})'),
+            'kendall': dict(ours=by_d.kendall_tau.round(3).to_dict(), condition=rho_t < 0 and p_t < 0.05, paper_value={1: 0.64, 7: 0.10},
+                            test='Spearman of mean τ vs distance < 0, p < 0.05', p_value=p_t)}
+
+def plot_agreement(agree: pd.DataFrame, agree_k: int):
+    "Heatmaps of the top-k overlap and of Kendall τ between the 8 convs."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3))
+    for a, col in zip(ax, ['overlap', 'kendall_tau']):
+        M = np.full((8, 8), np.nan)
+        for _, r in agree.iterrows():
+            i, j = RESNET9_CONVS.index(r.layer_a), RESNET9_CONVS.index(r.layer_b); M[i, j] = M[j, i] = r[col]
+        im = a.imshow(M, vmin=0, vmax=1, cmap='viridis'); a.set_xticks(range(8), range(1, 9)); a.set_yticks(range(8), range(1, 9))
+        a.set_title(f'{col} (top {agree_k})' if col == 'overlap' else 'Kendall τ'); plt.colorbar(im, ax=a, shrink=.8)
+    return fig
+
+def top_candidates(res, k: int = 10) -> dict:
+    "Positions (in candidate order) of the top-`k` memorized candidates per conv (Figure 13)."
+    k = min(k, len(res))
+    return {l: torch.argsort(res.layer(l).score, descending=True)[:k] for l in RESNET9_CONVS}
+
+def shared_top_test(tops: dict, n_candidates: int) -> dict:
+    "Figure 13's statement: adjacent layers share many of their top-k samples (> 2× chance and more than at distance ≥ 3)."
+    K = len(next(iter(tops.values())))
+    ov = lambda a, b: len(set(tops[a].tolist()) & set(tops[b].tolist())) / K
+    adj = np.mean([ov(a, b) for a, b in zip(RESNET9_CONVS, RESNET9_CONVS[1:])])
+    far = np.mean([ov(a, b) for i, a in enumerate(RESNET9_CONVS) for b in RESNET9_CONVS[i + 3:]])
+    return dict(ours=dict(adjacent=adj, distance_ge3=far, chance=K / n_candidates), condition=adj > 2 * K / n_candidates and adj > far,
+                paper_value='many shared (figure; no numbers)', test='mean top-10 overlap of adjacent layers > 2× chance and > overlap at distance ≥ 3')
+
+def plot_top_candidates(tops: dict, images: torch.Tensor, candidates):
+    "The top memorized candidates of each conv, one row per layer (dataset index above each image)."
+    import matplotlib.pyplot as plt
+    K = len(next(iter(tops.values())))
+    fig, axes = plt.subplots(len(RESNET9_CONVS), K, figsize=(K * .7, len(RESNET9_CONVS) * .75))
+    for i, l in enumerate(RESNET9_CONVS):
+        for j, p in enumerate(tops[l]):
+            a = axes[i, j]; a.imshow(images[p, 0], cmap='gray'); a.set_xticks([]); a.set_yticks([])
+            if j == 0: a.set_ylabel(PAPER_LAYER[l], rotation=0, labelpad=10)
+            a.set_title(int(candidates[p]), fontsize=5)
+    fig.suptitle(f'top-{K} memorized candidates per layer (dataset index above each)', fontsize=8)
+    return fig
+
+def seed_agreement_table(res, agree_k: int) -> pd.DataFrame:
+    "Table 28: per conv, the mean top-k overlap between independently seeded (f, g) pairs, with chance and the paper's value."
+    from memssl_nb.sslmem import normalize_scores
+    n_seeds = res.dist_f_all.shape[0]
+    seed_scores = [normalize_scores(res.dist_f_all[s].double(), res.dist_g_all[s].double(), 'relative') for s in range(n_seeds)]
+    pairs = [(a, b) for a in range(n_seeds) for b in range(a + 1, n_seeds)]
+    rows = []
+    for l, pv in zip(RESNET9_CONVS, PAPER_T28):
+        j = res.layers.index(l)
+        tk = [set(torch.argsort(s[:, j], descending=True)[:agree_k].tolist()) for s in seed_scores]
+        rows.append(dict(layer=l, paper_layer=PAPER_LAYER[l], overlap=np.mean([len(tk[a] & tk[b]) / agree_k for a, b in pairs]) if pairs else np.nan,
+                         chance=agree_k / len(res), paper_overlap_pct=pv))
+    return pd.DataFrame(rows)
+
+def seed_agreement_tests(T28: pd.DataFrame, n_seeds: int, agree_k: int, n_candidates: int) -> dict:
+    "Table 28's statements: cross-seed overlap far above chance in every layer, and in the paper's 69–90 % range."
+    if n_seeds < 2:
+        why = f'only {n_seeds} seed at this scale'
+        return {'above_chance': dict(ours=None, condition=None, why=why), 'paper_range': dict(ours=None, condition=None, why=why)}
+    return {'above_chance': dict(ours=T28.overlap.round(3).tolist(), condition=bool((T28.overlap > 2 * agree_k / n_candidates).all()), paper_value=PAPER_T28,
+                                 test='mean pairwise top-k overlap > 2× chance, every conv layer'),
+            'paper_range': dict(ours=T28.overlap.round(3).tolist(), condition=bool((T28.overlap >= 0.69).all()), paper_value=PAPER_T28,
+                                test='every layer ≥ 0.69 (note: our k/N differs)')}
+
+def plot_seed_agreement(T28: pd.DataFrame, agree_k: int, n_candidates: int):
+    "Cross-seed top-k overlap per conv beside the paper's (top 100) and chance."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(np.arange(8) - .2, T28.overlap, .4, label=f'ours (top {agree_k} of {n_candidates})'); ax.bar(np.arange(8) + .2, T28.paper_overlap_pct / 100, .4, label='paper (top 100)')
+    ax.axhline(agree_k / n_candidates, color='k', ls=':', lw=.8, label='chance'); ax.set_xticks(range(8), range(1, 9)); ax.legend(fontsize=7)
+    ax.set_title('top-k overlap between independently seeded (f, g) pairs')
+    return fig
+
+def subset_size_table(res, sizes, n_draws: int, seed: int = 0) -> pd.DataFrame:
+    "Table 19: mean and std over `n_draws` random candidate subsets of each size of the LayerMem of each Table 1 layer."
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in sizes:
+        n = min(n, len(res))
+        for r in range(n_draws):
+            idx = torch.randperm(len(res), generator=gen)[:n]
+            for l in RESNET9_T1_LAYERS: rows.append(dict(n=n, rep=r, layer=l, LM=res.layer(l).score[idx].mean().item()))
+    T19 = pd.DataFrame(rows).groupby(['layer', 'n']).LM.agg(['mean', 'std']).unstack('n').loc[RESNET9_T1_LAYERS]
+    T19.columns = [f'{a}_{b}' for a, b in T19.columns]
+    return T19
+
+def subset_size_test(res, T19: pd.DataFrame, sizes, n_draws: int, full_lm: pd.Series) -> dict:
+    "Table 19's statement: subset means agree with the full-set LayerMem within sampling error (finite-population z < 3)."
+    means = T19[[f'mean_{min(n, len(res))}' for n in sizes]]
+    N = len(res)
+    sd = pd.Series({l: res.layer(l).score.std().item() for l in RESNET9_T1_LAYERS})
+    se = pd.DataFrame({c_: sd / np.sqrt(int(c_.split('_')[1]) * n_draws) * np.sqrt(max(0.0, 1 - int(c_.split('_')[1]) / N)) for c_ in means})
+    z = (means.sub(full_lm, axis=0) / se.replace(0, np.nan)).abs()
+    return dict(ours=dict(max_abs_z=float(np.nanmax(z.values)), max_spread_over_sizes=float((means.max(1) - means.min(1)).max())),
+                condition=bool(np.nanmax(z.values) < 3) if np.isfinite(np.nanmax(z.values)) else None, paper_value=dict(max_spread_over_sizes=0.007),
+                test=f"|mean over {n_draws} subsets − LayerMem(all)| < 3 standard errors (finite-population, normal approximation; the scores are heavy-tailed) for every layer and size")
+
+def plot_subset_sizes(T19: pd.DataFrame, sizes, n_candidates: int, n_draws: int):
+    "LayerMem per Table 1 layer for each subset size."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for col in [f'mean_{min(n, n_candidates)}' for n in sizes]: ax.plot(range(len(RESNET9_T1_LAYERS)), T19[col], marker='o', ms=3, label=f"|D'| = {col.split('_')[1]}")
+    ax.set_xticks(range(len(RESNET9_T1_LAYERS)), [PAPER_LAYER[l] for l in RESNET9_T1_LAYERS]); ax.legend(fontsize=7); ax.set_title(f"LayerMem vs |D'| ({n_draws} random subsets each)")
+    return fig
+
+def distance_profiles(run: ProtocolRun, n_pairs: int, l2: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Table 26: LayerMem per Table 1 layer under ℓ2 (`l2`, already measured), ℓ1, cosine and angular distance, and ΔLayerMem."
+    from memssl_nb.layermem import layermem
+    images = run.data.images[run.split.candidates]
+    prof = {'l2': l2}
+    for dname in ['l1', 'cosine', 'angular']:
+        r2 = layermem(run.f_encoders, run.g_encoders, images, run.augment, layers=RESNET9_T1_LAYERS, n_pairs=n_pairs, distance=dname, progress=False)
+        prof[dname] = r2.table().set_index('layer').loc[RESNET9_T1_LAYERS, 'layermem']
+    T26 = pd.DataFrame(prof)
+    par = run.f[0].encoder.tap_parents
+    D26 = pd.DataFrame({d: [T26.loc[l, d] - T26.loc[par[l], d] if par[l] in T26.index else np.nan for l in RESNET9_T1_LAYERS] for d in T26}, index=RESNET9_T1_LAYERS)
+    return T26, D26
+
+def distance_tests(T26: pd.DataFrame, D26: pd.DataFrame) -> dict:
+    "Table 26's statements: the four distances give the same profile, and the same conv with the largest ΔLM."
+    argmax = {d: D26.loc[RESNET9_CONVS[1:], d].idxmax() for d in D26}
+    corr = T26.corr().values[np.triu_indices(4, 1)].min()
+    return {'same_profile': dict(ours=dict(min_pearson_between_profiles=corr), condition=corr > 0.9, paper_value='profiles within ±0.02',
+                                 test='min Pearson correlation between the four profiles > 0.9'),
+            'same_argmax': dict(ours={d: PAPER_LAYER[l] for d, l in argmax.items()}, condition=len(set(argmax.values())) == 1, paper_value='6 under all four',
+                                test='argmax ΔLM over convs 2-8 per distance')}
+
+def plot_distance_profiles(T26: pd.DataFrame):
+    "LayerMem per Table 1 layer under the four distances."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for d in T26: ax.plot(range(len(T26)), T26[d], marker='o', ms=3, label=d)
+    ax.set_xticks(range(len(T26)), [PAPER_LAYER[l] for l in T26.index]); ax.legend(fontsize=7); ax.set_title('LayerMem under four distances')
+    return fig
+
+# %% ../nbs/19_localizing.ipynb 37
+def parse_pm(s: str) -> list[tuple]:
+    "'.074±.010; .092±.007' → [(0.074, 0.010), (0.092, 0.007)] (the papers' 'mean ± std' cells, ',' or ';' separated)."
+    return [tuple(float(v) for v in x.split('±')) for x in s.replace(';', ',').split(',')]
+
+T15_ARTIFACT = dict(resnet18='LOC-T15', resnet34='LOC-T16', resnet50='LOC-T17')
+PAPER_T15_STEM = {'resnet18': parse_pm('.074±.010; .092±.007'), 'resnet34': parse_pm('.037±.008; .069±.013'), 'resnet50': parse_pm('.046±.006; .066±.012')}
+PAPER_T15_CONVS = {
+    'resnet18': parse_pm('.101±.012, .110±.006, .123±.013, .134±.010, .146±.008, .155±.013, .166±.011, .183±.007, .193±.006, .206±.009, '
+                         '.220±.011, .239±.010, .246±.014, .257±.007, .272±.011, .295±.012'),
+    'resnet34': parse_pm('.078±.008, .083±.007, .091±.012, .096±.009, .107±.016, .115±.010, .124±.011, .128±.013, .131±.007, .138±.008, '
+                         '.143±.013, .149±.015, .157±.013, .166±.009, .172±.006, .178±.010, .181±.012, .186±.008, .194±.013, .201±.007, '
+                         '.205±.009, .211±.011, .218±.006, .227±.012, .235±.010, .246±.007, .257±.011, .264±.014, .273±.008, .285±.012, '
+                         '.299±.011, .313±.015'),
+    'resnet50': parse_pm('.071±.008, .068±.013, .073±.012, .079±.015, .082±.014, .083±.010, .088±.007, .094±.011, .103±.014, .109±.010, '
+                         '.112±.012, .118±.009, .123±.007, .127±.010, .133±.011, .136±.013, .140±.008, .144±.005, .149±.008, .156±.011, '
+                         '.165±.007, .168±.012, .175±.010, .181±.006, .187±.009, .192±.008, .198±.014, .204±.010, .211±.008, .217±.011, '
+                         '.225±.005, .231±.015, .235±.011, .241±.012, .248±.009, .253±.011, .262±.016, .268±.012, .279±.011, .292±.008, '
+                         '.293±.005, .298±.012, .308±.010, .316±.014, .315±.012, .326±.007, .327±.011, .335±.013')}
+PAPER_T15_TAIL = {'resnet18': parse_pm('.266±.009; .224±.010; .207±.007'), 'resnet34': parse_pm('.297±.009; .241±.013; .233±.006'),
+                  'resnet50': parse_pm('.328±.007; .266±.014; .245±.010')}
+PAPER_T24 = {'B': {'none': (77.12, 18.22), 'most': (43.66, 25.78), 'random': (51.09, 22.55), 'least': (57.41, 20.10)},
+             'B2': {'none': (77.12, 28.44), 'most': (35.21, 38.11), 'random': (44.19, 32.44), 'least': (49.06, 29.98)}}
+PAPER_T24_SETS = {"paper's most": ['C4_B6', 'C3_B4', 'C2_B3'], "paper's random": ['C3_B2', 'C4_B4', 'C5_B2'], "paper's least": ['C2_B1', 'C2_B2', 'C3_B3']}
+
+def architecture_changes(preset, arch: str) -> dict:
+    "The protocol changes of one architecture's run: the shared changes, the architecture and its width."
+    return {**preset.protocol_changes, 'arch': arch, **({'width': preset.widths[arch]} if arch in preset.widths else {})}
+
+def architecture_rows(enc, arch: str) -> list[tuple]:
+    "(row label, kind, tap, paper (LM, std)) in forward order: stem conv and output, each block's convs and output, avg-pool, head."
+    convs = {p: k for k, p in enc.conv_taps.items()}
+    paper = dict(zip(list(enc.conv_taps)[1:], PAPER_T15_CONVS[arch])) if len(PAPER_T15_CONVS[arch]) == len(enc.conv_taps) - 1 else {}
+    rows = [('conv1', 'conv', 'conv1.conv', PAPER_T15_STEM[arch][0]), ('max-pool (stem out)', 'stem', 'conv1', PAPER_T15_STEM[arch][1])]
+    for b in [t for t in enc.taps if t.startswith('layer')]:
+        rows += [(convs[p].replace('_', '-'), 'conv', p, paper.get(convs[p], (np.nan, np.nan))) for p in convs if p.startswith(b + '.')]
+        rows.append((paper_block_name(b), 'block', b, (np.nan, np.nan)))
+    rows += [(n, k, t, v) for (n, k, t), v in zip([('avg-pool', 'pool', 'avgpool'), ('FC', 'head', 'head.hidden'), ('softmax', 'head', 'head.out')], PAPER_T15_TAIL[arch])]
+    return rows
+
+def architecture_layermem(scale: str, preset, arch: str):
+    "(protocol run, LayerMem result, table of LM per row with its spread over seeds and points beside the paper's) of one architecture."
+    from memssl_nb.layermem import layermem
+    from memssl_nb.sslmem import normalize_scores
+    run = loc_protocol(scale, architecture_changes(preset, arch))
+    rows = architecture_rows(run.f[0].encoder, arch)
+    taps = [t for _, _, t, _ in rows]
+    wrap = lambda t: EncoderWithHead(t.encoder, t.objective.head, taps[:-2]).eval()
+    images = run.data.images[run.split.candidates]
+    res = layermem([wrap(t) for t in run.f], [wrap(t) for t in run.g], images, run.augment, layers=taps, n_pairs=preset.n_pairs, progress=False)
+    per_seed = torch.stack([normalize_scores(res.dist_f_all[s].double(), res.dist_g_all[s].double(), 'relative').mean(0)
+                            for s in range(res.dist_f_all.shape[0])])
+    cols = [res.layers.index(t) for t in taps]
+    T = pd.DataFrame({'row': [r[0] for r in rows], 'kind': [r[1] for r in rows], 'tap': taps, 'LM': res.score[:, cols].double().mean(0).numpy(),
+                      'std_seeds': per_seed[:, cols].std(0).numpy() if len(per_seed) > 1 else np.nan,
+                      'sem_points': (res.score[:, cols].double().std(0) / np.sqrt(len(images))).numpy(),
+                      'paper_LM': [r[3][0] for r in rows], 'paper_std': [r[3][1] for r in rows]})
+    return run, res, T
+
+def architecture_tests(T: pd.DataFrame, res, arch: str) -> dict:
+    "Tables 15–17's statements: LM rises through the convs and the blocks, drops after avg-pool and lower still in the head."
+    s = lambda tap: res.layer(tap).score
+    lm = T.set_index('tap').LM
+    conv, blocks = T[T.kind == 'conv'], T[T.kind.isin(['stem', 'block'])]
+    last = T[T.kind == 'block'].tap.iloc[-1]
+    paper_conv = np.r_[PAPER_T15_STEM[arch][0][0], [v for v, _ in PAPER_T15_CONVS[arch]]]
+    rho_c, p_c = depth_trend(conv.LM.values); rho_b, p_b = depth_trend(blocks.LM.values)
+    t_pool, p_pool = paired_greater(s(last), s('avgpool'))
+    head = {t: paired_greater(s('avgpool'), s(t)) for t in ['head.hidden', 'head.out']}
+    return {'convs': dict(ours=dict(spearman_rho=rho_c, first=conv.LM.iloc[0], last=conv.LM.iloc[-1], n_convs=len(conv)), condition=rho_c > 0 and p_c < 0.05,
+                          paper_value=dict(spearman_rho=depth_trend(paper_conv)[0], first=paper_conv[0], last=paper_conv[-1]),
+                          test='Spearman rank correlation of LM with conv index, p < 0.05', p_value=p_c),
+            'blocks': dict(ours=dict(spearman_rho=rho_b, LM=blocks.LM.round(4).tolist()), condition=rho_b > 0 and p_b < 0.05,
+                           paper_value='not reported per block; the convs rise near-monotonically', test='Spearman rank correlation of LM with block index, p < 0.05', p_value=p_b),
+            'avg_pool': dict(ours=dict(last_block=lm[last], avg_pool=lm['avgpool'], t=t_pool), condition=lm['avgpool'] < lm[last] and p_pool < 0.05,
+                             paper_value=dict(last_conv=PAPER_T15_CONVS[arch][-1][0], avg_pool=PAPER_T15_TAIL[arch][0][0]),
+                             test='one-sided paired t-test over the candidates, LM(last block output) > LM(avg-pool), p < 0.05', p_value=p_pool),
+            'head': dict(ours=dict(avg_pool=lm['avgpool'], fc=lm['head.hidden'], softmax=lm['head.out']),
+                         condition=all(lm[t] < lm['avgpool'] and p < 0.05 for t, (_, p) in head.items()),
+                         paper_value=dict(avg_pool=PAPER_T15_TAIL[arch][0][0], fc=PAPER_T15_TAIL[arch][1][0], softmax=PAPER_T15_TAIL[arch][2][0]),
+                         test='one-sided paired t-tests LM(avg-pool) > LM(head row), p < 0.05 for both rows', p_value=max(p for _, p in head.values()))}
+
+def plot_architecture(T: pd.DataFrame, arch: str):
+    "LayerMem per row (conv, block, stem, pool, head) with the paper's conv values on a second axis."
+    import matplotlib.pyplot as plt
+    x = np.arange(len(T))
+    fig, ax = plt.subplots(figsize=(min(14, 4 + 0.17 * len(T)), 3.4))
+    for kind, st in {'conv': dict(color='tab:blue', marker='.', ls='-'), 'block': dict(color='tab:orange', marker='s', ls=''),
+                     'stem': dict(color='tab:green', marker='^', ls=''), 'pool': dict(color='tab:red', marker='v', ls=''),
+                     'head': dict(color='tab:purple', marker='D', ls='')}.items():
+        m = (T.kind == kind).values
+        ax.errorbar(x[m], T.LM[m], yerr=T.sem_points[m], ms=4, lw=.8, label=f'ours: {kind}', **st)
+    ax.axhline(0, color='k', lw=.4); ax.set_ylabel('LayerMem (ours)')
+    ax2 = ax.twinx(); p = T.paper_LM.values
+    ax2.plot(x[~np.isnan(p)], p[~np.isnan(p)], 'k--', lw=.8, label='paper (CIFAR-10, right axis)'); ax2.set_ylabel('LayerMem (paper)')
+    ticks = sorted([i for i, k in enumerate(T.kind) if k != 'conv'] + [0])
+    ax.set_xticks(ticks, [T.row[i] for i in ticks], rotation=70, fontsize=6)
+    ax.set_title(f'{T15_ARTIFACT[arch]}: LayerMem through {arch} (conv rows: raw conv outputs; blocks: block outputs)', fontsize=9)
+    h1, l1 = ax.get_legend_handles_labels(); h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=6, ncol=6, loc='upper center', bbox_to_anchor=(0.5, -0.32))
+    return fig
+
+def block_sets(T50: pd.DataFrame, n_random: int) -> tuple[dict, pd.Series]:
+    "The block triples to exchange (most / least by ΔLM of the block outputs, `n_random` random, the paper's three) and ΔLM per block."
+    B = T50[T50.kind.isin(['stem', 'block'])].set_index('tap').LM
+    dLM = (B - B.shift(1)).drop('conv1')                          # block output minus the previous block's (or the stem's)
+    rank = dLM.sort_values(ascending=False)
+    rng = np.random.default_rng(0)
+    sets = {'most': list(rank.index[:3]), 'least': list(rank.index[-3:]),
+            **{f'random {i + 1}': sorted(rng.choice(dLM.index, 3, replace=False).tolist()) for i in range(n_random)}}
+    sets.update({k: [block_of_paper_name(n) for n in v] for k, v in PAPER_T24_SETS.items()})
+    return sets, dLM
+
+def exchange_encoders(scale: str, preset) -> tuple:
+    "(f1 trained on A, the (A, B) datasets, {donor name: (donor trained on B, its datasets)}) of Table 24 (ResNet-50)."
+    cfg = protocol_config(scale, **architecture_changes(preset, 'resnet50'))
+    D = second_dataset(cfg.image_size, preset.datasets)
+    subset = lambda d: d.subset(torch.randperm(len(d), generator=torch.Generator().manual_seed(0))[:preset.t24_points]) if preset.t24_points else d
+    f1 = train_on(subset(D['A_train']), cfg, seed=0, **preset.t24_changes)
+    donors = {'B': (train_on(subset(D['B_train']), cfg, seed=0, **preset.t24_changes), D)}
+    if preset.second_donor:
+        D2 = second_dataset(cfg.image_size, [D['A_train'].name if not preset.datasets else preset.datasets[0], preset.second_donor])
+        donors['B2'] = (train_on(subset(D2['B_train']), cfg, seed=0, **preset.t24_changes), D2)
+    return f1, D, donors
+
+def exchange_table(f1, donor, D: dict, DB: dict, sets: dict, name: str) -> tuple[pd.DataFrame, dict]:
+    "Accuracy (%) on A and on the donor's dataset after each block exchange, beside the paper's, and the per-point correctness."
+    from memssl_nb.interventions import exchange_layers
+    from memssl_nb.evaluate import probe_accuracy
+    correct = lambda enc, train, test: probe_accuracy(enc, train, test, clean=f1.clean, per_point=True)   # the recipient's normalisation
+    C = {'none': dict(A=correct(f1.encoder, D['A_train'], D['A_test']), B=correct(f1.encoder, DB['B_train'], DB['B_test']))}
+    for k, blocks in sets.items():
+        e = exchange_layers(f1.encoder, donor.encoder, blocks, bn='all')
+        C[k] = dict(A=correct(e, D['A_train'], D['A_test']), B=correct(e, DB['B_train'], DB['B_test']))
+    T = pd.DataFrame([dict(criterion=k, blocks=' '.join(paper_block_name(b) for b in sets.get(k, [])) or '-', A=100 * v['A'].mean(), B=100 * v['B'].mean())
+                      for k, v in C.items()])
+    T['drop_A'], T['gain_B'] = T.A.iloc[0] - T.A, T.B - T.B.iloc[0]
+    key = lambda k: 'random' if k.startswith('random') else k.removeprefix("paper's ")
+    T['paper_A'] = [PAPER_T24[name].get(key(k), (np.nan,))[0] for k in T.criterion]
+    T['paper_B'] = [PAPER_T24[name].get(key(k), (np.nan, np.nan))[1] for k in T.criterion]
+    return T, C
+
+def exchange_tests(T: pd.DataFrame, C: dict, name: str) -> dict:
+    "Table 24's statements for one donor: damage on A and gain on B ordered most > random > least, with McNemar tests."
+    from memssl_nb.dynamics import mcnemar
+    t = T.set_index('criterion')
+    rnd = t.loc[[k for k in t.index if k.startswith('random ')]]
+    pA, pB = mcnemar(C['least']['A'], C['most']['A']), mcnemar(C['most']['B'], C['least']['B'])
+    pv = PAPER_T24[name]
+    return {'damage': dict(ours=dict(drop_most=t.drop_A['most'], drop_random=rnd.drop_A.mean(), drop_least=t.drop_A['least'], most=t.blocks['most'],
+                                     least=t.blocks['least'], random_at_least_as_bad_as_most=float((rnd.drop_A >= t.drop_A['most']).mean())),
+                           condition=t.drop_A['most'] > rnd.drop_A.mean() > t.drop_A['least'] and pA < 0.05,
+                           paper_value={k: round(pv['none'][0] - pv[k][0], 2) for k in ('most', 'random', 'least')}, p_value=pA,
+                           test=f'ordering of the drops (random: mean of {len(rnd)} triples) and exact one-sided McNemar test on A\'s test points, '
+                                'least-replaced more accurate than most-replaced, p < 0.05'),
+            'gain': dict(ours=dict(gain_most=t.gain_B['most'], gain_random=rnd.gain_B.mean(), gain_least=t.gain_B['least'],
+                                   random_at_least_as_good_as_most=float((rnd.gain_B >= t.gain_B['most']).mean())),
+                         condition=t.gain_B['most'] > rnd.gain_B.mean() > t.gain_B['least'] and pB < 0.05,
+                         paper_value={k: round(pv[k][1] - pv['none'][1], 2) for k in ('most', 'random', 'least')}, p_value=pB,
+                         test=f'ordering of the gains (random: mean of {len(rnd)} triples) and exact one-sided McNemar test on B\'s test points, '
+                              'most-replaced more accurate than least-replaced, p < 0.05')}
+
+def plot_exchange(T: pd.DataFrame):
+    "Accuracy drop on A and gain on B for the most / random / least triples, beside the paper's (first donor)."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    rnd = T[T.criterion.str.startswith('random ')]
+    summary = pd.DataFrame({k: dict(drop_A=v.drop_A.mean(), gain_B=v.gain_B.mean(), err_A=v.drop_A.std(), err_B=v.gain_B.std())
+                            for k, v in {'most': T[T.criterion == 'most'], 'random': rnd, 'least': T[T.criterion == 'least']}.items()}).T
+    paper = pd.DataFrame({k: dict(drop_A=PAPER_T24['B']['none'][0] - v[0], gain_B=v[1] - PAPER_T24['B']['none'][1])
+                          for k, v in PAPER_T24['B'].items() if k != 'none'}).T.loc[summary.index]
+    for ax, col, err, title in [(axes[0], 'drop_A', 'err_A', 'accuracy drop on A (points)'), (axes[1], 'gain_B', 'err_B', 'accuracy gain on B (points)')]:
+        x = np.arange(3)
+        ax.bar(x - .2, summary[col], .4, yerr=summary[err].fillna(0), label='ours (ΔLM blocks; random: mean ± std)')
+        ax.bar(x + .2, paper[col], .4, color='grey', label='paper (CIFAR-10 / STL-10)')
+        ax.set_xticks(x, summary.index); ax.set_title(title, fontsize=9); ax.axhline(0, color='k', lw=.5)
+    axes[0].legend(fontsize=6)
+    return fig
+
+# %% ../nbs/19_localizing.ipynb 40
+PAPER_T11 = {'conv1': (.507, .235, 65.89), 'conv2_0': (.501, .231, 66.25), 'conv2_1': (.503, .233, 65.94), 'conv2_2': (.512, .240, 65.12),
+             'conv3': (.509, .242, 64.13), 'conv4_0': (.514, .246, 63.67), 'conv4_1': (.515, .245, 64.09), 'conv4_2': (.522, .248, 64.18)}
+PAPER_T12 = {1: (10, .694), 2: (2, .813), 3: (1, .833), 4: (1, .857), 5: (1, .891)}
+PAPER_T34_AVG_ALL = [.381, .375, .379, .385, .381, .403, .398, .409]
+
+def candidate_unitmem(run: ProtocolRun, points, n_views: int) -> list:
+    "UnitMem of every conv of each f encoder over the dataset points `points`, with the protocol's training views."
+    from memssl_nb.unitmem import unitmem
+    return [unitmem(e, run.data.images[points], run.augment, layers=RESNET9_CONVS, n_views=n_views, progress=False) for e in run.f_encoders]
+
+def most_least(run: ProtocolRun, score: torch.Tensor, k: int) -> tuple:
+    "(dataset indices of the `k` most and the `k` least memorized candidates by `score`)."
+    order = torch.argsort(score, descending=True, stable=True)
+    cand = run.split.candidates
+    return cand[order[:k]], cand[order.flip(0)[:k]]
+
+def most_least_table(U_most: list, U_least: list) -> pd.DataFrame:
+    "Table 11: per conv, mean UnitMem of the top-10 % units and of all units over the most / least points, Welch t and p."
+    rows = []
+    for l in RESNET9_CONVS:
+        a = torch.cat([r.score[l] for r in U_most]); b = torch.cat([r.score[l] for r in U_least])
+        t, p = welch_greater(a, b)
+        rows.append(dict(layer=l, paper_layer=PAPER_LAYER[l], most_top10pct=np.mean([top_mean(r.score[l]) for r in U_most]),
+                         least_top10pct=np.mean([top_mean(r.score[l]) for r in U_least]), most_all_units=a.mean().item(), least_all_units=b.mean().item(),
+                         t=t, p=p, paper_most=PAPER_T11[l][0], paper_least=PAPER_T11[l][1], paper_t=PAPER_T11[l][2]))
+    return pd.DataFrame(rows)
+
+def most_least_tests(T11: pd.DataFrame) -> dict:
+    "Table 11's and Figure 7's statements: most > least in every layer (Welch), about 2× for the top units, higher over all units."
+    ratio = T11.most_top10pct / T11.least_top10pct
+    return {'higher': dict(ours=T11.set_index('layer').t.round(2).to_dict(), condition=bool((T11.p < 0.05).all()), paper_value={l: v[2] for l, v in PAPER_T11.items()},
+                           test='one-sided Welch t-test on per-unit UnitMem (all units, all seeds), p < 0.05 in all 8 layers', p_value=T11.p.max()),
+            'twice': dict(ours=ratio.round(2).tolist(), condition=bool((ratio >= 1.5).all()), paper_value=[round(v[0] / v[1], 2) for v in PAPER_T11.values()],
+                          test='ratio of top-10 % unit means ≥ 1.5 in every layer'),
+            'distribution': dict(ours=T11.set_index('layer')[['most_all_units', 'least_all_units']].round(3).to_dict('index'),
+                                 condition=bool((T11.most_all_units > T11.least_all_units).all() and (T11.p < 0.05).all()), paper_value='most ≫ least (figure; 300/300 points)',
+                                 test='mean over units higher in every layer and one-sided Welch p < 0.05', p_value=T11.p.max())}
+
+def plot_most_least(U_most: list, U_least: list, k: int):
+    "Histograms of per-unit UnitMem over the most vs the least memorized points, one panel per conv (Figure 7)."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 4, figsize=(10, 5.2), sharey=True)
+    for a, l in zip(axes.ravel(), RESNET9_CONVS):
+        bins = np.linspace(0, 1, 21)
+        a.hist(torch.cat([r.score[l] for r in U_most]).numpy(), bins, alpha=.6, label=f'{k} most')
+        a.hist(torch.cat([r.score[l] for r in U_least]).numpy(), bins, alpha=.6, label=f'{k} least')
+        a.set_title(f'layer {PAPER_LAYER[l]} ({l})', fontsize=8)
+    axes[0, 0].legend(fontsize=7); fig.supxlabel('UnitMem per unit'); fig.supylabel('units')
+    return fig
+
+def median_variant_table(U_most: list, U_least: list) -> pd.DataFrame:
+    "Figure 8: mean UnitMem with µ−max as the mean vs the median of the other points, and their per-unit Pearson r."
+    from scipy.stats import pearsonr
+    rows = []
+    for name, U in [('most', U_most), ('least', U_least)]:
+        for r in U:
+            med = r.rescore('median')
+            for l in RESNET9_CONVS:
+                rows.append(dict(subset=name, layer=l, mean_variant=r.score[l].mean().item(), median_variant=med.score[l].mean().item(),
+                                 pearson_units=pearsonr(r.score[l].numpy(), med.score[l].numpy())[0] if r.score[l].std() > 0 else np.nan))
+    return pd.DataFrame(rows).groupby(['subset', 'layer'], sort=False).mean().reset_index()
+
+def median_variant_tests(F8: pd.DataFrame) -> dict:
+    "Figure 8's statements: the two variants agree per unit, and both rank most > least in every layer."
+    m_most, m_least = F8[F8.subset == 'most'].set_index('layer'), F8[F8.subset == 'least'].set_index('layer')
+    return {'similar': dict(ours=dict(min_pearson=F8.pearson_units.min()), condition=F8.pearson_units.min() > 0.8, paper_value='"very similar" (figure)',
+                            test='min over layers/subsets of the per-unit Pearson r > 0.8'),
+            'same_ranking': dict(ours=dict(median=(m_most.median_variant > m_least.median_variant).tolist()),
+                                 condition=bool((m_most.median_variant > m_least.median_variant).all() and (m_most.mean_variant > m_least.mean_variant).all()),
+                                 paper_value='same conclusion under both', test='layer-wise comparison of mean UnitMem')}
+
+def plot_median_variant(F8: pd.DataFrame):
+    "Mean UnitMem per conv for the most / least points, median (a) and mean (b) variant."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3), sharey=True)
+    for a, v in zip(ax, ['median_variant', 'mean_variant']):
+        for name in ['most', 'least']:
+            d = F8[F8.subset == name]; a.plot(range(8), d[v], marker='o', ms=3, label=name)
+        a.set_title("(a) median" if v.startswith('median') else '(b) mean'); a.set_xticks(range(8), range(1, 9)); a.legend(fontsize=7)
+    ax[0].set_ylabel('mean UnitMem')
+    return fig
+
+def owner_tables(U_all: list, score: torch.Tensor) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    "(owners of the top-10 % units of conv4_2 with their SSLMem, Table 12 by units owned, per-unit UnitMem vs owner SSLMem)."
+    rows12, rows1b = [], []
+    for s, r in enumerate(U_all):
+        for _, o in r.owner_counts('conv4_2', 0.1).iterrows(): rows12.append(dict(seed=s, point=int(o.point), n_units=int(o.n_units), sslmem=score[int(o.point)].item()))
+        for u in range(len(r.score['conv4_2'])):
+            rows1b.append(dict(seed=s, unit=u, unitmem=r.score['conv4_2'][u].item(), owner_sslmem=score[r.owner['conv4_2'][u]].item(),
+                               dead=bool(r.mu_max['conv4_2'][u] == 0)))
+    O = pd.DataFrame(rows12)
+    T12 = O.groupby('n_units').sslmem.agg(['count', 'mean']).rename(columns={'count': 'n_points', 'mean': 'avg_sslmem'})
+    T12['paper_n_points'] = pd.Series({n: v[0] for n, v in PAPER_T12.items()}); T12['paper_avg_sslmem'] = pd.Series({n: v[1] for n, v in PAPER_T12.items()})
+    T12.loc['all candidates', 'avg_sslmem'] = score.mean().item()
+    return O, T12, pd.DataFrame(rows1b)
+
+def owner_tests(O: pd.DataFrame, T12: pd.DataFrame, F1b: pd.DataFrame, score: torch.Tensor) -> dict:
+    "Table 12's and Figure 1b's statements: owners of top units are highly memorized, more units owned ↔ higher SSLMem, UnitMem ↔ owner SSLMem."
+    from scipy.stats import spearmanr
+    rho12, p12 = spearmanr(O.n_units, O.sslmem) if O.n_units.nunique() > 1 else (np.nan, np.nan)
+    pct = (O.sslmem.values[:, None] > score.numpy()[None]).mean(1)
+    live = F1b[~F1b.dead]
+    rho1b, p1b = spearmanr(live.unitmem, live.owner_sslmem)
+    return {'owners_memorized': dict(ours=dict(mean_owner_percentile=pct.mean()), condition=pct.mean() > 0.5, paper_value='owners avg SSLMem .69–.89',
+                                     test='mean SSLMem percentile of owners among candidates > 0.5'),
+            'more_units': dict(ours=dict(spearman=rho12, by_count=T12.avg_sslmem.round(3).to_dict()), condition=(rho12 > 0 and p12 < 0.05) if np.isfinite(rho12) else None,
+                               paper_value=[v[1] for v in PAPER_T12.values()], test='Spearman(n_units owned, owner SSLMem) > 0, p < 0.05',
+                               p_value=p12 if np.isfinite(p12) else None, why='every owner owns one unit: no variation in the count' if not np.isfinite(rho12) else None),
+            'unit_owner': dict(ours=dict(spearman=rho1b, n_units=len(live)), condition=rho1b > 0 and p1b < 0.05, paper_value='positive association (figure)',
+                               test='Spearman over live units of conv4_2 (all seeds), p < 0.05', p_value=p1b)}
+
+def plot_unit_owner(F1b: pd.DataFrame):
+    "UnitMem of every live unit of conv4_2 against the SSLMem of its µmax point (Figure 1b)."
+    import matplotlib.pyplot as plt
+    from scipy.stats import spearmanr
+    live = F1b[~F1b.dead]; rho, p = spearmanr(live.unitmem, live.owner_sslmem)
+    fig, ax = plt.subplots(figsize=(4, 3.2))
+    ax.scatter(live.owner_sslmem, live.unitmem, s=8, alpha=.6); ax.set_xlabel('SSLMem of the µmax point'); ax.set_ylabel('UnitMem (conv4_2)')
+    ax.set_title(f'Spearman ρ = {rho:.2f} (p = {p:.1g})', fontsize=9)
+    return fig
+
+def augmentation_effect(run: ProtocolRun, U_all: list) -> pd.DataFrame:
+    "Figure 5: mean UnitMem per conv over the candidates with the training views and without augmentation (f encoders' mean)."
+    from memssl_nb.unitmem import unitmem
+    rows = []
+    for s, e in enumerate(run.f_encoders):
+        clean = unitmem(e, run.data.images[run.split.candidates], None, layers=RESNET9_CONVS, progress=False)
+        for l in RESNET9_CONVS: rows.append(dict(seed=s, layer=l, augmented=U_all[s].score[l].mean().item(), no_augmentation=clean.score[l].mean().item()))
+    return pd.DataFrame(rows).groupby('layer', sort=False)[['augmented', 'no_augmentation']].mean()
+
+def composition_table(run: ProtocolRun, n_views: int) -> tuple[pd.DataFrame, list]:
+    "Figure 6: mean UnitMem per conv of the first f over one point per class, 5 random sets of that size and one 5× larger."
+    from memssl_nb.unitmem import unitmem
+    g = torch.Generator().manual_seed(0)
+    pool = run.split.f_indices; labels = run.data.labels[pool]; classes = labels.unique()
+    per_class = torch.stack([pool[labels == c_][torch.randint(int((labels == c_).sum()), (1,), generator=g)] for c_ in classes]).flatten()
+    n = len(per_class)
+    sets6 = {'one per class': [per_class]} | {'random (same size)': [pool[torch.randperm(len(pool), generator=g)[:n]] for _ in range(5)]} \
+            | {'random (5× size)': [pool[torch.randperm(len(pool), generator=g)[:5 * n]]]}
+    e0 = run.f_encoders[0]
+    um = lambda d: unitmem(e0, run.data.images[d], run.augment, layers=RESNET9_CONVS, n_views=n_views, progress=False)
+    rows = [dict(set=name, draw=i, layer=l, unitmem=r.score[l].mean().item()) for name, ds in sets6.items() for i, d in enumerate(ds) for r in [um(d)] for l in RESNET9_CONVS]
+    return pd.DataFrame(rows).groupby(['set', 'layer'], sort=False).unitmem.agg(['mean', 'std']).reset_index(), list(sets6)
+
+def composition_test(F6: pd.DataFrame) -> dict:
+    "Figure 6's statement: one point per class is within 2 sd of random sets of the same size in ≥ 6 of 8 layers."
+    opc, rnd = F6[F6.set == 'one per class'].set_index('layer'), F6[F6.set == 'random (same size)'].set_index('layer')
+    z = ((opc['mean'] - rnd['mean']).abs() / rnd['std'].clip(lower=1e-9))
+    return dict(ours=z.round(2).to_dict(), condition=bool((z < 2).mean() >= 0.75), paper_value='curves within each other’s std (figure)',
+                test='|one-per-class − mean(random)| < 2 sd of 5 random draws in ≥ 6 of 8 layers')
+
+def plot_composition(F6: pd.DataFrame, names: list):
+    "Mean UnitMem per conv (± sd over draws) for each D′ composition."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for name in names:
+        d = F6[F6.set == name]; ax.errorbar(range(8), d['mean'], yerr=d['std'].fillna(0), marker='o', ms=3, label=name)
+    ax.set_xticks(range(8), range(1, 9)); ax.legend(fontsize=7); ax.set_ylabel('mean UnitMem')
+    return fig
+
+def concept_table(run: ProtocolRun, concept_n: int, n_views: int) -> pd.DataFrame:
+    "Table 34: min / max / average UnitMem per conv over `concept_n` points from all classes, 3 classes and 1 class."
+    pool = run.split.f_indices; lab_f = run.data.labels[pool]; classes = lab_f.unique()
+    big = [int(c_) for c_ in classes if int((lab_f == c_).sum()) >= concept_n]
+    g = torch.Generator().manual_seed(1)
+    pick = lambda idx: idx[torch.randperm(len(idx), generator=g)[:concept_n]]
+    concepts = {'all classes': pick(pool), '3 classes': pick(pool[torch.isin(lab_f, torch.tensor(big[:3]))]), '1 class': pick(pool[lab_f == big[0]])}
+    from memssl_nb.unitmem import unitmem
+    rows = []
+    for s, e in enumerate(run.f_encoders):
+        for name, d in concepts.items():
+            r = unitmem(e, run.data.images[d], run.augment, layers=RESNET9_CONVS, n_views=n_views, progress=False)
+            for l in RESNET9_CONVS: rows.append(dict(seed=s, set=name, layer=l, min=r.score[l].min().item(), max=r.score[l].max().item(), avg=r.score[l].mean().item()))
+    T34 = pd.DataFrame(rows).groupby(['set', 'layer'], sort=False)[['min', 'max', 'avg']].mean().unstack('set')
+    T34.columns = [f'{b}_{a}' for a, b in T34.columns]
+    T34 = T34.loc[RESNET9_CONVS]
+    T34['paper_avg_all (STL10)'] = PAPER_T34_AVG_ALL[:len(T34)]
+    return T34
+
+def concept_tests(T34: pd.DataFrame) -> dict:
+    "Table 34's statements: restricting D′ to one or three classes barely changes average UnitMem (< 20 % in every layer)."
+    rel = ((T34['1 class_avg'] - T34['all classes_avg']) / T34['all classes_avg']).abs()
+    rel3 = ((T34['3 classes_avg'] - T34['all classes_avg']) / T34['all classes_avg']).abs()
+    return {'one_class': dict(ours=rel.round(3).to_dict(), condition=bool(rel.max() < 0.2), paper_value='avg ≈ .37–.41 for all, 3-class and 1-class sets',
+                              test='|relative change of avg UnitMem| < 20 % in every layer'),
+            'three_classes': dict(ours=rel3.round(3).to_dict(), condition=bool(rel3.max() < 0.2), paper_value='barely changes',
+                                  test='|relative change| < 20 % in every layer')}
+
+# %% ../nbs/19_localizing.ipynb 43
+PAPER_T21 = {'none': (69.08, 17.81), 'most by ΔLM': (36.59, 32.33), 'most by LM': (39.07, 29.82), 'random': (43.22, 25.89),
+             'least by LM': (49.95, 24.71), 'least by ΔLM': (59.14, 23.10)}
+T21_SETS = {'most by ΔLM': (4, 6, 8), 'most by LM': (6, 7, 8), 'random': (4, 5, 7), 'least by LM': (2, 3, 4), 'least by ΔLM': (2, 3, 5)}
+PAPER_T30 = {1: (63.07, 18.79), 2: (65.19, 19.01), 3: (64.47, 18.99), 4: (60.29, 20.44), 5: (62.74, 19.93), 6: (59.91, 21.92), 7: (60.77, 20.97), 8: (60.04, 21.71)}
+T23_LAYERS = {'most by ΔLM': 6, 'most by LM': 8, 'random': 5, 'least by ΔLM': 2, 'least by LM': 3}
+PAPER_T23 = {'most by ΔLM': (59.84, 21.98), 'most by LM': (60.02, 21.67), 'random': (62.98, 20.44), 'least by ΔLM': (65.52, 18.94), 'least by LM': (64.21, 18.89)}
+PAPER_T25 = [0.797, 0.844, 0.823, 0.811, 0.779, 0.805, 0.847, 0.881]
+T5_SETTINGS = {'HEAD only': (), '6 + HEAD': (6,), '8 + HEAD': (8,), '6,8 + HEAD': (6, 8), '7,8 + HEAD': (7, 8), '4,6,8 + HEAD': (4, 6, 8), '6,7,8 + HEAD': (6, 7, 8)}
+PAPER_T5 = {'HEAD only': 48.6, '6 + HEAD': 53.0, '8 + HEAD': 52.7, '6,8 + HEAD': 56.7, '7,8 + HEAD': 55.3, '4,6,8 + HEAD': 57.9, '6,7,8 + HEAD': 56.5}
+
+class LayerExchange:
+    "f1 trained on A and f2 on B; `swapped(ids)`: probe accuracy (%) on A and B of f1 with the paper's conv ids taken from f2."
+    def __init__(self, scale: str, preset):
+        self.cfg = protocol_config(scale, **preset.protocol_changes)
+        self.D = second_dataset(self.cfg.image_size, preset.datasets)
+        self.f1 = train_on(self.D['A_train'], self.cfg, seed=0, width=preset.width, epochs=preset.epochs)
+        self.f2 = train_on(self.D['B_train'], self.cfg, seed=0, width=preset.width, epochs=preset.epochs)
+        self.preset, self.scored = preset, {}
+        self.base = self.accs(self.f1.encoder)
+    def accs(self, enc, clean=None) -> dict:
+        "Probe accuracy (%) on A and on B; a recipient keeps the input normalisation it was trained with (f1's by default)."
+        from memssl_nb.evaluate import probe_accuracy
+        clean = self.f1.clean if clean is None else clean
+        return dict(A=100 * probe_accuracy(enc, self.D['A_train'], self.D['A_test'], clean), B=100 * probe_accuracy(enc, self.D['B_train'], self.D['B_test'], clean))
+    def swapped(self, ids) -> dict:
+        "Accuracies after replacing f1's conv ids `ids` (the paper's numbering) by f2's, scored once per set."
+        from memssl_nb.interventions import exchange_layers
+        ids = tuple(sorted(ids))
+        if ids not in self.scored: self.scored[ids] = self.accs(exchange_layers(self.f1.encoder, self.f2.encoder, paper_layers(ids), bn='all'))
+        return self.scored[ids]
+
+def three_layer_table(ex: LayerExchange) -> pd.DataFrame:
+    "Table 21: A and B accuracy after replacing each three-layer set, beside the paper's CIFAR-10 / STL-10 values."
+    rows = [dict(criterion='none', layers='-', A=ex.base['A'], B=ex.base['B'])] + [dict(criterion=k, layers=' '.join(map(str, v)), **ex.swapped(v)) for k, v in T21_SETS.items()]
+    return pd.DataFrame(rows).assign(paper_cifar10=[PAPER_T21[r['criterion']][0] for r in rows], paper_stl10=[PAPER_T21[r['criterion']][1] for r in rows])
+
+def three_layer_tests(T21: pd.DataFrame) -> dict:
+    "Tables 21/22: most-by-ΔLM gives the biggest drop on A and gain on B; most < random < least on A, the reverse on B."
+    sA, sB = T21.set_index('criterion').A, T21.set_index('criterion').B
+    most, least = ['most by ΔLM', 'most by LM'], ['least by LM', 'least by ΔLM']
+    return {'drop': dict(ours=sA.round(2).to_dict(), condition=sA['most by ΔLM'] == sA.drop('none').min(), paper_value={k: v[0] for k, v in PAPER_T21.items()},
+                         test='argmin of A accuracy over the 5 layer sets'),
+            'gain': dict(ours=sB.round(2).to_dict(), condition=sB['most by ΔLM'] == sB.drop('none').max(), paper_value={k: v[1] for k, v in PAPER_T21.items()},
+                         test='argmax of B accuracy over the 5 layer sets'),
+            'order_A': dict(ours=dict(most=sA[most].mean(), random=sA['random'], least=sA[least].mean()), condition=sA[most].mean() < sA['random'] < sA[least].mean(),
+                            paper_value=dict(most=37.8, random=43.2, least=54.5), test='ordering of mean A accuracy'),
+            'order_B': dict(ours=dict(most=sB[most].mean(), random=sB['random'], least=sB[least].mean()), condition=sB[most].mean() > sB['random'] > sB[least].mean(),
+                            paper_value=dict(most=31.1, random=25.9, least=23.9), test='ordering of mean B accuracy'),
+            'table22': dict(ours=dict(A=sA['most by ΔLM'], B=sB['most by ΔLM']), condition=sA['most by ΔLM'] == sA.drop('none').min() and sB['most by ΔLM'] == sB.drop('none').max(),
+                            paper_value=dict(A=36.59, B=32.33), test='argmin / argmax over the 5 sets')}
+
+def plot_three_layer(T21: pd.DataFrame):
+    "A and B accuracy for each replaced three-layer set."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3))
+    for a, col, t in [(ax[0], 'A', 'accuracy on A (recipient dataset)'), (ax[1], 'B', 'accuracy on B (donor dataset)')]:
+        a.bar(range(len(T21)), T21[col], color=['grey'] + ['tab:red'] * 2 + ['tab:grey'] + ['tab:blue'] * 2)
+        a.set_xticks(range(len(T21)), [f"{c_}\n{l}" for c_, l in zip(T21.criterion, T21.layers)], fontsize=6); a.set_title(t, fontsize=9)
+        a.set_ylim(max(0, T21[col].min() - 10), min(100, T21[col].max() + 5))
+    return fig
+
+def single_layer_tables(ex: LayerExchange) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "(Table 30: every single conv replaced, Table 23: the five criteria's single layers), beside the paper's values."
+    singles = pd.DataFrame([dict(layer=i, tap=t, **ex.swapped((i,))) for i, t in enumerate(RESNET9_CONVS, 1)])
+    singles['paper_cifar10'] = singles.layer.map(lambda i: PAPER_T30[i][0]); singles['paper_stl10'] = singles.layer.map(lambda i: PAPER_T30[i][1])
+    T23 = pd.DataFrame([dict(criterion=k, layer=v, A=singles.A[v - 1], B=singles.B[v - 1], paper_cifar10=PAPER_T23[k][0], paper_stl10=PAPER_T23[k][1])
+                        for k, v in T23_LAYERS.items()])
+    return singles, T23
+
+def single_layer_tests(singles: pd.DataFrame, T23: pd.DataFrame, base: dict) -> dict:
+    "Tables 23/30: layer 6 hurts A and helps B most; layers 2, 3 hurt A least; deeper layers hurt A and help B more."
+    from scipy.stats import spearmanr
+    t23 = T23.set_index('criterion')
+    rho_a, p_a = spearmanr(singles.layer, base['A'] - singles.A); rho_b, p_b = spearmanr(singles.layer, singles.B - base['B'])
+    return {'drop': dict(ours=t23.A.round(2).to_dict(), condition=t23.A.idxmin() == 'most by ΔLM', paper_value={k: v[0] for k, v in PAPER_T23.items()},
+                         test='argmin over the five single layers'),
+            'gain': dict(ours=t23.B.round(2).to_dict(), condition=t23.B.idxmax() == 'most by ΔLM', paper_value={k: v[1] for k, v in PAPER_T23.items()},
+                         test='argmax over the five single layers'),
+            'least_smallest': dict(ours=t23.A.round(2).to_dict(), condition=t23.loc[['least by ΔLM', 'least by LM'], 'A'].min() > t23.loc[['most by ΔLM', 'most by LM', 'random'], 'A'].max(),
+                                   paper_value=dict(least=(65.52, 64.21), others_max=62.98), test='min A over {2, 3} > max A over {6, 8, 5}'),
+            'deeper_drop': dict(ours=dict(spearman=rho_a, drop=(base['A'] - singles.A).round(2).tolist()), condition=rho_a > 0 and p_a < 0.1,
+                                paper_value=[6.30, 4.18, 4.90, 9.08, 6.63, 9.46, 8.60, 9.33], test='Spearman(layer id, A drop) > 0, p < 0.1', p_value=p_a),
+            'deeper_gain': dict(ours=dict(spearman=rho_b, gain=(singles.B - base['B']).round(2).tolist()), condition=rho_b > 0 and p_b < 0.1,
+                                paper_value=[-1.30, -1.08, -1.10, 0.35, -0.16, 1.83, 0.88, 1.62], test='Spearman(layer id, B gain) > 0, p < 0.1', p_value=p_b)}
+
+def plot_single_layer(singles: pd.DataFrame, base: dict):
+    "Drop on A and gain on B after replacing each single conv."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(singles.layer, base['A'] - singles.A, marker='o', label='drop on A'); ax.plot(singles.layer, singles.B - base['B'], marker='s', label='gain on B')
+    ax.axhline(0, color='k', lw=.5); ax.set_xlabel('replaced layer (paper id)'); ax.legend(fontsize=7); ax.set_title('single-layer replacement')
+    return fig
+
+def combination_table(ex: LayerExchange, r: int, best: tuple, grid: bool) -> pd.DataFrame:
+    "Tables 32/33: A and B accuracy for every `r`-layer combination (or, without `grid`, `best` and the first and last `r` layers)."
+    import itertools
+    combos = list(itertools.combinations(range(1, 9), r)) if grid else [best, tuple(range(1, r + 1)), tuple(range(9 - r, 9))]
+    return pd.DataFrame([dict(layers=' '.join(map(str, cmb)), **ex.swapped(cmb)) for cmb in combos])
+
+def combination_tests(G: pd.DataFrame, best: tuple, grid: bool) -> dict:
+    "Is `best` among the 25 % of combinations that hurt A most, and that help B most?"
+    if not grid:
+        why = 'grid=False at this scale (3 combinations only)'
+        return {'lowest_A': dict(ours=None, condition=None, why=why), 'highest_B': dict(ours=None, condition=None, why=why)}
+    b = G.set_index('layers').loc[' '.join(map(str, best))]
+    rank_a, rank_b = (G.A < b.A).sum() / len(G), (G.B > b.B).sum() / len(G)
+    return {'lowest_A': dict(ours=dict(A=b.A, frac_lower=rank_a, argmin=G.layers[G.A.idxmin()]), condition=rank_a <= 0.25,
+                             test='fewer than 25 % of combinations have lower A accuracy'),
+            'highest_B': dict(ours=dict(B=b.B, frac_higher=rank_b, argmax=G.layers[G.B.idxmax()]), condition=rank_b <= 0.25,
+                              test='fewer than 25 % of combinations have higher B accuracy')}
+
+def plot_combinations(G: pd.DataFrame, best: tuple):
+    "A against B accuracy of every combination, `best` in red."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.scatter(G.A, G.B, s=10); b = G.set_index('layers').loc[' '.join(map(str, best))]
+    ax.scatter([b.A], [b.B], color='red', label=' '.join(map(str, best))); ax.set_xlabel('accuracy on A'); ax.set_ylabel('accuracy on B'); ax.legend(fontsize=7)
+    ax.set_title(f'{len(G)} {len(best)}-layer replacements')
+    return fig
+
+def bn_similarity(ex: LayerExchange) -> pd.DataFrame:
+    "Table 25: cosine between the two encoders' BN affine parameters per conv, beside the paper's."
+    from memssl_nb.interventions import bn_affine_cosine
+    cos = bn_affine_cosine(ex.f1.encoder, ex.f2.encoder, RESNET9_CONVS)
+    return pd.DataFrame({'layer': range(1, 9), 'cosine': cos.values, 'paper_cosine': PAPER_T25})
+
+def finetune_table(ex: LayerExchange, epochs: int, seeds) -> pd.DataFrame:
+    "Table 5: accuracy on B after fine-tuning each layer set of f1 plus a new head (mean and std over `seeds`), beside the paper's."
+    from memssl_nb.interventions import finetune_classifier
+    rows = [dict(setting=k, seed=s, acc=100 * finetune_classifier(ex.f1.encoder, ex.D['B_train'], ex.D['B_test'], paper_layers(v), epochs=epochs, clean=ex.f1.clean, seed=s))
+            for k, v in T5_SETTINGS.items() for s in seeds]
+    return pd.DataFrame(rows).groupby('setting', sort=False).acc.agg(['mean', 'std']).assign(paper=pd.Series(PAPER_T5))
+
+def finetune_tests(T5: pd.DataFrame, n_seeds: int) -> dict:
+    "Table 5's statements: every layer choice beats the head only; layers 4, 6, 8 transfer best; layer 6 beats layer 8."
+    m5 = T5['mean']
+    return {'beats_head': dict(ours=m5.round(2).to_dict(), condition=bool((m5.drop('HEAD only') > m5['HEAD only']).all()), paper_value=PAPER_T5,
+                               test=f'mean accuracy over {n_seeds} seed(s)'),
+            'best_468': dict(ours=dict(best=m5.idxmax(), acc_468=m5['4,6,8 + HEAD'], best_acc=m5.max()), condition=m5.idxmax() == '4,6,8 + HEAD',
+                             paper_value='4,6,8 + HEAD: 57.9', test='argmax over the 7 settings (differences may be within noise)'),
+            'six_beats_eight': dict(ours=dict(l6=m5['6 + HEAD'], l8=m5['8 + HEAD']), condition=m5['6 + HEAD'] > m5['8 + HEAD'], paper_value=dict(l6=53.0, l8=52.7),
+                                    test='mean accuracy (paper difference 0.3 ± ~1: within noise there too)')}
+
+def plot_finetune(T5: pd.DataFrame):
+    "Accuracy on B per fine-tuned layer set."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3)); ax.bar(range(len(T5)), T5['mean'], yerr=T5['std'].fillna(0)); ax.set_xticks(range(len(T5)), T5.index, rotation=30, fontsize=7)
+    ax.set_ylim(max(0, T5['mean'].min() - 10), 100); ax.set_ylabel('accuracy on B (%)')
+    return fig
+
+def ssl_vs_sl(ex: LayerExchange, sl_epochs: int) -> pd.DataFrame:
+    "Table 20: probe accuracy on A and B of f1 (SSL) and of a supervised encoder trained on A with the same recipe."
+    sl = train_on(ex.D['A_train'], ex.cfg, seed=0, width=ex.preset.width, epochs=sl_epochs, objective='supervised')
+    T20 = pd.DataFrame({'SSL': ex.accs(ex.f1.encoder), 'SL': ex.accs(sl.encoder, sl.clean)}).T
+    T20['paper_own (CIFAR100)'] = [65.4, 66.1]; T20['paper_other (CIFAR10/STL10/SVHN mean)'] = [55.2, 53.8]
+    return T20

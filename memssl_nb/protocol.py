@@ -8,14 +8,14 @@ import dataclasses
 from dataclasses import dataclass, field
 import pandas as pd
 import torch
-from .core import make_generator, progress, Summarized
+from .core import make_generator, progress, Preset, Summarized
 from .data import ImageSet, MemSplit, load_dataset, make_split, inject_atypical, choose_atypical
 from .augment import Augment
 from .spec import TrainSpec
 from .train import TrainedEncoder, train_encoder
 
 # %% auto 0
-__all__ = ['PROTOCOL_SCALES', 'ProtocolConfig', 'protocol_config', 'ProtocolRun', 'protocol_data', 'run_protocol']
+__all__ = ['ProtocolConfig', 'protocol_config', 'ProtocolRun', 'protocol_data', 'run_protocol']
 
 # %% ../nbs/17_protocol.ipynb 4
 def _as_tuples(v):
@@ -23,7 +23,7 @@ def _as_tuples(v):
     return tuple(_as_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 @dataclass(frozen=True)
-class ProtocolConfig:
+class ProtocolConfig(Preset):
     "Everything that determines the data, the split and the f/g encoder pairs of a memorization experiment."
     dataset: str = 'digits'
     image_size: int = 16
@@ -56,8 +56,6 @@ class ProtocolConfig:
         for f in dataclasses.fields(self):
             if isinstance(getattr(self, f.name), list): object.__setattr__(self, f.name, _as_tuples(getattr(self, f.name)))
 
-    def replace(self, **changes) -> 'ProtocolConfig': return dataclasses.replace(self, **changes)
-
     def train_spec(self, indices, seed: int) -> TrainSpec:
         "The TrainSpec of one encoder of this protocol."
         return TrainSpec(dataset=self.dataset, image_size=self.image_size, indices=tuple(indices), arch=self.arch,
@@ -67,7 +65,7 @@ class ProtocolConfig:
                          optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
                          warmup_epochs=self.warmup_epochs, seed=seed, dp=dict(self.dp) or None)
 
-PROTOCOL_SCALES = {
+ProtocolConfig.SCALES = {
     'smoke': ProtocolConfig(pool_size=160, n_extra=32, width=0.25, epochs=2, batch_size=64, seeds=(0,)),
     'cpu':   ProtocolConfig(),
     'paper': ProtocolConfig(dataset='cifar10', image_size=32, pool_size=None, fractions=(0.8, 0.1, 0.1), n_extra=5000,
@@ -77,8 +75,7 @@ PROTOCOL_SCALES = {
 
 def protocol_config(scale: str = 'smoke', **changes) -> ProtocolConfig:
     "The preset of `scale` ('smoke', 'cpu', 'paper') with `changes` applied."
-    if scale not in PROTOCOL_SCALES: raise ValueError(f"unknown scale {scale!r}; available: {', '.join(PROTOCOL_SCALES)}")
-    return PROTOCOL_SCALES[scale].replace(**changes)
+    return ProtocolConfig.preset(scale, **changes)
 
 # %% ../nbs/17_protocol.ipynb 6
 @dataclass(repr=False)

@@ -4,10 +4,11 @@
 
 # %% ../nbs/18_sslmem_experiments.ipynb 2
 from __future__ import annotations
+from dataclasses import dataclass, field
 import math
 import numpy as np, pandas as pd
 import torch, torch.nn as nn, torch.nn.functional as F
-from .core import make_generator, seed_everything
+from .core import Preset, make_generator, seed_everything
 from .data import ImageSet, load_dataset, inject_atypical
 from .spec import TrainSpec
 from .train import TrainedEncoder, train_encoder
@@ -19,10 +20,13 @@ from .objectives import nt_xent
 from .objectives import masked_augment
 
 # %% auto 0
-__all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'ATYPICAL_SCALES', 'AUGMENT_STRENGTHS', 'framework_config', 'atypical_config',
-           'scoring_augment', 'score_run', 'by_set', 'frac_mem', 'atypical_ranking', 'downstream_sets',
-           'downstream_accuracy', 'removal_sets', 'removal_experiment', 'summarize_run', 'protocol_sweep',
-           'dp_variants', 'toy_1d_sslmem']
+__all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'ATYPICAL_SCALES', 'AUGMENT_STRENGTHS', 'FrameworkConfig', 'framework_config',
+           'atypical_config', 'scoring_augment', 'score_run', 'by_set', 'frac_mem', 'atypical_ranking',
+           'downstream_sets', 'downstream_accuracy', 'removal_sets', 'removal_experiment', 'summarize_run',
+           'protocol_sweep', 'dp_variants', 'toy_1d_sslmem', 'SSLMemF1Config', 'SSLMemF10Config', 'SSLMemRemovalConfig',
+           'SSLMemSetsConfig', 'SSLMemSweepsConfig', 'toy_1d_table', 'plot_toy_1d', 'removal_table', 'plot_removal',
+           'paired_removal', 'removal_tests', 'intervention_sweeps', 'extreme_test', 'monotone', 'sweep_tests',
+           'dp_tests', 'sweep_panel', 'plot_sweeps']
 
 # %% ../nbs/18_sslmem_experiments.ipynb 5
 SSLMEM_PAPER_SETUP = {
@@ -41,23 +45,35 @@ SSLMEM_PAPER_SETUP = {
 
 FRAMEWORKS = ('simclr', 'simsiam', 'vicreg', 'dino', 'mae')
 
+@dataclass(frozen=True)
+class FrameworkConfig(Preset):
+    "What the frameworks other than SimCLR change in a protocol, per scale (paper: the official code's settings)."
+    mae_arch: str = 'vit_micro'
+    mae_patch: int = 4
+    mae_in_channels: int = 1
+    mae_lr: float = 1e-3
+    mae_patch_size_kw: bool = False          # pass the patch size to the encoder (the paper-scale ViT-Tiny)
+    dino_prototypes: int = 256
+    dino_lr_per_256: float | None = None     # DINO's lr per 256 images of batch (None: the protocol's lr)
+    vicreg_expander_dim: int = 256
+FrameworkConfig.SCALES = {'smoke': FrameworkConfig(), 'cpu': FrameworkConfig(),
+                          'paper': FrameworkConfig(mae_arch='vit_tiny', mae_patch=2, mae_in_channels=3, mae_lr=1.2e-3, mae_patch_size_kw=True,
+                                                   dino_prototypes=65536, dino_lr_per_256=5e-4, vicreg_expander_dim=8192)}
+
 def framework_config(base: ProtocolConfig, framework: str, scale: str = 'cpu') -> ProtocolConfig:
-    "`base` with the objective, architecture and optimiser of `framework` (MAE runs on a ViT, as in the paper)."
+    "`base` with the objective, architecture and optimiser of `framework` at `scale` (MAE runs on a ViT, as in the paper)."
     if framework not in FRAMEWORKS: raise ValueError(f"unknown framework {framework!r}; choose one of {FRAMEWORKS}")
     if framework == 'simclr': return base
-    paper = scale == 'paper'
+    s = FrameworkConfig.preset(scale)
     if framework == 'mae':
-        patch = 2 if paper else 4
-        return base.replace(objective='mae', arch='vit_tiny' if paper else 'vit_micro', width=1.0, optimizer='adamw',
-                            lr=1.2e-3 if paper else 1e-3, weight_decay=0.05, objective_kw=(('image_size', base.image_size),
-                            ('in_channels', 3 if paper else 1), ('patch', patch), ('ratio', 0.75)),
-                            encoder_kw=(('patch_size', patch),) if paper else ())
+        return base.replace(objective='mae', arch=s.mae_arch, width=1.0, optimizer='adamw', lr=s.mae_lr, weight_decay=0.05,
+                            objective_kw=(('image_size', base.image_size), ('in_channels', s.mae_in_channels), ('patch', s.mae_patch), ('ratio', 0.75)),
+                            encoder_kw=(('patch_size', s.mae_patch),) if s.mae_patch_size_kw else ())
     if framework == 'dino':
-        kw = (('n_prototypes', 65536 if paper else 256),)
-        return base.replace(objective='dino', objective_kw=kw, optimizer='adamw', weight_decay=0.04,
-                            lr=base.lr if not paper else 5e-4 * base.batch_size / 256)
+        return base.replace(objective='dino', objective_kw=(('n_prototypes', s.dino_prototypes),), optimizer='adamw', weight_decay=0.04,
+                            lr=base.lr if s.dino_lr_per_256 is None else s.dino_lr_per_256 * base.batch_size / 256)
     if framework == 'vicreg':
-        return base.replace(objective='vicreg', objective_kw=(('expander_dim', 8192 if paper else 256),))
+        return base.replace(objective='vicreg', objective_kw=(('expander_dim', s.vicreg_expander_dim),))
     return base.replace(objective='simsiam')
 
 ATYPICAL_SCALES = {
@@ -231,3 +247,213 @@ def toy_1d_sslmem(outlier: float = 0.0, centers=(-2.0, 2.0), spread: float = 0.1
     pf, pg = align(f, pts), align(g, pts)
     return dict(grid=grid, rep_f=rf, rep_g=rg, align_f=lf, align_g=lg, score=lg - lf, inliers=inliers, outlier=outlier,
                 point_score=(pg - pf), point_is_outlier=torch.arange(len(pts)) == len(pts) - 1)
+
+# %% ../nbs/18_sslmem_experiments.ipynb 22
+@dataclass(frozen=True)
+class SSLMemF1Config(Preset):
+    "Settings of `nbs/paper/sslmem_f1.ipynb` (SSLMem-F1, SSLMem-T1, SSLMem-DV); the defaults are the smoke scale."
+    config_changes: dict = field(default_factory=lambda: {})   # changes to atypical_config(scale)
+    frameworks: list = field(default_factory=lambda: ['simclr', 'simsiam', 'vicreg', 'dino', 'mae'])
+    framework_seeds: list = field(default_factory=lambda: [0])   # seeds of the non-SimCLR rows (SimCLR uses all seeds of the config)
+    n_pairs: int = 4
+    n_show: int = 8
+SSLMemF1Config.SCALES = {
+    'smoke': SSLMemF1Config(),
+    'cpu': SSLMemF1Config(config_changes={}, frameworks=['simclr', 'simsiam', 'vicreg', 'dino', 'mae'], framework_seeds=[0, 1, 2], n_pairs=20, n_show=8),
+    'paper': SSLMemF1Config(config_changes={}, frameworks=['simclr', 'simsiam', 'vicreg', 'dino', 'mae'], framework_seeds=[0, 1, 2], n_pairs=10, n_show=8),
+}
+
+@dataclass(frozen=True)
+class SSLMemF10Config(Preset):
+    "Settings of `nbs/paper/sslmem_f10.ipynb` (SSLMem-F10); the defaults are the smoke scale."
+    steps: int = 100
+    seeds: list = field(default_factory=lambda: [0])
+    outlier: float = 0.0
+SSLMemF10Config.SCALES = {
+    'smoke': SSLMemF10Config(),
+    'cpu': SSLMemF10Config(steps=400, seeds=[0, 1, 2]),
+    'paper': SSLMemF10Config(steps=400, seeds=[0, 1, 2]),
+}
+
+@dataclass(frozen=True)
+class SSLMemRemovalConfig(Preset):
+    "Settings of `nbs/paper/sslmem_removal.ipynb` (SSLMem-F3, SSLMem-T3, SSLMem-SEG); the defaults are the smoke scale."
+    rank_changes: dict = field(default_factory=lambda: {})   # changes to atypical_config(scale) for the ranking encoders
+    retrain_changes: dict = field(default_factory=lambda: {'epochs': 1})   # changes to protocol_config(scale) for the retrained encoders
+    fractions: list = field(default_factory=lambda: [0.5])
+    seeds: list = field(default_factory=lambda: [0])
+    n_pairs: int = 4
+SSLMemRemovalConfig.SCALES = {
+    'smoke': SSLMemRemovalConfig(),
+    'cpu': SSLMemRemovalConfig(rank_changes={}, retrain_changes={'width': 0.25, 'epochs': 150}, fractions=[0.25, 0.5], seeds=[0, 1], n_pairs=20),
+    'paper': SSLMemRemovalConfig(rank_changes={}, retrain_changes={'epochs': 200}, fractions=[0.05, 0.1, 0.2, 0.4], seeds=[0, 1, 2], n_pairs=10),
+}
+
+@dataclass(frozen=True)
+class SSLMemSetsConfig(Preset):
+    "Settings of `nbs/paper/sslmem_sets.ipynb` (SSLMem-SETS, SSLMem-SUP); the defaults are the smoke scale."
+    config_changes: dict = field(default_factory=lambda: {})   # changes to protocol_config(scale)
+    sup_changes: dict = field(default_factory=lambda: {'objective': 'supervised', 'augment': 'none', 'epochs': 2, 'atypical_kind': 'mislabel', 'atypical_fraction': 0.1})
+    n_pairs: int = 4
+    alpha: float = 0.01
+SSLMemSetsConfig.SCALES = {
+    'smoke': SSLMemSetsConfig(),
+    'cpu': SSLMemSetsConfig(config_changes={}, sup_changes={'objective': 'supervised', 'augment': 'none', 'epochs': 40, 'atypical_kind': 'mislabel', 'atypical_fraction': 0.1}, n_pairs=20),
+    'paper': SSLMemSetsConfig(config_changes={}, sup_changes={'objective': 'supervised', 'augment': 'sl_weak', 'epochs': 200, 'atypical_kind': 'mislabel', 'atypical_fraction': 0.1}, n_pairs=10),
+}
+
+@dataclass(frozen=True)
+class SSLMemSweepsConfig(Preset):
+    "Settings of `nbs/paper/sslmem_sweeps.ipynb` (SSLMem-EQ3, SSLMem-DYN, SSLMem-DP); the defaults are the smoke scale."
+    config_changes: dict = field(default_factory=lambda: {'seeds': (0,)})   # changes to atypical_config(scale)
+    lambdas: list = field(default_factory=lambda: [0.0, 1.0])
+    epoch_grid: list = field(default_factory=lambda: [1, 2])
+    strengths: list = field(default_factory=lambda: ['weak', 'normal', 'strong'])
+    strength_presets: dict = field(default_factory=lambda: {})   # strength -> augmentation preset
+    n_pairs: int = 4
+    alpha: float = 0.05
+    dp_epsilons: list = field(default_factory=lambda: [None, 20, 8])   # None = infinity (non-private)
+    dp_changes: dict = field(default_factory=lambda: {'objective': 'mae', 'epochs': 2})   # changes to the base protocol for the DP sweep
+    dp_norm: str | None = 'group'   # ResNet normalisation for DP (None for ViTs)
+SSLMemSweepsConfig.SCALES = {
+    'smoke': SSLMemSweepsConfig(),
+    'cpu': SSLMemSweepsConfig(config_changes={'seeds': [0]}, lambdas=[0.0, 1.0, 4.0], epoch_grid=[50, 100, 200], strengths=['weak', 'normal', 'strong'], n_pairs=20, dp_changes={'objective': 'mae', 'epochs': 60}),
+    'paper': SSLMemSweepsConfig(config_changes={'seeds': [0]}, lambdas=[0.0, 0.1, 0.4], epoch_grid=[100, 300, 600], strengths=['weak', 'normal', 'strong'], n_pairs=10, dp_changes={'objective': 'mae', 'arch': 'vit_tiny', 'width': 1.0, 'objective_kw': [['image_size', 32], ['in_channels', 3], ['patch', 4]]}, dp_norm=None, strength_presets={'weak': 'ssl_weak', 'normal': 'ssl_normal', 'strong': 'ssl_strong'}),
+}
+
+# %% ../nbs/18_sslmem_experiments.ipynb 25
+def toy_1d_table(toys: list, seeds) -> pd.DataFrame:
+    "Per seed of the 1-D toy: the outlier's score and the inliers' mean, max and mean absolute score."
+    return pd.DataFrame([dict(seed=s, outlier_score=float(r['point_score'][r['point_is_outlier']][0]),
+                              inlier_mean=float(r['point_score'][~r['point_is_outlier']].mean()),
+                              inlier_max=float(r['point_score'][~r['point_is_outlier']].max()),
+                              inlier_abs_mean=float(r['point_score'][~r['point_is_outlier']].abs().mean())) for s, r in zip(seeds, toys)])
+
+def plot_toy_1d(t: dict, outlier: float, title: str):
+    "Representation angle, alignment loss and SSLMem along the input line of one 1-D toy run."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    ang = lambda r: np.unwrap(np.arctan2(r[:, 1].numpy(), r[:, 0].numpy()))
+    axes[0].plot(t['grid'], ang(t['rep_f']), label='f (trained with the outlier)'); axes[0].plot(t['grid'], ang(t['rep_g']), '--', label='g (without)')
+    axes[0].set_ylabel('representation angle (rad)'); axes[0].set_title('representations')
+    axes[1].plot(t['grid'], t['align_f'], label='L_align(f)'); axes[1].plot(t['grid'], t['align_g'], '--', label='L_align(g)'); axes[1].set_title('alignment loss')
+    axes[2].plot(t['grid'], t['score'], color='crimson'); axes[2].axhline(0, color='grey', lw=.6); axes[2].set_title('SSLMem = L_g − L_f')
+    for ax in axes:
+        ax.axvline(outlier, color='crimson', ls=':', lw=1); ax.plot(t['inliers'], np.full(len(t['inliers']), ax.get_ylim()[0]), '|', color='k', alpha=.4)
+        ax.set_xlabel('input x')
+    axes[0].legend(fontsize=7); axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+def removal_table(res: pd.DataFrame) -> pd.DataFrame:
+    "Mean and std of each downstream accuracy per (strategy, fraction) of the removal experiment."
+    acc_cols = [c for c in res.columns if c.startswith('acc_')]
+    return res.groupby(['strategy', 'fraction'])[acc_cols].agg(['mean', 'std']).round(4)
+
+def plot_removal(res: pd.DataFrame, title: str):
+    "Accuracy against the fraction removed, per strategy and downstream set."
+    import matplotlib.pyplot as plt
+    acc_cols = [c for c in res.columns if c.startswith('acc_')]
+    fig, axes = plt.subplots(1, len(acc_cols), figsize=(5 * len(acc_cols), 3.5), squeeze=False)
+    base = res[res.strategy == 'none']
+    for ax, col in zip(axes[0], acc_cols):
+        for strat, color in (('top', 'crimson'), ('random', 'grey'), ('bottom', 'tab:blue')):
+            d = pd.concat([base.assign(strategy=strat), res[res.strategy == strat]]).groupby('fraction')[col]
+            m, s = d.mean(), d.std().fillna(0)
+            ax.errorbar(m.index * 100, m.values, yerr=s.values, marker='o', capsize=3, color=color, label=f'remove {strat}')
+        ax.set_xlabel('% of pool removed'); ax.set_ylabel('linear-probe accuracy'); ax.set_title(col[4:]); ax.legend(fontsize=8)
+    fig.suptitle(title); fig.tight_layout()
+    return fig
+
+def paired_removal(res: pd.DataFrame, col: str, a: str, b: str) -> tuple[np.ndarray, float]:
+    "Differences acc(a) − acc(b) over (fraction, seed) pairs and a one-sided paired t-test (a < b)."
+    from scipy import stats
+    x = res[res.strategy == a].set_index(['fraction', 'seed'])[col]; y = res[res.strategy == b].set_index(['fraction', 'seed'])[col]
+    d = (x - y.loc[x.index]).to_numpy()
+    p = stats.ttest_1samp(d, 0, alternative='less').pvalue if len(d) > 1 and d.std() > 0 else float('nan')
+    return d, p
+
+def removal_tests(res: pd.DataFrame, col: str) -> dict:
+    "Does removing the top points cost more than random removal, and random more than the bottom points (accuracy `col`)?"
+    d, p = paired_removal(res, col, 'top', 'random')
+    d2, p2 = paired_removal(res, col, 'random', 'bottom')
+    why = (f"mean difference {d.mean():+.4f} ({'the paper' if d.mean() < 0 else 'the opposite'} direction), p = {p:.2g} over {len(d)} "
+           "(fraction, seed) pairs") if np.isfinite(p) else 'fewer than 2 (fraction, seed) pairs: no test possible'
+    return {'top_vs_random': dict(ours=dict(mean_diff=float(d.mean()), n_pairs=len(d)), condition=(d.mean() < 0 and p < 0.05) if np.isfinite(p) else None,
+                                  test='paired t-test one-sided over (fraction, seed), alpha 0.05', p_value=p, why=why),
+            'random_vs_bottom': dict(ours=dict(mean_diff=float(d2.mean())), condition=bool(d2.mean() <= 1e-9),
+                                     test='mean paired difference (directional, ties count as holding)', p_value=p2)}
+
+# %% ../nbs/18_sslmem_experiments.ipynb 28
+def intervention_sweeps(base: ProtocolConfig, preset, downstream) -> dict:
+    "{'eq3' | 'epochs' | 'augmentation': (per-variant table, per-variant score tables)} for Eq. (3)'s λ, training length and augmentation strength."
+    lam = lambda l: {} if l == 0 else dict(objective='align_limit', objective_kw=(('base', base.objective), ('lam', float(l))))
+    strength = lambda s: dict(augment=preset.strength_presets[s]) if preset.strength_presets else dict(augment_kw=AUGMENT_STRENGTHS[s])
+    out = {}
+    for name, variants in (('eq3', {l: lam(l) for l in preset.lambdas}), ('epochs', {e: dict(epochs=e) for e in preset.epoch_grid}),
+                           ('augmentation', {s: strength(s) for s in preset.strengths})):
+        t, tabs = protocol_sweep(base, variants, n_pairs=preset.n_pairs, downstream=downstream)
+        out[name] = (t.rename(columns={'variant': 'lambda' if name == 'eq3' else name}), tabs)
+    return out
+
+def extreme_test(tabs: dict, first, last, alternative: str) -> float:
+    "One-sided Welch t-test p on the per-point S_C scores of two variants."
+    from scipy import stats
+    a = tabs[first].score[tabs[first].set == 'S_C'].to_numpy(); b = tabs[last].score[tabs[last].set == 'S_C'].to_numpy()
+    return stats.ttest_ind(a, b, equal_var=False, alternative=alternative).pvalue
+
+def monotone(v, decreasing: bool = True) -> bool:
+    "Is the sequence strictly decreasing (or increasing)?"
+    d = np.diff(np.asarray(v, float)); return bool((d < 0).all() if decreasing else (d > 0).all())
+
+def sweep_tests(sweeps: dict, preset, acc: str) -> dict:
+    "SSLMem-EQ3's and SSLMem-DYN's statements: memorization falls with λ and augmentation strength, rises with epochs; accuracy falls with λ; S_I < 0."
+    (eq3, eq3_tabs), (ep, ep_tabs), (au, au_tabs) = sweeps['eq3'], sweeps['epochs'], sweeps['augmentation']
+    a = preset.alpha
+    p_l = extreme_test(eq3_tabs, preset.lambdas[0], preset.lambdas[-1], 'greater')
+    p_e = extreme_test(ep_tabs, preset.epoch_grid[-1], preset.epoch_grid[0], 'greater')
+    p_s = extreme_test(au_tabs, preset.strengths[0], preset.strengths[-1], 'greater')
+    return {'lambda_mem': dict(ours=dict(zip(map(str, eq3['lambda']), eq3.avg_mem.round(4))), condition=monotone(eq3.avg_mem) and p_l < a, p_value=p_l,
+                               test=f'monotone trend + Welch t-test one-sided on S_C scores (λ min > λ max), alpha {a}'),
+            'lambda_acc': dict(ours=dict(zip(map(str, eq3['lambda']), eq3[acc].round(4))), condition=monotone(eq3[acc]), test='monotone trend of linear-probe accuracy (1 seed)'),
+            'epochs': dict(ours=dict(zip(map(str, ep.epochs), ep.avg_mem.round(4))), condition=monotone(ep.avg_mem, decreasing=False) and p_e < a, p_value=p_e,
+                           test=f'monotone trend + Welch t-test one-sided on S_C scores, alpha {a}'),
+            'strength': dict(ours=dict(zip(au.augmentation, au.avg_mem.round(4))), condition=monotone(au.avg_mem) and p_s < a, p_value=p_s,
+                             test=f'monotone trend + Welch t-test one-sided on S_C scores, alpha {a}'),
+            'reverse': dict(ours=dict(zip(map(str, ep.epochs), ep.mean_S_I.round(4))) | dict(zip(au.augmentation, au.mean_S_I.round(4))),
+                            condition=bool((ep.mean_S_I < 0).all() and (au.mean_S_I < 0).all()), test='sign of mean S_I score')}
+
+def dp_tests(dp: pd.DataFrame, dp_tabs: dict, alpha: float, acc: str) -> dict:
+    "SSLMem-DP's statements: smaller ε lowers memorization (if the non-private baseline memorizes at all) and accuracy; S_I ≤ 0."
+    from scipy import stats
+    names = list(dp.target_epsilon)
+    t0 = dp_tabs[names[0]]   # the non-private baseline must show memorization before privacy can lower it
+    p0 = stats.ttest_ind(t0.score[t0.set == 'S_C'], t0.score[t0.set == 'S_E'], equal_var=False, alternative='greater').pvalue
+    p = extreme_test(dp_tabs, names[0], names[-1], 'greater')
+    ours = dict(zip(names, dp.avg_mem.round(4))) | {'epsilon_reached': dict(zip(names, dp.epsilon.round(2)))}
+    mem = (dict(ours=ours, condition=monotone(dp.avg_mem) and p < alpha, p_value=p,
+                test=f'monotone trend + Welch t-test one-sided on S_C scores (ε = {names[0]} > ε = {names[-1]}), alpha {alpha}') if p0 < alpha else
+           dict(ours=ours, condition=None, why=f'the non-private baseline (ε = ∞) shows no memorization to lower: mean S_C {t0.score[t0.set == "S_C"].mean():.4f} '
+                                               f'vs S_E {t0.score[t0.set == "S_E"].mean():.4f}, Welch one-sided p = {p0:.2g} (measured: {ours})'))
+    return {'memorization': mem,
+            'accuracy': dict(ours=dict(zip(names, dp[acc].round(4))), condition=monotone(dp[acc]), test='monotone trend of linear-probe accuracy of f'),
+            'reverse': dict(ours=dict(zip(names, dp.mean_S_I.round(4))), condition=bool((dp.mean_S_I <= 0).all()), test='sign of mean S_I score')}
+
+def sweep_panel(ax, x, t: pd.DataFrame, xlabel: str, title: str, acc: str):
+    "Avg. Mem. of S_C, of the injected atypical points and mean S_I over the variants, with the probe accuracy on a second axis."
+    ax.plot(x, t.avg_mem, 'o-', label='Avg. Mem. S_C'); ax.plot(x, t.avg_mem_atypical, 's--', label='injected atypical')
+    ax.plot(x, t.mean_S_I, 'v:', label='S_I'); ax.axhline(0, color='grey', lw=.6)
+    ax.set_xlabel(xlabel); ax.set_ylabel('SSLMem′'); ax.set_title(title, fontsize=9)
+    ax2 = ax.twinx(); ax2.plot(x, t[acc], 'k^-', alpha=.6, label='probe acc'); ax2.set_ylabel('probe accuracy')
+    ax.legend(fontsize=7, loc='upper left'); ax2.legend(fontsize=7, loc='lower right')
+
+def plot_sweeps(sweeps: dict, acc: str, scale: str):
+    "(Eq. (3)'s figure, the training-length and augmentation-strength figure)."
+    import matplotlib.pyplot as plt
+    eq3, ep, au = sweeps['eq3'][0], sweeps['epochs'][0], sweeps['augmentation'][0]
+    f1, ax = plt.subplots(figsize=(5.5, 3.6))
+    sweep_panel(ax, [str(l) for l in eq3['lambda']], eq3, 'λ (Eq. 3)', f'SSLMem-EQ3 ({scale}): alignment-limiting regulariser', acc)
+    f2, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    sweep_panel(axes[0], ep.epochs, ep, 'training epochs', 'training length', acc); sweep_panel(axes[1], au.augmentation, au, 'augmentation', 'augmentation strength', acc)
+    f2.suptitle(f'SSLMem-DYN ({scale})'); f2.tight_layout()
+    return f1, f2

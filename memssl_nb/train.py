@@ -24,7 +24,7 @@ from .checkpoint import CheckpointError, save_checkpoint, read_checkpoint, apply
 from .privacy import check_dp_model, dp_gradients, dp_noise_multiplier, dp_epsilon
 
 # %% auto 0
-__all__ = ['LossModel', 'TrainedEncoder', 'train_encoder', 'cached_encoders', 'main']
+__all__ = ['LossModel', 'TrainedEncoder', 'encoder_folder', 'train_encoder', 'cached_encoders', 'main']
 
 # %% ../nbs/05d_train.ipynb 7
 class LossModel(nn.Module):
@@ -150,6 +150,10 @@ def _train(spec, key, encoder, objective, data, augment, device, ckpt=None, resu
     if enc is not encoder: encoder.load_state_dict(enc.state_dict()); objective.load_state_dict(obj.state_dict())
     return history
 
+def encoder_folder(key: str, cache_dir: Path | None = None) -> Path:
+    "Where the cache keeps encoder `key`: `final.safetensors` when finished, `checkpoint.safetensors` while training."
+    return Path(cache_dir or CACHE_DIR) / 'encoders' / key
+
 def train_encoder(spec: TrainSpec, data: ImageSet | None = None, device=None, cache: bool = True,
                   cache_dir: Path | None = None, progress_bar: bool = True, on_epoch_end=None,
                   compile: bool | dict = False, channels_last: bool | None = None,
@@ -175,7 +179,7 @@ def train_encoder(spec: TrainSpec, data: ImageSet | None = None, device=None, ca
     encoder.to(device); objective.to(device)
     opts = dict(progress_bar=progress_bar, on_epoch_end=on_epoch_end, rank=rank, world=world, compile=compile,
                 channels_last=channels_last, sync_bn=sync_bn)
-    folder = Path(cache_dir or CACHE_DIR) / 'encoders' / key if cache else None
+    folder = encoder_folder(key, cache_dir) if cache else None
     if folder is None:
         history = _train(spec, key, encoder, objective, train_data, augment, device, **opts)
         return TrainedEncoder(encoder.eval(), objective.eval(), spec, history, key, None, augment, clean)

@@ -18,3 +18,13 @@ def test_parameters_exist_in_the_notebook(artifact_id):
     assert nb.exists(), nb
     assert {'scale', 'out_dir'} <= set(notebook_parameters(nb))      # what the runner injects
     for scale in SCALES: check_parameters(a, scale, PAPER_NB_ROOT)
+
+
+@pytest.mark.parametrize('artifact_id', sorted(REGISTRY))
+def test_notebook_names_its_kernel_and_takes_scale_and_overrides(artifact_id):
+    "papermill refuses a notebook without a kernelspec ('No language found'); every setting arrives as `overrides`."
+    import json
+    nb = json.loads((PAPER_NB_ROOT / REGISTRY[artifact_id].notebook).read_text())
+    assert nb['metadata'].get('kernelspec', {}).get('language') == 'python'
+    assert notebook_parameters(PAPER_NB_ROOT / REGISTRY[artifact_id].notebook) == ['scale', 'out_dir', 'overrides']
+    assert all(set(p) <= {'overrides'} for p in REGISTRY[artifact_id].params.values())
