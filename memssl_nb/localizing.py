@@ -23,9 +23,10 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'RESNET9_BREAKDOWN', 'PRUNING_SETTINGS', 'PAPER_T6', 'PAPER_T1', 'PAPER_T18', 'PAPER_T3', 'PAPER_T28',
            'T15_ARTIFACT', 'PAPER_T15_STEM', 'PAPER_T15_CONVS', 'PAPER_T15_TAIL', 'PAPER_T24', 'PAPER_T24_SETS',
            'PAPER_T11', 'PAPER_T12', 'PAPER_T34_AVG_ALL', 'PAPER_T21', 'T21_SETS', 'PAPER_T30', 'T23_LAYERS',
-           'PAPER_T23', 'PAPER_T25', 'T5_SETTINGS', 'PAPER_T5', 'paper_layers', 'paper_block_name',
-           'block_of_paper_name', 'loc_hyperparameters', 'resnet9_architecture', 'EncoderWithHead', 'second_dataset',
-           'train_on', 'welch_greater', 'depth_trend', 'paired_greater', 'top_mean', 'loc_protocol', 'candidate_sslmem',
+           'PAPER_T23', 'PAPER_T25', 'T5_SETTINGS', 'PAPER_T5', 'PAPER_T13', 'PAPER_T14A', 'AUGMENT_VARIANTS',
+           'TRAINING_VARIANTS', 'PAPER_T27', 'paper_layers', 'paper_block_name', 'block_of_paper_name',
+           'loc_hyperparameters', 'resnet9_architecture', 'EncoderWithHead', 'second_dataset', 'train_on',
+           'welch_greater', 'depth_trend', 'paired_greater', 'top_mean', 'loc_protocol', 'candidate_sslmem',
            'LocF1Config', 'LocF2Config', 'LocF4Config', 'LocT1Config', 'LocT11Config', 'LocT13Config', 'LocT15Config',
            'LocT2Config', 'LocT21Config', 'LocT27Config', 'LocT6Config', 'pruning_experiment', 'pruning_table',
            'pruning_order_test', 'plot_pruning', 'unitmem_during_training', 'training_curve_tests',
@@ -41,7 +42,12 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'composition_table', 'composition_test', 'plot_composition', 'concept_table', 'concept_tests',
            'LayerExchange', 'three_layer_table', 'three_layer_tests', 'plot_three_layer', 'single_layer_tables',
            'single_layer_tests', 'plot_single_layer', 'combination_table', 'combination_tests', 'plot_combinations',
-           'bn_similarity', 'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl']
+           'bn_similarity', 'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion',
+           'insertion_tests', 'insertion_variant_tests', 'plot_insertion', 'ssl_and_supervised', 'unit_class_table',
+           'unit_class_tests', 'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
+           'measuring_augmentation_tests', 'training_variants', 'augmentation_strength_tests', 'weight_decay_table',
+           'weight_decay_tests', 'framework_comparison', 'plot_training_variants', 'dataset_unitmem', 'unit_summary',
+           'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -1214,3 +1220,305 @@ def ssl_vs_sl(ex: LayerExchange, sl_epochs: int) -> pd.DataFrame:
     T20 = pd.DataFrame({'SSL': ex.accs(ex.f1.encoder), 'SL': ex.accs(sl.encoder, sl.clean)}).T
     T20['paper_own (CIFAR100)'] = [65.4, 66.1]; T20['paper_other (CIFAR10/STL10/SVHN mean)'] = [55.2, 53.8]
     return T20
+
+# %% ../nbs/19_localizing.ipynb 46
+PAPER_T13 = dict(top=[0.754, 0.761, 0.792, 0.814, 0.824, 0.826], dead=[0, 0, 0, 0.0008, 0.0021, 0.0109])
+PAPER_T14A = [0.754, 0.766, 0.809, 0.819, 0.826, 0.828]
+
+class UnitInsertion:
+    "A SimSiam encoder of the protocol, its reference points and held-out points, and the two target units of `preset.layer`."
+    def __init__(self, scale: str, preset):
+        from memssl_nb.core import make_generator
+        from memssl_nb.unitmem import unitmem
+        self.preset, self.run = preset, loc_protocol(scale, preset.protocol_changes)
+        cfg, split = self.run.config, self.run.split
+        self.ss = train_encoder(cfg.train_spec(split.f_indices.tolist(), cfg.seeds[0]).replace(objective='simsiam', width=preset.width, epochs=preset.ssl_epochs),
+                                self.run.data, progress_bar=False)
+        self.aug, self.obj = self.ss.augment, self.ss.objective.eval()
+        self.ref = split.f_indices[torch.randperm(len(split.f_indices), generator=make_generator(0))[:preset.n_ref]]
+        self.held = split.extra
+        u0 = unitmem(self.ss.encoder, self.run.data.images[torch.cat([self.ref, self.held[:1]])], self.aug, layers=[preset.layer], n_views=preset.n_views, progress=False)
+        self.hi = int(u0.score[preset.layer].argmax())
+        dead = torch.nonzero(u0.mu_max[preset.layer] == 0).flatten()
+        self.dead = len(dead) > 0
+        self.lo = int(dead[0]) if self.dead else int(u0.score[preset.layer].argmin())
+
+    def insert(self, points: torch.Tensor, per_batch: int, seed: int = 0) -> pd.DataFrame:
+        "Fine-tune units hi and lo of a copy of the encoder on `points` (`per_batch` draws per batch); UnitMem of both at each checkpoint."
+        import copy
+        from memssl_nb.core import make_generator, to_float01
+        from memssl_nb.unitmem import unitmem
+        from memssl_nb.interventions import finetune
+        p, layer = self.preset, self.preset.layer
+        enc = copy.deepcopy(self.ss.encoder)
+        w0 = enc.get_submodule(layer).conv.weight.detach().clone()
+        D = self.run.data.images[torch.cat([self.ref, points])]
+        target = len(self.ref) + torch.arange(len(points))          # positions of the inserted points in D'
+        g = make_generator(seed)
+        x_pts = to_float01(self.run.data.images[points])
+        def batches(n):
+            for _ in range(n):
+                idx = torch.randint(len(points), (per_batch,), generator=g) if len(points) > 1 else torch.zeros(per_batch, dtype=torch.long)
+                yield x_pts[idx]
+        loss_fn = lambda model, x: self.obj(model, [self.aug(x, g), self.aug(x, g)])
+        rows, done = [], 0
+        for s in p.steps:
+            if s > done: finetune(enc, loss_fn, batches(s - done), units={layer: [self.hi, self.lo]}, lr=p.lr); done = s
+            u = unitmem(enc, D, self.aug, layers=[layer], n_views=p.n_views, progress=False)
+            rows.append(dict(step=s, unitmem_top_unit=u.score[layer][self.hi].item(), unitmem_dead_unit=u.score[layer][self.lo].item(),
+                             top_unit_owner_is_inserted=bool(torch.isin(u.owner[layer][self.hi], target)),
+                             other_rows_max_change=(enc.get_submodule(layer).conv.weight.detach() - w0)[[i for i in range(len(w0)) if i not in (self.hi, self.lo)]].abs().max().item()))
+        return pd.DataFrame(rows)
+
+def insertion_tests(T13: pd.DataFrame) -> dict:
+    "Table 13's statements: the unit's UnitMem rises monotonically, the dead unit rises, other units unchanged, the point becomes the owner."
+    up = np.diff(T13.unitmem_top_unit.values)
+    return {'rises': dict(ours=T13.unitmem_top_unit.round(4).tolist(), condition=bool((up >= -1e-4).all() and T13.unitmem_top_unit.iloc[-1] > T13.unitmem_top_unit.iloc[0]),
+                          paper_value=PAPER_T13['top'], test='non-decreasing over checkpoints (tolerance 1e-4) and final > initial'),
+            'dead_rises': dict(ours=T13.unitmem_dead_unit.round(4).tolist(), condition=T13.unitmem_dead_unit.iloc[-1] > T13.unitmem_dead_unit.iloc[0],
+                               paper_value=PAPER_T13['dead'], test='final > initial'),
+            'others_unchanged': dict(ours=dict(max_abs_change=T13.other_rows_max_change.max()), condition=T13.other_rows_max_change.max() == 0,
+                                     paper_value='unchanged', test='max |Δw| over non-target conv rows == 0 (exact)'),
+            'owner': dict(ours=T13.top_unit_owner_is_inserted.tolist(), condition=bool(T13.top_unit_owner_is_inserted.iloc[-1]),
+                          paper_value='the test point stays the µmax point', test='owner after the last checkpoint')}
+
+def insertion_variant_tests(T13: pd.DataFrame, T14a: pd.DataFrame, T14b: pd.DataFrame) -> dict:
+    "Table 14's statements: many points also raise UnitMem; a duplicated point raises it fastest; other units unchanged."
+    gain = lambda d: d.unitmem_top_unit.iloc[1] - d.unitmem_top_unit.iloc[0] if len(d) > 1 else np.nan
+    return {'many': dict(ours=T14a.unitmem_top_unit.round(4).tolist(), condition=T14a.unitmem_top_unit.iloc[-1] > T14a.unitmem_top_unit.iloc[0],
+                         paper_value=PAPER_T14A, test='final > initial'),
+            'duplicated': dict(ours=dict(first_gain_dup=gain(T14b), first_gain_single=gain(T13), first_gain_many=gain(T14a)),
+                               condition=gain(T14b) > max(gain(T13), gain(T14a)), paper_value=dict(dup=0.044, single=0.007, many=0.012), test='UnitMem gain at the first checkpoint'),
+            'others_unchanged': dict(ours=dict(a=T14a.other_rows_max_change.max(), b=T14b.other_rows_max_change.max()),
+                                     condition=max(T14a.other_rows_max_change.max(), T14b.other_rows_max_change.max()) == 0, paper_value='unchanged', test='exact')}
+
+def plot_insertion(T14: pd.DataFrame, hi: int, lo: int, dead: bool):
+    "UnitMem of the two fine-tuned units over the fine-tuning steps, per inserted data."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3))
+    for d, g_ in T14.groupby('data', sort=False):
+        ax[0].plot(g_.step, g_.unitmem_top_unit, marker='o', label=d); ax[1].plot(g_.step, g_.unitmem_dead_unit, marker='o', label=d)
+    ax[0].set_title(f'highest-UnitMem unit {hi}'); ax[1].set_title(f'{"dead" if dead else "lowest"} unit {lo}')
+    for a in ax: a.set_xlabel('fine-tuning steps'); a.set_ylabel('UnitMem'); a.legend(fontsize=7)
+    return fig
+
+# %% ../nbs/19_localizing.ipynb 49
+def ssl_and_supervised(run: ProtocolRun, sl_epochs: int, sl_width: float) -> dict:
+    "{'SSL': the protocol's f (seed 0), 'SL': a supervised encoder trained on the same points}."
+    cfg, idx = run.config, run.split.f_indices
+    sl = train_encoder(cfg.train_spec(idx.tolist(), cfg.seeds[0]).replace(objective='supervised', epochs=sl_epochs, width=sl_width), run.data, progress_bar=False)
+    return {'SSL': run.f[0], 'SL': sl}
+
+def unit_class_table(run: ProtocolRun, encoders: dict, n_views: int) -> tuple[pd.DataFrame, dict]:
+    "(Figure 2's table: mean UnitMem and ClassMem per encoder and conv, the share of units with UnitMem > ClassMem, the probe accuracy; the results)."
+    from memssl_nb.unitmem import unitmem, classmem
+    from memssl_nb.evaluate import probe_accuracy
+    idx = run.split.f_indices
+    train_set, test_set = run.data.subset(idx), load_dataset(run.config.dataset, 'test', size=run.config.image_size)
+    acc = {n: probe_accuracy(t.encoder, train_set, test_set, clean=t.clean) for n, t in encoders.items()}
+    X, y = run.data.images[idx], run.data.labels[idx]
+    res = {n: (unitmem(t.encoder, X, t.augment, layers=RESNET9_CONVS, n_views=n_views, progress=False), classmem(t.encoder, X, y, layers=RESNET9_CONVS, progress=False))
+           for n, t in encoders.items()}
+    F2 = pd.DataFrame([dict(encoder=n, layer=l, paper_layer=PAPER_LAYER[l], unitmem=u.score[l].mean().item(), classmem=c_.score[l].mean().item(),
+                            frac_units_unit_gt_class=(u.score[l] > c_.score[l]).float().mean().item(), probe_acc=acc[n])
+                       for n, (u, c_) in res.items() for l in RESNET9_CONVS])
+    return F2, res
+
+def unit_class_tests(F2: pd.DataFrame) -> dict:
+    "Figures 2 and 3's statements for SSL (UnitMem > ClassMem everywhere) and SL (ClassMem rises steeply and overtakes late)."
+    s, l_ = F2[F2.encoder == 'SSL'].set_index('layer'), F2[F2.encoder == 'SL'].set_index('layer')
+    rise = lambda d: d.classmem.iloc[-1] - d.classmem.iloc[0]
+    late = ['conv4_0', 'conv4_1', 'conv4_2']
+    return {'ssl_unit_above': dict(ours=s[['unitmem', 'classmem']].round(3).to_dict('index'), condition=bool((s.unitmem > s.classmem).all()),
+                                   paper_value='UnitMem above ClassMem in all layers (figure)', test='layer-wise comparison of means, all 8 layers'),
+            'sl_class_rise': dict(ours=dict(SL_rise=rise(l_), SSL_rise=rise(s)), condition=rise(l_) > 0 and rise(l_) > rise(s), paper_value='steep rise for SL only (figure)',
+                                  test='ClassMem(layer 8) − ClassMem(layer 1): SL > max(0, SSL)'),
+            'sl_class_overtakes': dict(ours=l_.loc[late, ['unitmem', 'classmem']].round(3).to_dict('index'), condition=bool((l_.loc[late, 'classmem'] > l_.loc[late, 'unitmem']).any()),
+                                       paper_value='ClassMem > UnitMem late (figure)', test='ClassMem > UnitMem in at least one of layers 6–8'),
+            'ssl_below_diagonal': dict(ours=s.frac_units_unit_gt_class.round(2).to_dict(), condition=bool((s.frac_units_unit_gt_class > 0.5).all()),
+                                       paper_value='mostly below in all layers (figure)', test='fraction of units with UnitMem > ClassMem > 0.5 per layer'),
+            'sl_above_diagonal': dict(ours=l_.loc[late, 'frac_units_unit_gt_class'].round(2).to_dict(), condition=bool((l_.loc[late, 'frac_units_unit_gt_class'] < 0.5).mean() >= 2 / 3),
+                                      paper_value='mostly above in late layers (figure)', test='fraction of units below the diagonal < 0.5 in ≥ 2 of layers 6–8')}
+
+def plot_unit_class_means(F2: pd.DataFrame):
+    "Mean UnitMem and ClassMem per conv, SSL and SL side by side (Figure 2)."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3), sharey=True)
+    for a, n in zip(ax, ['SSL', 'SL']):
+        d = F2[F2.encoder == n]; a.plot(range(8), d.unitmem, marker='o', ms=3, label='UnitMem'); a.plot(range(8), d.classmem, marker='s', ms=3, label='ClassMem')
+        a.set_title(f'{n} (probe acc {d.probe_acc.iloc[0]:.2f})'); a.set_xticks(range(8), range(1, 9)); a.legend(fontsize=7)
+    return fig
+
+def plot_unit_class_scatter(res: dict):
+    "Per-unit ClassMem against UnitMem for every conv, SSL (top) and SL (bottom) (Figure 3)."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 8, figsize=(16, 4.8), sharex=True, sharey=True)
+    for row, n in enumerate(['SSL', 'SL']):
+        u, c_ = res[n]
+        for a, l in zip(axes[row], RESNET9_CONVS):
+            a.scatter(u.score[l].numpy(), c_.score[l].numpy(), s=5, alpha=.6); a.plot([0, 1], [0, 1], 'k:', lw=.8)
+            a.set_xlim(0, 1); a.set_ylim(0, 1); a.set_xticks([0, .5, 1]); a.set_yticks([0, .5, 1]); a.set_title(f'{n} layer {PAPER_LAYER[l]}', fontsize=8)
+        axes[row, 0].set_ylabel('ClassMem')
+    fig.supxlabel('UnitMem')
+    return fig
+
+def measuring_augmentation_table(run: ProtocolRun, encoders: dict, n_views: int) -> pd.DataFrame:
+    "Figure 9: mean UnitMem of the last conv per encoder, measured with its training augmentation, three of the paper's sets and none."
+    from memssl_nb.augment import Augment
+    from memssl_nb.unitmem import unitmem
+    X = run.data.images[run.split.f_indices]
+    sets9 = {'training': None, 'ssl_independent': Augment('ssl_independent'), 'sl_weak': Augment('sl_weak'), 'ssl_strong': Augment('ssl_strong')}
+    rows = []
+    for n, t in encoders.items():
+        for name, aug in sets9.items():
+            r = unitmem(t.encoder, X, aug if aug is not None else t.augment, layers=['conv4_2'], n_views=n_views, progress=False)
+            rows.append(dict(encoder=n, measured_with=name, unitmem=r.score['conv4_2'].mean().item()))
+        rows.append(dict(encoder=n, measured_with='none (clean)', unitmem=unitmem(t.encoder, X, None, layers=['conv4_2'], progress=False).score['conv4_2'].mean().item()))
+    return pd.DataFrame(rows).pivot(index='measured_with', columns='encoder', values='unitmem')
+
+def measuring_augmentation_tests(F9: pd.DataFrame) -> dict:
+    "Figure 9's statements: SSL is less sensitive to the measuring set; the training augmentation gives the strongest signal; clean is lower for SL."
+    aug_rows = [r for r in F9.index if r != 'none (clean)']
+    spread = {n: F9.loc[aug_rows, n].max() - F9.loc[aug_rows, n].min() for n in ['SSL', 'SL']}
+    rel = {n: spread[n] / F9.loc[aug_rows, n].mean() for n in spread}
+    return {'ssl_less_sensitive': dict(ours=dict(relative_spread=rel), condition=rel['SSL'] < rel['SL'], paper_value='SSL nearly identical, SL larger differences (figure)',
+                                       test='(max − min)/mean over the 4 augmentation sets: SSL < SL'),
+            'training_best_ssl': dict(ours=F9['SSL'].round(3).to_dict(), condition=F9.loc['training', 'SSL'] >= F9.loc[aug_rows, 'SSL'].max(),
+                                      paper_value='training set strongest (figure)', test='argmax over sets'),
+            'training_best_sl': dict(ours=F9['SL'].round(3).to_dict(), condition=F9.loc['training', 'SL'] >= F9.loc[aug_rows, 'SL'].max(),
+                                     paper_value='training set best (figure)', test='argmax over sets'),
+            'sl_clean_lower': dict(ours=F9.loc[['training', 'none (clean)'], 'SL'].round(3).to_dict(), condition=F9.loc['none (clean)', 'SL'] < F9.loc['training', 'SL'],
+                                   paper_value='lower (figure 5)', test='clean < training augmentation, layer 8')}
+
+# %% ../nbs/19_localizing.ipynb 52
+AUGMENT_VARIANTS = {'weak': {'augment_kw': (('crop', {'scale': (0.7, 1.0)}), ('jitter', {'brightness': 0.2, 'contrast': 0.2, 'p': 0.5}))},
+                    'normal': {},
+                    'strong': {'augment_kw': (('crop', {'scale': (0.2, 1.0)}), ('jitter', {'brightness': 0.6, 'contrast': 0.6, 'p': 0.9}),
+                                              ('blur', {'kernel_size': 3, 'sigma': (0.1, 1.0), 'p': 0.5}))}}
+TRAINING_VARIANTS = {f'aug {k}': v for k, v in AUGMENT_VARIANTS.items()} | {'wd 5e-4': {'weight_decay': 5e-4}, 'wd 5e-3': {'weight_decay': 5e-3}, 'simsiam': {'objective': 'simsiam'}}
+PAPER_T27 = pd.DataFrame({'paper_weak': [.092, .123, .154, .184, .187, .215, .249, .280, .313, .315], 'paper_normal': [.091, .123, .154, .183, .185, .212, .246, .276, .308, .311],
+                          'paper_strong': [.089, .120, .150, .178, .181, .208, .241, .269, .300, .302]}, index=RESNET9_T1_LAYERS)
+
+def training_variants(scale: str, base_changes: dict, n_pairs: int, n_views: int, variants: dict = TRAINING_VARIANTS) -> tuple:
+    "(LayerMem per Table 1 layer × variant, mean UnitMem per conv × variant, UnitMem of the last conv's units per variant, probe accuracy (%) per variant)."
+    from memssl_nb.layermem import layermem
+    from memssl_nb.unitmem import unitmem
+    from memssl_nb.evaluate import probe_accuracy
+    probe_tr = probe_te = None
+    rows_lm, rows_um, um_last, acc = [], [], {}, {}
+    for name, ch in variants.items():
+        run = loc_protocol(scale, {**base_changes, **ch})
+        if probe_tr is None: probe_tr, probe_te = (load_dataset(run.config.dataset, s, size=run.config.image_size) for s in ('train', 'test'))
+        r = layermem(run.f_encoders, run.g_encoders, run.data.images[run.split.candidates], run.augment, layers=RESNET9_T1_LAYERS, n_pairs=n_pairs, progress=False)
+        t = r.table().set_index('layer')
+        rows_lm += [dict(variant=name, layer=l, LM=t.layermem[l], dLM=t.delta_layermem[l]) for l in RESNET9_T1_LAYERS]
+        us = [unitmem(e, run.data.images[run.split.f_indices], run.augment, layers=RESNET9_CONVS, n_views=n_views, progress=False) for e in run.f_encoders]
+        um_last[name] = torch.cat([u.score['conv4_2'] for u in us])
+        rows_um += [dict(variant=name, layer=l, unitmem=torch.cat([u.score[l] for u in us]).mean().item()) for l in RESNET9_CONVS]
+        acc[name] = 100 * np.mean([probe_accuracy(t.encoder, probe_tr, probe_te, clean=t.clean) for t in run.f])
+    LM = pd.DataFrame(rows_lm).pivot(index='layer', columns='variant', values='LM').loc[RESNET9_T1_LAYERS, list(variants)]
+    UM = pd.DataFrame(rows_um).pivot(index='layer', columns='variant', values='unitmem').loc[RESNET9_CONVS, list(variants)]
+    return LM, UM, um_last, acc
+
+def augmentation_strength_tests(LM: pd.DataFrame, UM: pd.DataFrame) -> dict:
+    "Table 27's and Figure 10's statements: stronger augmentation gives (slightly) lower LayerMem and lower UnitMem."
+    augs = ['aug weak', 'aug normal', 'aug strong']
+    m, u = LM[augs].mean(), UM[augs].mean()
+    return {'layermem': dict(ours=m.round(4).to_dict(), condition=m['aug strong'] < m['aug normal'] < m['aug weak'], paper_value=PAPER_T27.mean().round(4).to_dict(),
+                             test='ordering of LayerMem averaged over the 10 layers'),
+            'small': dict(ours=dict(relative_drop_strong_vs_normal=1 - m['aug strong'] / m['aug normal']), condition=abs(1 - m['aug strong'] / m['aug normal']) < 0.1,
+                          paper_value=dict(relative_drop_strong_vs_normal=0.026), test='|relative change| < 10 %'),
+            'unitmem': dict(ours=u.round(4).to_dict(), condition=u['aug strong'] < u['aug normal'] < u['aug weak'], paper_value='weak > normal > strong (figure)',
+                            test='ordering of mean UnitMem over the 8 layers')}
+
+def weight_decay_table(UM: pd.DataFrame, acc: dict) -> pd.DataFrame:
+    "Figure 11: UnitMem per conv, its mean and the probe accuracy for weight decay 1e-6 (the base), 5e-4 and 5e-3."
+    wds = ['aug normal', 'wd 5e-4', 'wd 5e-3']
+    F11 = UM[wds].T.assign(mean_unitmem=UM[wds].mean().values, probe_acc=[acc[w] for w in wds])
+    F11.index = ['wd 1e-6 (base)', 'wd 5e-4', 'wd 5e-3']
+    return F11
+
+def weight_decay_tests(F11: pd.DataFrame) -> dict:
+    "Figure 11's statements: stronger weight decay gives lower UnitMem and lower probe accuracy."
+    return {'unitmem': dict(ours=F11.mean_unitmem.round(4).to_dict(), condition=bool(np.all(np.diff(F11.mean_unitmem) < 0)), paper_value='decreasing (figure; values not given)',
+                            test='mean UnitMem strictly decreasing over the three values'),
+            'accuracy': dict(ours=F11.probe_acc.round(2).to_dict(), condition=bool(np.all(np.diff(F11.probe_acc) < 0)), paper_value='decreasing (figure)',
+                             test='probe accuracy strictly decreasing')}
+
+def framework_comparison(LM: pd.DataFrame, um_last: dict, acc: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    "(Table 4: LayerMem of SimCLR and SimSiam with their probes, Figure 12: UnitMem statistics of the last conv, the tests of both)."
+    from scipy.stats import ks_2samp
+    T4 = LM[['aug normal', 'simsiam']].rename(columns={'aug normal': 'SimCLR', 'simsiam': 'SimSiam'}).assign(probe_SimCLR=acc['aug normal'], probe_SimSiam=acc['simsiam'])
+    ks = ks_2samp(um_last['aug normal'].numpy(), um_last['simsiam'].numpy())
+    F12 = pd.DataFrame({'SimCLR': pd.Series(um_last['aug normal'].numpy()).describe(), 'SimSiam': pd.Series(um_last['simsiam'].numpy()).describe()})
+    r_prof = np.corrcoef(T4.SimCLR, T4.SimSiam)[0, 1]
+    rel_diff = (T4.SimCLR - T4.SimSiam).abs().max() / T4.SimCLR.abs().max()
+    tests = {'profile': dict(ours=dict(pearson=r_prof), condition=r_prof > 0.9, paper_value='ResNet50 layer 49: SimCLR .302 vs DINO .311',
+                             test='Pearson correlation of the two 10-layer profiles > 0.9'),
+             'values': dict(ours=dict(max_abs_diff_relative=rel_diff), condition=rel_diff < 0.2, paper_value=dict(max_abs_diff_relative=0.03), test='max |Δ| / max LM < 20 %'),
+             'unitmem': dict(ours=dict(ks=ks.statistic, mean_simclr=F12.SimCLR['mean'], mean_simsiam=F12.SimSiam['mean']), condition=ks.statistic < 0.3,
+                             paper_value='similar (figure)', test='two-sample Kolmogorov–Smirnov statistic < 0.3', p_value=ks.pvalue)}
+    return T4, F12, tests
+
+def plot_training_variants(LM: pd.DataFrame, UM: pd.DataFrame, variants: list, titles=('LayerMem', 'mean UnitMem')):
+    "LayerMem per Table 1 layer and mean UnitMem per conv for the given variants."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3))
+    for v in variants: ax[0].plot(range(10), LM[v], marker='o', ms=3, label=v); ax[1].plot(range(8), UM[v], marker='o', ms=3, label=v)
+    ax[0].set_xticks(range(10), [PAPER_LAYER[l] for l in RESNET9_T1_LAYERS]); ax[1].set_xticks(range(8), range(1, 9))
+    ax[0].set_title(titles[0]); ax[1].set_title(titles[1]); ax[0].legend(fontsize=7)
+    return fig
+
+# %% ../nbs/19_localizing.ipynb 55
+def dataset_unitmem(scale: str, datasets, n_points: int, layer: str, n_views: int) -> dict:
+    "UnitMem of `layer`'s units of the protocol's recipe trained on `n_points` random training points of each dataset."
+    from memssl_nb.core import make_generator
+    from memssl_nb.unitmem import unitmem
+    cfg = protocol_config(scale)
+    units = {}
+    for name in datasets:
+        data = load_dataset(name, 'train', size=cfg.image_size)
+        sub = data.subset(torch.randperm(len(data), generator=make_generator(0))[:min(n_points, len(data))])
+        trained = train_on(sub, cfg, seed=0)
+        units[name] = unitmem(trained.encoder, sub.images, trained.augment, layers=[layer], n_views=n_views, progress=False).score[layer]
+    return units
+
+def unit_summary(units: dict, high: float, extra: dict | None = None) -> pd.DataFrame:
+    "Per key: (extra columns,) number of units, mean, median, max UnitMem, the number and share of units ≥ `high`."
+    return pd.DataFrame({n: dict(**({'epsilon_reached': extra[n]} if extra else {}), **({} if extra else {'units': len(s)}), mean=s.mean().item(),
+                                 median=s.median().item(), max=s.max().item(), n_high=int((s >= high).sum()), **({} if extra else {'frac_high': (s >= high).float().mean().item()}))
+                         for n, s in units.items()}).T
+
+def dataset_tests(units: dict, F1a: pd.DataFrame, high: float, alpha: float) -> dict:
+    "Figure 1a's statements: highly memorizing units exist for every dataset; the simplest (first) dataset has the fewest and lower UnitMem."
+    from scipy import stats
+    simple, rest = list(units)[0], list(units)[1:]
+    mw = {n: stats.mannwhitneyu(units[simple].numpy(), units[n].numpy(), alternative='less').pvalue for n in rest}
+    return {'exist': dict(ours=F1a.n_high.to_dict(), condition=bool((F1a.n_high > 0).all()), paper_value='present for SVHN, CIFAR-10, STL-10 (histogram only)',
+                          test=f'count of units with UnitMem ≥ {high} > 0 per dataset'),
+            'simplest_fewest': dict(ours=dict(frac_high=F1a.frac_high.round(3).to_dict(), mannwhitney_p={n: float(f'{p:.2g}') for n, p in mw.items()}),
+                                    condition=bool(all(F1a.frac_high[simple] < F1a.frac_high[n] for n in rest) and max(mw.values()) < alpha),
+                                    paper_value='SVHN has the fewest', p_value=max(mw.values()),
+                                    test=f'fraction of units ≥ {high} smallest for {simple}, and one-sided Mann–Whitney U on unit UnitMem ({simple} < each other), alpha {alpha}')}
+
+def dp_unitmem(base: ProtocolConfig, epsilons, dp_changes: dict, dp_norm, layer: str, n_views: int) -> tuple[dict, dict]:
+    "(UnitMem of `layer` of the first f of each DP-SGD variant on its training points, the ε each reached)."
+    from memssl_nb.sslmem_experiments import dp_variants
+    from memssl_nb.unitmem import unitmem
+    units, eps = {}, {}
+    for name, changes in dp_variants(epsilons, norm=dp_norm, **dp_changes).items():
+        run = run_protocol(base.replace(**changes), progress_bar=False)
+        f = run.f[0]
+        eps[name] = f.history[-1].get('epsilon', np.inf) if f.history else np.inf
+        units[name] = unitmem(f.encoder, run.data.images[run.split.f_indices], run.augment, layers=[layer], n_views=n_views, progress=False).score[layer]
+    return units, eps
+
+def dp_unit_tests(units: dict, F1c: pd.DataFrame, high: float, alpha: float) -> dict:
+    "Figure 1c's statements: mean UnitMem falls as privacy gets stronger; some units stay highly memorizing at the strongest privacy."
+    from scipy import stats
+    names = list(units); means = [units[n].mean().item() for n in names]
+    p = stats.mannwhitneyu(units[names[0]].numpy(), units[names[-1]].numpy(), alternative='greater').pvalue
+    return {'falls': dict(ours=dict(zip(names, np.round(means, 4))), condition=bool(np.all(np.diff(means) < 0) and p < alpha), paper_value='∞ > 20 > 8 (histogram only)',
+                          p_value=p, test=f'monotone decrease of the mean + one-sided Mann–Whitney U (ε = {names[0]} > ε = {names[-1]}), alpha {alpha}'),
+            'some_remain': dict(ours=dict(n_high=int(F1c.n_high.iloc[-1]), max=round(float(F1c['max'].iloc[-1]), 3)), condition=bool(F1c.n_high.iloc[-1] > 0),
+                                paper_value='some units remain highly memorizing', test=f'count of units with UnitMem ≥ {high} > 0 at ε = {names[-1]}')}

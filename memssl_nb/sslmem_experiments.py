@@ -20,13 +20,15 @@ from .objectives import nt_xent
 from .objectives import masked_augment
 
 # %% auto 0
-__all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'ATYPICAL_SCALES', 'AUGMENT_STRENGTHS', 'FrameworkConfig', 'framework_config',
-           'atypical_config', 'scoring_augment', 'score_run', 'by_set', 'frac_mem', 'atypical_ranking',
-           'downstream_sets', 'downstream_accuracy', 'removal_sets', 'removal_experiment', 'summarize_run',
-           'protocol_sweep', 'dp_variants', 'toy_1d_sslmem', 'SSLMemF1Config', 'SSLMemF10Config', 'SSLMemRemovalConfig',
-           'SSLMemSetsConfig', 'SSLMemSweepsConfig', 'toy_1d_table', 'plot_toy_1d', 'removal_table', 'plot_removal',
-           'paired_removal', 'removal_tests', 'intervention_sweeps', 'extreme_test', 'monotone', 'sweep_tests',
-           'dp_tests', 'sweep_panel', 'plot_sweeps']
+__all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'ATYPICAL_SCALES', 'AUGMENT_STRENGTHS', 'SET_PAIRS', 'FrameworkConfig',
+           'framework_config', 'atypical_config', 'scoring_augment', 'score_run', 'by_set', 'frac_mem',
+           'atypical_ranking', 'downstream_sets', 'downstream_accuracy', 'removal_sets', 'removal_experiment',
+           'summarize_run', 'protocol_sweep', 'dp_variants', 'toy_1d_sslmem', 'SSLMemF1Config', 'SSLMemF10Config',
+           'SSLMemRemovalConfig', 'SSLMemSetsConfig', 'SSLMemSweepsConfig', 'toy_1d_table', 'plot_toy_1d',
+           'removal_table', 'plot_removal', 'paired_removal', 'removal_tests', 'intervention_sweeps', 'extreme_test',
+           'monotone', 'sweep_tests', 'dp_tests', 'sweep_panel', 'plot_sweeps', 'set_tests', 'plot_sets',
+           'supervised_memorization', 'supervised_tests', 'plot_supervised', 'candidate_groups', 'atypical_tests',
+           'plot_candidates', 'framework_table', 'framework_tests', 'plot_frameworks']
 
 # %% ../nbs/18_sslmem_experiments.ipynb 5
 SSLMEM_PAPER_SETUP = {
@@ -457,3 +459,152 @@ def plot_sweeps(sweeps: dict, acc: str, scale: str):
     sweep_panel(axes[0], ep.epochs, ep, 'training epochs', 'training length', acc); sweep_panel(axes[1], au.augmentation, au, 'augmentation', 'augmentation strength', acc)
     f2.suptitle(f'SSLMem-DYN ({scale})'); f2.tight_layout()
     return f1, f2
+
+# %% ../nbs/18_sslmem_experiments.ipynb 31
+SET_PAIRS = (('S_C', 'S_S', 'greater'), ('S_C', 'S_E', 'greater'), ('S_I', 'S_S', 'less'), ('S_I', 'S_E', 'less'))
+
+def set_tests(tests: pd.DataFrame, scores: dict, alpha: float) -> dict:
+    "SSLMem-SETS's statements: the four ordered pairs (Welch), S_S ≈ S_E, symmetric effects, a right-skewed S_C."
+    from scipy import stats
+    pairs = []
+    for a, b, alt in SET_PAIRS:
+        w = tests[(tests.set_a == a) & (tests.set_b == b) & (tests.test == 'welch_t')].iloc[0]
+        u = tests[(tests.set_a == a) & (tests.set_b == b) & (tests.test == 'mann_whitney_u')].iloc[0]
+        pairs.append(((a, b, 'higher' if alt == 'greater' else 'lower'),
+                      dict(ours=dict(mean_diff=w.mean_diff, mann_whitney_p=u.p_value), condition=w.p_value < alpha, p_value=w.p_value,
+                           test=f'Welch t-test one-sided ({alt}), alpha {alpha}; Mann-Whitney U reported')))
+    ss_se = stats.ttest_ind(scores['S_S'], scores['S_E'], equal_var=False)
+    eff_c, eff_i = scores['S_C'].mean() - scores['S_E'].mean(), scores['S_E'].mean() - scores['S_I'].mean()
+    sk = stats.skewtest(scores['S_C'] - np.median(scores['S_E']), alternative='greater')
+    return {'pairs': pairs,
+            'centred': dict(ours=dict(mean_S_S=scores['S_S'].mean(), mean_S_E=scores['S_E'].mean()), condition=ss_se.pvalue > 0.05,
+                            test='Welch t-test two-sided, verdict holds if p > 0.05', p_value=ss_se.pvalue),
+            'symmetric': dict(ours=dict(S_C_effect=eff_c, S_I_effect=eff_i), condition=bool(eff_c > 0 and eff_i > 0 and 0.5 <= eff_c / eff_i <= 2),
+                              test='ratio of mean differences'),
+            'skewed': dict(ours=dict(skewness=stats.skew(scores['S_C'])), condition=sk.pvalue < 0.05,
+                           test="D'Agostino skewness test one-sided (skew > 0), alpha 0.05", p_value=sk.pvalue)}
+
+def plot_sets(scores: dict, title: str):
+    "Score distributions per set (box plot) and the sorted scores of each set."
+    import matplotlib.pyplot as plt
+    from memssl_nb.sslmem import plot_set_scores
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    plot_set_scores(scores, ax=axes[0], title='SSLMem′ per set')
+    for k, v in scores.items(): axes[1].plot(np.linspace(0, 1, len(v)), np.sort(v)[::-1], label=f'{k} (mean {v.mean():+.3f})')
+    axes[1].axhline(0, color='grey', lw=.8, ls=':'); axes[1].set_xlabel('fraction of set (sorted)'); axes[1].set_ylabel('SSLMem′'); axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+def supervised_memorization(cfg: ProtocolConfig, sup_changes: dict, run: ProtocolRun, df: pd.DataFrame) -> pd.DataFrame:
+    "`df` (the SSLMem scores of `run`) with mem_sup of supervised f/g classifiers of `cfg` + `sup_changes` and which points are mislabelled."
+    from memssl_nb.supmem import supmem_pair
+    from memssl_nb.objectives import OBJECTIVES
+    sup = run_protocol(cfg.replace(**sup_changes), progress_bar=False)
+    # labels never enter SSL training: the SSL scores of the mislabelled points are those of the clean protocol
+    assert torch.equal(sup.data.images, run.data.images) and not OBJECTIVES[cfg.objective].needs_labels
+    pts = torch.as_tensor(df.point.to_numpy())
+    mem_sup = torch.stack([supmem_pair(f, g, sup.data.images[pts], sup.data.labels[pts]) for f, g in zip(sup.f, sup.g)]).mean(0)
+    return df.assign(supmem=mem_sup.numpy(), mislabelled=sup.is_atypical(pts).numpy())
+
+def supervised_tests(df_sup: pd.DataFrame, alpha: float) -> dict:
+    "SSLMem-SUP's statements: SSLMem and mem_sup correlate positively but imperfectly; only mem_sup reacts to label noise."
+    from scipy import stats
+    c = df_sup[df_sup.set == 'S_C']; clean, noisy = c[~c.mislabelled], c[c.mislabelled]
+    rho = stats.spearmanr(clean.score, clean.supmem)
+    k = max(1, len(clean) // 10)
+    top_overlap = len(set(clean.nlargest(k, 'score').point) & set(clean.nlargest(k, 'supmem').point)) / k
+    u_sup = stats.mannwhitneyu(noisy.supmem, clean.supmem, alternative='greater')
+    u_ssl = stats.mannwhitneyu(noisy.score, clean.score, alternative='two-sided')
+    return {'correlated': dict(ours=dict(spearman=rho.statistic, top10_overlap=top_overlap), condition=rho.statistic > 0 and rho.pvalue / 2 < 0.05,
+                               test='Spearman rank correlation, one-sided p < 0.05 (clean S_C)', p_value=rho.pvalue / 2 if rho.statistic > 0 else 1 - rho.pvalue / 2),
+            'imperfect': dict(ours=rho.statistic, condition=rho.statistic < 0.8, test='Spearman rank correlation'),
+            'sup_reacts': dict(ours=dict(mislabelled=noisy.supmem.mean(), clean=clean.supmem.mean()), condition=u_sup.pvalue < alpha,
+                               test=f'Mann-Whitney U one-sided, alpha {alpha}', p_value=u_sup.pvalue),
+            'ssl_ignores': dict(ours=dict(mislabelled=noisy.score.mean(), clean=clean.score.mean()), condition=u_ssl.pvalue > 0.05,
+                                test='Mann-Whitney U two-sided, verdict holds if p > 0.05 (labels never enter SSL training)', p_value=u_ssl.pvalue)}
+
+def plot_supervised(df_sup: pd.DataFrame, title: str):
+    "SSLMem′ against mem_sup on the candidates (mislabelled in red), and both scores for clean vs mislabelled candidates."
+    import matplotlib.pyplot as plt
+    from scipy import stats
+    c = df_sup[df_sup.set == 'S_C']; clean, noisy = c[~c.mislabelled], c[c.mislabelled]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].scatter(clean.score, clean.supmem, s=10, alpha=.6, label='S_C'); axes[0].scatter(noisy.score, noisy.supmem, s=18, color='crimson', label='S_C mislabelled')
+    axes[0].set_xlabel('SSLMem′ (self-supervised)'); axes[0].set_ylabel('supervised mem p_f − p_g'); axes[0].legend(fontsize=8)
+    axes[0].set_title(f'Spearman ρ (clean S_C) = {stats.spearmanr(clean.score, clean.supmem).statistic:.2f}')
+    axes[1].boxplot([clean.score, noisy.score], positions=[0, 1], widths=.5); axes[1].boxplot([clean.supmem, noisy.supmem], positions=[3, 4], widths=.5)
+    axes[1].set_xticks([0, 1, 3, 4], ['SSLMem\nclean', 'SSLMem\nmislab.', 'sup\nclean', 'sup\nmislab.']); axes[1].set_title('only the supervised score reacts to label noise')
+    fig.suptitle(title)
+    return fig
+
+# %% ../nbs/18_sslmem_experiments.ipynb 34
+def candidate_groups(df: pd.DataFrame, n_show: int) -> tuple[pd.DataFrame, dict]:
+    "(the S_C rows sorted by score, {'most memorized' | 'median' | 'least memorized': `n_show` rows each})."
+    c = df[df.set == 'S_C'].sort_values('score', ascending=False).reset_index(drop=True)
+    mid = len(c) // 2 - n_show // 2
+    return c, {'most memorized': c.iloc[:n_show], 'median': c.iloc[mid:mid + n_show], 'least memorized': c.iloc[-n_show:]}
+
+def atypical_tests(c: pd.DataFrame, rank: dict) -> dict:
+    "Fig. 1's statements: injected atypical points rank high (AUROC, top decile) and none is among the least memorized."
+    bottom = c.iloc[-max(1, len(c) // 10):]
+    return {'auroc': dict(ours=rank['auroc'], condition=rank['p_value'] < 0.01 and rank['auroc'] > 0.5, paper_value='qualitative (atypical/outliers at the top)',
+                          test='AUROC; Mann-Whitney U one-sided (atypical > normal S_C), alpha 0.01', p_value=rank['p_value']),
+            'top_decile': dict(ours=rank['rank_percentile'], condition=rank['rank_percentile'] > 0.9, test='mean rank percentile of the injected points'),
+            'bottom_standard': dict(ours=int(bottom.atypical.sum()), condition=int(bottom.atypical.sum()) == 0, test='count in bottom decile')}
+
+def plot_candidates(c: pd.DataFrame, groups: dict, images: torch.Tensor, title: str):
+    "The most, median and least memorized candidates (* = injected atypical) and the S_C score histogram."
+    import matplotlib.pyplot as plt
+    n_show = len(next(iter(groups.values())))
+    fig = plt.figure(figsize=(1.25 * n_show + 3.2, 4.4))
+    gs = fig.add_gridspec(3, n_show + 3)
+    for r, (name, rows) in enumerate(groups.items()):
+        for j, (_, row) in enumerate(rows.iterrows()):
+            ax = fig.add_subplot(gs[r, j]); ax.imshow(images[int(row.point), 0].numpy(), cmap='gray', vmin=0, vmax=255)
+            ax.set_xticks([]); ax.set_yticks([])
+            ax.set_title(f"{row.score:+.2f}" + (' *' if row.atypical else ''), fontsize=8, color='crimson' if row.atypical else 'black')
+            if j == 0: ax.set_ylabel(name, fontsize=8)
+    ax = fig.add_subplot(gs[:, n_show:])
+    bins = np.linspace(c.score.min(), c.score.max(), 30)
+    ax.hist(c.score[~c.atypical], bins=bins, alpha=.6, label='normal S_C', density=True)
+    if c.atypical.any(): ax.hist(c.score[c.atypical], bins=bins, alpha=.6, label='inverted (injected)', density=True, color='crimson')
+    ax.set_xlabel('SSLMem′'); ax.legend(fontsize=7); ax.set_title('S_C scores', fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+def framework_table(cfg: ProtocolConfig, run: ProtocolRun, df: pd.DataFrame, frameworks, framework_seeds, n_pairs: int, scale: str) -> tuple[pd.DataFrame, dict]:
+    "Table 1: per framework the encoder, probe accuracy, Avg. Mem. (vs S_E), Frac. Mem. with their p-values and the atypical points' scores; the score tables."
+    downstream = downstream_sets(cfg.dataset, cfg.image_size, shifted=False)
+    rows, tables = [], {}
+    for fw in frameworks:
+        fcfg = framework_config(cfg if fw == 'simclr' else cfg.replace(seeds=tuple(framework_seeds)), fw, scale)
+        frun = run if fw == 'simclr' else run_protocol(fcfg, progress_bar=False)
+        fdf = df if fw == 'simclr' else score_run(frun, n_pairs=n_pairs)
+        tables[fw] = fdf
+        fm = frac_mem(fdf[~fdf.atypical])
+        acc = np.mean([downstream_accuracy(t, downstream)[cfg.dataset] for t in frun.f])
+        rows.append(dict(framework=fw, encoder=f'{fcfg.arch} w{fcfg.width}', dataset=cfg.dataset, seeds=len(fcfg.seeds), probe_acc=acc,
+                         avg_mem=fm['avg_mem'], avg_mem_S_E=fm['avg_mem_extra'], avg_mem_p=fm['avg_mem_p'], frac_mem=fm['frac_mem'], frac_mem_p=fm['frac_mem_p'],
+                         atypical_mean=fdf.score[fdf.atypical].mean(), atypical_auroc=atypical_ranking(fdf)['auroc']))
+    return pd.DataFrame(rows), tables
+
+def framework_tests(row) -> dict:
+    "Table 1's statements for one framework: Avg. Mem. of the candidates above S_E, Frac. Mem. above chance."
+    return {'avg_mem': dict(ours=row['avg_mem'] - row['avg_mem_S_E'], condition=row['avg_mem_p'] < 0.05, paper_value='> 0 (values unknown)',
+                            test="Welch t-test one-sided S_C (normal) > S_E, alpha 0.05", p_value=row['avg_mem_p']),
+            'frac_mem': dict(ours=row['frac_mem'], condition=row['frac_mem_p'] < 0.05, paper_value='> 0 (threshold unknown)',
+                             test='binomial test one-sided vs 0.05, alpha 0.05', p_value=row['frac_mem_p'])}
+
+def plot_frameworks(t1: pd.DataFrame, tables: dict, title: str):
+    "Sorted normal-candidate scores per framework, and Avg. Mem. − mean(S_E) beside Frac. Mem."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for fw, fdf in tables.items():
+        v = np.sort(fdf.score[(fdf.set == 'S_C') & ~fdf.atypical].to_numpy())[::-1]
+        axes[0].plot(np.linspace(0, 1, len(v)), v, label=fw)
+    axes[0].axhline(0, color='grey', lw=.8, ls=':'); axes[0].set_xlabel('fraction of normal S_C (sorted)'); axes[0].set_ylabel('SSLMem′'); axes[0].legend(fontsize=7)
+    x = np.arange(len(t1))
+    axes[1].bar(x - .2, t1.avg_mem - t1.avg_mem_S_E, .4, label='Avg. Mem. − mean(S_E)'); axes[1].bar(x + .2, t1.frac_mem, .4, label='Frac. Mem. (> S_E q95)')
+    axes[1].axhline(0.05, color='grey', ls=':', lw=.8); axes[1].set_xticks(x, t1.framework); axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
