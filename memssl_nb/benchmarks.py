@@ -14,11 +14,11 @@ from .data import ImageSet, load_dataset
 from .augment import Augment, benchmark_augment
 from .models import build_encoder
 from .spec import TrainSpec, build_augment, build_model, make_optimizer, training_data
-from .train import LossModel
+from .train import LossModel, train_encoder
 from .sslmem import benchmark_sslmem, official_style_sslmem, sslmem
 
 # %% auto 0
-__all__ = ['peak_memory', 'cpu_clock', 'benchmark_train_step']
+__all__ = ['peak_memory', 'cpu_clock', 'benchmark_train_step', 'benchmark_checkpointing']
 
 # %% ../nbs/90_benchmarks.ipynb 5
 def _rss() -> int:
@@ -104,3 +104,16 @@ def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device
                 step_preaugmented_s=best['preaugmented'], augment_s=best['augment_only'],
                 overhead=best['augment_only'] / (best['augment_only'] + best['preaugmented']),
                 overhead_by_difference=(best['with_aug'] - best['preaugmented']) / best['with_aug'])
+
+# %% ../nbs/90_benchmarks.ipynb 17
+def benchmark_checkpointing(spec: TrainSpec, data: ImageSet, repeats: int = 3) -> dict:
+    """Median seconds per epoch of `train_encoder(spec)` with the cache (a verified checkpoint every epoch) and without
+    (nothing written), interleaved `repeats` times; `overhead` = with / without − 1."""
+    import statistics, tempfile
+    with_, without = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); train_encoder(spec, data, cache=False, progress_bar=False); without.append(time.perf_counter() - t0)
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter(); train_encoder(spec, data, cache_dir=d, progress_bar=False); with_.append(time.perf_counter() - t0)
+    w, wo = statistics.median(with_) / spec.epochs, statistics.median(without) / spec.epochs
+    return dict(epoch_with_s=w, epoch_without_s=wo, overhead=w / wo - 1)

@@ -19,8 +19,8 @@ from .train import train_encoder, encoder_folder
 # %% auto 0
 __all__ = ['WEAK_DIGITS', 'random_labelling', 'Regime', 'lobacheva_regimes', 'fixed_views', 'contrastive_hits', 'recalibrate_bn',
            'measure_hits', 'record_hits', 'Dynamics', 'learning_dynamics', 'binomial_chi2', 'binomial_mae',
-           'sorted_gap', 'match_epoch', 'augmentation_spread', 'binomial_mae_null', 'bootstrap_stat', 'mcnemar',
-           'class_kl', 'plot_sorted_curves']
+           'sorted_gap', 'match_epoch', 'augmentation_spread', 'binomial_mae_null', 'bootstrap_stat', 'class_kl',
+           'plot_sorted_curves']
 
 # %% ../nbs/14_dynamics.ipynb 5
 def random_labelling(data: ImageSet, seed: int = 0) -> ImageSet:
@@ -261,14 +261,6 @@ def bootstrap_stat(fn, dyns: dict, n_boot: int = 200, seed: int = 0) -> np.ndarr
                      for b in range(n_boot)])
 
 # %% ../nbs/14_dynamics.ipynb 21
-def mcnemar(correct_a, correct_b) -> float:
-    "One-sided exact McNemar p-value that predictor a (per-point correctness `correct_a`) beats b on the same points."
-    from scipy import stats
-    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
-    if a.shape != b.shape: raise ValueError(f"need one correctness value per point for both predictors; got {a.shape} and {b.shape}")
-    wins, losses = int((a & ~b).sum()), int((~a & b).sum())
-    return float(stats.binomtest(wins, wins + losses, 0.5, alternative='greater').pvalue) if wins + losses else 1.0
-
 def class_kl(x, y) -> np.ndarray:
     "[C, C] symmetrised KL divergence between per-class Gaussians (Ledoit–Wolf covariance) of standardised features `x`."
     from sklearn.covariance import LedoitWolf

@@ -14,8 +14,9 @@ from .data import ImageSet, load_dataset
 from .spec import build_model, build_clean
 from .train import train_encoder
 from .evaluate import embed, linear_probe
+from .stats import mcnemar
 from .dynamics import (Dynamics, Regime, lobacheva_regimes, learning_dynamics, binomial_chi2, binomial_mae,
-                                binomial_mae_null, sorted_gap, match_epoch, augmentation_spread, bootstrap_stat, mcnemar,
+                                binomial_mae_null, sorted_gap, match_epoch, augmentation_spread, bootstrap_stat,
                                 class_kl, plot_sorted_curves)
 
 # %% auto 0

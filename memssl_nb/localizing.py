@@ -17,6 +17,7 @@ from .train import TrainedEncoder, train_encoder
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .sslmem import sslmem
 from .core import Preset
+from .stats import welch_greater, paired_greater, depth_trend, top_mean, mcnemar
 
 # %% auto 0
 __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_ID', 'LOC_GLOSSARY', 'PAPER_RESNET9_PARAMS',
@@ -26,28 +27,28 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'PAPER_T23', 'PAPER_T25', 'T5_SETTINGS', 'PAPER_T5', 'PAPER_T13', 'PAPER_T14A', 'AUGMENT_VARIANTS',
            'TRAINING_VARIANTS', 'PAPER_T27', 'paper_layers', 'paper_block_name', 'block_of_paper_name',
            'loc_hyperparameters', 'resnet9_architecture', 'EncoderWithHead', 'second_dataset', 'train_on',
-           'welch_greater', 'depth_trend', 'paired_greater', 'top_mean', 'loc_protocol', 'candidate_sslmem',
-           'LocF1Config', 'LocF2Config', 'LocF4Config', 'LocT1Config', 'LocT11Config', 'LocT13Config', 'LocT15Config',
-           'LocT2Config', 'LocT21Config', 'LocT27Config', 'LocT6Config', 'pruning_experiment', 'pruning_table',
-           'pruning_order_test', 'plot_pruning', 'unitmem_during_training', 'training_curve_tests',
-           'plot_unitmem_curve', 'depth_layermem', 'layer_profile', 'layer_profile_tests', 'plot_layer_profile',
-           'breakdown', 'breakdown_tests', 'plot_breakdown', 'layer_agreement_table', 'agreement_tests',
-           'plot_agreement', 'top_candidates', 'shared_top_test', 'plot_top_candidates', 'seed_agreement_table',
-           'seed_agreement_tests', 'plot_seed_agreement', 'subset_size_table', 'subset_size_test', 'plot_subset_sizes',
-           'distance_profiles', 'distance_tests', 'plot_distance_profiles', 'parse_pm', 'architecture_changes',
-           'architecture_rows', 'architecture_layermem', 'architecture_tests', 'plot_architecture', 'block_sets',
-           'exchange_encoders', 'exchange_table', 'exchange_tests', 'plot_exchange', 'candidate_unitmem', 'most_least',
-           'most_least_table', 'most_least_tests', 'plot_most_least', 'median_variant_table', 'median_variant_tests',
-           'plot_median_variant', 'owner_tables', 'owner_tests', 'plot_unit_owner', 'augmentation_effect',
-           'composition_table', 'composition_test', 'plot_composition', 'concept_table', 'concept_tests',
-           'LayerExchange', 'three_layer_table', 'three_layer_tests', 'plot_three_layer', 'single_layer_tables',
-           'single_layer_tests', 'plot_single_layer', 'combination_table', 'combination_tests', 'plot_combinations',
-           'bn_similarity', 'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion',
-           'insertion_tests', 'insertion_variant_tests', 'plot_insertion', 'ssl_and_supervised', 'unit_class_table',
-           'unit_class_tests', 'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
-           'measuring_augmentation_tests', 'training_variants', 'augmentation_strength_tests', 'weight_decay_table',
-           'weight_decay_tests', 'framework_comparison', 'plot_training_variants', 'dataset_unitmem', 'unit_summary',
-           'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
+           'loc_protocol', 'candidate_sslmem', 'LocF1Config', 'LocF2Config', 'LocF4Config', 'LocT1Config',
+           'LocT11Config', 'LocT13Config', 'LocT15Config', 'LocT2Config', 'LocT21Config', 'LocT27Config', 'LocT6Config',
+           'pruning_experiment', 'pruning_table', 'pruning_order_test', 'plot_pruning', 'unitmem_during_training',
+           'training_curve_tests', 'plot_unitmem_curve', 'depth_layermem', 'layer_profile', 'layer_profile_tests',
+           'plot_layer_profile', 'breakdown', 'breakdown_tests', 'plot_breakdown', 'layer_agreement_table',
+           'agreement_tests', 'plot_agreement', 'top_candidates', 'shared_top_test', 'plot_top_candidates',
+           'seed_agreement_table', 'seed_agreement_tests', 'plot_seed_agreement', 'subset_size_table',
+           'subset_size_test', 'plot_subset_sizes', 'distance_profiles', 'distance_tests', 'plot_distance_profiles',
+           'parse_pm', 'architecture_changes', 'architecture_rows', 'architecture_layermem', 'architecture_tests',
+           'plot_architecture', 'block_sets', 'exchange_encoders', 'exchange_table', 'exchange_tests', 'plot_exchange',
+           'candidate_unitmem', 'most_least', 'most_least_table', 'most_least_tests', 'plot_most_least',
+           'median_variant_table', 'median_variant_tests', 'plot_median_variant', 'owner_tables', 'owner_tests',
+           'plot_unit_owner', 'augmentation_effect', 'composition_table', 'composition_test', 'plot_composition',
+           'concept_table', 'concept_tests', 'LayerExchange', 'three_layer_table', 'three_layer_tests',
+           'plot_three_layer', 'single_layer_tables', 'single_layer_tests', 'plot_single_layer', 'combination_table',
+           'combination_tests', 'plot_combinations', 'bn_similarity', 'finetune_table', 'finetune_tests',
+           'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'insertion_tests', 'insertion_variant_tests',
+           'plot_insertion', 'ssl_and_supervised', 'unit_class_table', 'unit_class_tests', 'plot_unit_class_means',
+           'plot_unit_class_scatter', 'measuring_augmentation_table', 'measuring_augmentation_tests',
+           'training_variants', 'augmentation_strength_tests', 'weight_decay_table', 'weight_decay_tests',
+           'framework_comparison', 'plot_training_variants', 'dataset_unitmem', 'unit_summary', 'dataset_tests',
+           'dp_unitmem', 'dp_unit_tests']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -147,32 +148,6 @@ def train_on(data: ImageSet, cfg: ProtocolConfig, seed: int = 0, progress_bar: b
     return train_encoder(spec, data, progress_bar=progress_bar)
 
 # %% ../nbs/19_localizing.ipynb 21
-def welch_greater(a, b) -> tuple[float, float]:
-    "(t, one-sided p) of Welch's test that mean(a) > mean(b)."
-    from scipy.stats import ttest_ind
-    r = ttest_ind(np.asarray(a, dtype=float), np.asarray(b, dtype=float), equal_var=False, alternative='greater')
-    return float(r.statistic), float(r.pvalue)
-
-def depth_trend(values) -> tuple[float, float]:
-    "(Spearman rho, two-sided p) of `values` against their position (depth)."
-    from scipy.stats import spearmanr
-    v = np.asarray(values, dtype=float)
-    r = spearmanr(np.arange(len(v)), v)
-    return float(r.statistic), float(r.pvalue)
-
-def paired_greater(a, b) -> tuple[float, float]:
-    "(t, one-sided p) of the paired t-test that mean(a - b) > 0 (e.g. one point's score at two layers)."
-    from scipy.stats import ttest_rel
-    r = ttest_rel(np.asarray(a, dtype=float), np.asarray(b, dtype=float), alternative='greater')
-    return float(r.statistic), float(r.pvalue)
-
-def top_mean(values, frac: float = 0.1) -> float:
-    "Mean of the largest `frac` of `values` (at least one), e.g. the mean UnitMem of a layer's top 10 % of units."
-    v = np.sort(np.asarray(values, dtype=float).ravel())[::-1]
-    if not len(v): raise ValueError("top_mean of no values")
-    return float(v[:max(1, int(round(frac * len(v))))].mean())
-
-# %% ../nbs/19_localizing.ipynb 24
 def loc_protocol(scale: str, changes: dict | None = None, progress_bar: bool = False) -> ProtocolRun:
     "`run_protocol(protocol_config(scale, **changes))`, with lists in `changes` turned into tuples."
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in (changes or {}).items()}
@@ -183,7 +158,7 @@ def candidate_sslmem(run: ProtocolRun, n_pairs: int = 10, seed: int = 0) -> torc
     return sslmem(run.f_encoders, run.g_encoders, run.data.images[run.split.candidates], run.augment,
                   n_pairs=n_pairs, seed=seed, progress=False).score
 
-# %% ../nbs/19_localizing.ipynb 27
+# %% ../nbs/19_localizing.ipynb 24
 @dataclass(frozen=True)
 class LocF1Config(Preset):
     "Settings of `nbs/paper/loc_f1.ipynb` (LOC-F1a, LOC-F1c); the defaults are the smoke scale."
@@ -347,7 +322,7 @@ LocT6Config.SCALES = {
     'paper': LocT6Config(n_views=10, n_random=10),
 }
 
-# %% ../nbs/19_localizing.ipynb 30
+# %% ../nbs/19_localizing.ipynb 27
 PRUNING_SETTINGS = (('per_layer', 0.1), ('per_layer', 0.2), ('total', 0.1))
 PAPER_T6 = {('none', '-', 0.0): 70.44, ('top', 'per_layer', 0.1): 53.04, ('random', 'per_layer', 0.1): 58.09, ('low', 'per_layer', 0.1): 62.58,
             ('top', 'per_layer', 0.2): 48.30, ('random', 'per_layer', 0.2): 51.34, ('low', 'per_layer', 0.2): 54.84,
@@ -451,7 +426,7 @@ def plot_unitmem_curve(F4: pd.DataFrame):
     ax.set_xlabel('epoch'); ax.set_ylabel('mean UnitMem'); ax.legend(fontsize=6, ncol=2); ax.set_title('UnitMem during training (thick: layer 8)')
     return fig
 
-# %% ../nbs/19_localizing.ipynb 33
+# %% ../nbs/19_localizing.ipynb 30
 PAPER_T1 = pd.DataFrame({
     'LM': [.091, .123, .154, .183, .185, .212, .246, .276, .308, .311],
     'dLM': [np.nan, .032, .031, .029, .002, .027, .034, .030, .032, .003],
@@ -695,7 +670,7 @@ def plot_distance_profiles(T26: pd.DataFrame):
     ax.set_xticks(range(len(T26)), [PAPER_LAYER[l] for l in T26.index]); ax.legend(fontsize=7); ax.set_title('LayerMem under four distances')
     return fig
 
-# %% ../nbs/19_localizing.ipynb 37
+# %% ../nbs/19_localizing.ipynb 34
 def parse_pm(s: str) -> list[tuple]:
     "'.074±.010; .092±.007' → [(0.074, 0.010), (0.092, 0.007)] (the papers' 'mean ± std' cells, ',' or ';' separated)."
     return [tuple(float(v) for v in x.split('±')) for x in s.replace(';', ',').split(',')]
@@ -839,7 +814,6 @@ def exchange_table(f1, donor, D: dict, DB: dict, sets: dict, name: str) -> tuple
 
 def exchange_tests(T: pd.DataFrame, C: dict, name: str) -> dict:
     "Table 24's statements for one donor: damage on A and gain on B ordered most > random > least, with McNemar tests."
-    from memssl_nb.dynamics import mcnemar
     t = T.set_index('criterion')
     rnd = t.loc[[k for k in t.index if k.startswith('random ')]]
     pA, pB = mcnemar(C['least']['A'], C['most']['A']), mcnemar(C['most']['B'], C['least']['B'])
@@ -874,7 +848,7 @@ def plot_exchange(T: pd.DataFrame):
     axes[0].legend(fontsize=6)
     return fig
 
-# %% ../nbs/19_localizing.ipynb 40
+# %% ../nbs/19_localizing.ipynb 37
 PAPER_T11 = {'conv1': (.507, .235, 65.89), 'conv2_0': (.501, .231, 66.25), 'conv2_1': (.503, .233, 65.94), 'conv2_2': (.512, .240, 65.12),
              'conv3': (.509, .242, 64.13), 'conv4_0': (.514, .246, 63.67), 'conv4_1': (.515, .245, 64.09), 'conv4_2': (.522, .248, 64.18)}
 PAPER_T12 = {1: (10, .694), 2: (2, .813), 3: (1, .833), 4: (1, .857), 5: (1, .891)}
@@ -1063,7 +1037,7 @@ def concept_tests(T34: pd.DataFrame) -> dict:
             'three_classes': dict(ours=rel3.round(3).to_dict(), condition=bool(rel3.max() < 0.2), paper_value='barely changes',
                                   test='|relative change| < 20 % in every layer')}
 
-# %% ../nbs/19_localizing.ipynb 43
+# %% ../nbs/19_localizing.ipynb 40
 PAPER_T21 = {'none': (69.08, 17.81), 'most by ΔLM': (36.59, 32.33), 'most by LM': (39.07, 29.82), 'random': (43.22, 25.89),
              'least by LM': (49.95, 24.71), 'least by ΔLM': (59.14, 23.10)}
 T21_SETS = {'most by ΔLM': (4, 6, 8), 'most by LM': (6, 7, 8), 'random': (4, 5, 7), 'least by LM': (2, 3, 4), 'least by ΔLM': (2, 3, 5)}
@@ -1221,7 +1195,7 @@ def ssl_vs_sl(ex: LayerExchange, sl_epochs: int) -> pd.DataFrame:
     T20['paper_own (CIFAR100)'] = [65.4, 66.1]; T20['paper_other (CIFAR10/STL10/SVHN mean)'] = [55.2, 53.8]
     return T20
 
-# %% ../nbs/19_localizing.ipynb 46
+# %% ../nbs/19_localizing.ipynb 43
 PAPER_T13 = dict(top=[0.754, 0.761, 0.792, 0.814, 0.824, 0.826], dead=[0, 0, 0, 0.0008, 0.0021, 0.0109])
 PAPER_T14A = [0.754, 0.766, 0.809, 0.819, 0.826, 0.828]
 
@@ -1302,7 +1276,7 @@ def plot_insertion(T14: pd.DataFrame, hi: int, lo: int, dead: bool):
     for a in ax: a.set_xlabel('fine-tuning steps'); a.set_ylabel('UnitMem'); a.legend(fontsize=7)
     return fig
 
-# %% ../nbs/19_localizing.ipynb 49
+# %% ../nbs/19_localizing.ipynb 46
 def ssl_and_supervised(run: ProtocolRun, sl_epochs: int, sl_width: float) -> dict:
     "{'SSL': the protocol's f (seed 0), 'SL': a supervised encoder trained on the same points}."
     cfg, idx = run.config, run.split.f_indices
@@ -1390,7 +1364,7 @@ def measuring_augmentation_tests(F9: pd.DataFrame) -> dict:
             'sl_clean_lower': dict(ours=F9.loc[['training', 'none (clean)'], 'SL'].round(3).to_dict(), condition=F9.loc['none (clean)', 'SL'] < F9.loc['training', 'SL'],
                                    paper_value='lower (figure 5)', test='clean < training augmentation, layer 8')}
 
-# %% ../nbs/19_localizing.ipynb 52
+# %% ../nbs/19_localizing.ipynb 49
 AUGMENT_VARIANTS = {'weak': {'augment_kw': (('crop', {'scale': (0.7, 1.0)}), ('jitter', {'brightness': 0.2, 'contrast': 0.2, 'p': 0.5}))},
                     'normal': {},
                     'strong': {'augment_kw': (('crop', {'scale': (0.2, 1.0)}), ('jitter', {'brightness': 0.6, 'contrast': 0.6, 'p': 0.9}),
@@ -1469,7 +1443,7 @@ def plot_training_variants(LM: pd.DataFrame, UM: pd.DataFrame, variants: list, t
     ax[0].set_title(titles[0]); ax[1].set_title(titles[1]); ax[0].legend(fontsize=7)
     return fig
 
-# %% ../nbs/19_localizing.ipynb 55
+# %% ../nbs/19_localizing.ipynb 52
 def dataset_unitmem(scale: str, datasets, n_points: int, layer: str, n_views: int) -> dict:
     "UnitMem of `layer`'s units of the protocol's recipe trained on `n_points` random training points of each dataset."
     from memssl_nb.core import make_generator

@@ -18,6 +18,7 @@ from .sslmem import sslmem
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .objectives import nt_xent
 from .objectives import masked_augment
+from .stats import monotone
 
 # %% auto 0
 __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'ATYPICAL_SCALES', 'AUGMENT_STRENGTHS', 'SET_PAIRS', 'FrameworkConfig',
@@ -26,9 +27,9 @@ __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'ATYPICAL_SCALES', 'AUGMENT_STREN
            'summarize_run', 'protocol_sweep', 'dp_variants', 'toy_1d_sslmem', 'SSLMemF1Config', 'SSLMemF10Config',
            'SSLMemRemovalConfig', 'SSLMemSetsConfig', 'SSLMemSweepsConfig', 'toy_1d_table', 'plot_toy_1d',
            'removal_table', 'plot_removal', 'paired_removal', 'removal_tests', 'intervention_sweeps', 'extreme_test',
-           'monotone', 'sweep_tests', 'dp_tests', 'sweep_panel', 'plot_sweeps', 'set_tests', 'plot_sets',
-           'supervised_memorization', 'supervised_tests', 'plot_supervised', 'candidate_groups', 'atypical_tests',
-           'plot_candidates', 'framework_table', 'framework_tests', 'plot_frameworks']
+           'sweep_tests', 'dp_tests', 'sweep_panel', 'plot_sweeps', 'set_tests', 'plot_sets', 'supervised_memorization',
+           'supervised_tests', 'plot_supervised', 'candidate_groups', 'atypical_tests', 'plot_candidates',
+           'framework_table', 'framework_tests', 'plot_frameworks']
 
 # %% ../nbs/18_sslmem_experiments.ipynb 5
 SSLMEM_PAPER_SETUP = {
@@ -403,10 +404,6 @@ def extreme_test(tabs: dict, first, last, alternative: str) -> float:
     from scipy import stats
     a = tabs[first].score[tabs[first].set == 'S_C'].to_numpy(); b = tabs[last].score[tabs[last].set == 'S_C'].to_numpy()
     return stats.ttest_ind(a, b, equal_var=False, alternative=alternative).pvalue
-
-def monotone(v, decreasing: bool = True) -> bool:
-    "Is the sequence strictly decreasing (or increasing)?"
-    d = np.diff(np.asarray(v, float)); return bool((d < 0).all() if decreasing else (d > 0).all())
 
 def sweep_tests(sweeps: dict, preset, acc: str) -> dict:
     "SSLMem-EQ3's and SSLMem-DYN's statements: memorization falls with λ and augmentation strength, rises with epochs; accuracy falls with λ; S_I < 0."
