@@ -21,8 +21,8 @@ from .objectives import masked_augment
 from .stats import monotone
 
 # %% auto 0
-__all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'ATYPICAL_SCALES', 'AUGMENT_STRENGTHS', 'SET_PAIRS', 'FrameworkConfig',
-           'framework_config', 'atypical_config', 'scoring_augment', 'score_run', 'by_set', 'frac_mem',
+__all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'AUGMENT_STRENGTHS', 'SET_PAIRS', 'FrameworkConfig', 'framework_config',
+           'AtypicalConfig', 'atypical_config', 'scoring_augment', 'score_run', 'by_set', 'frac_mem',
            'atypical_ranking', 'downstream_sets', 'downstream_accuracy', 'removal_sets', 'removal_experiment',
            'summarize_run', 'protocol_sweep', 'dp_variants', 'toy_1d_sslmem', 'SSLMemF1Config', 'SSLMemF10Config',
            'SSLMemRemovalConfig', 'SSLMemSetsConfig', 'SSLMemSweepsConfig', 'toy_1d_table', 'plot_toy_1d',
@@ -79,15 +79,17 @@ def framework_config(base: ProtocolConfig, framework: str, scale: str = 'cpu') -
         return base.replace(objective='vicreg', objective_kw=(('expander_dim', s.vicreg_expander_dim),))
     return base.replace(objective='simsiam')
 
-ATYPICAL_SCALES = {
-    'smoke': dict(epochs=2, atypical_kind='invert', atypical_fraction=0.2),
-    'cpu': dict(width=0.25, epochs=200, atypical_kind='invert', atypical_fraction=0.1),
-    'paper': dict(atypical_kind='invert', atypical_fraction=0.02),
-}
+@dataclass(frozen=True)
+class AtypicalConfig(Preset):
+    "The injected atypical candidates of the SSLMem protocol: which transformation, and what share of S_C, per scale."
+    atypical_kind: str = 'invert'
+    atypical_fraction: float = 0.1
+AtypicalConfig.SCALES = {'smoke': AtypicalConfig(atypical_fraction=0.2), 'cpu': AtypicalConfig(), 'paper': AtypicalConfig(atypical_fraction=0.02)}
 
 def atypical_config(scale: str = 'smoke', **changes) -> ProtocolConfig:
-    "The protocol with injected atypical (colour-inverted) candidates: the ground truth of F1, T1 and the sweeps."
-    return protocol_config(scale, **{**ATYPICAL_SCALES[scale], **changes})
+    "The protocol of `scale` with injected atypical (colour-inverted) candidates: the ground truth of F1, T1 and the sweeps."
+    a = AtypicalConfig.preset(scale)
+    return protocol_config(scale, **{'atypical_kind': a.atypical_kind, 'atypical_fraction': a.atypical_fraction, **changes})
 
 AUGMENT_STRENGTHS = {   # overrides of the 'digits' preset (crop scale 0.4-1, brightness/contrast 0.4 with p 0.8)
     'weak': (('crop', {'scale': (0.8, 1.0)}), ('jitter', {'brightness': 0.2, 'contrast': 0.2, 'p': 0.5})),
