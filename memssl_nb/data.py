@@ -4,19 +4,20 @@
 
 # %% ../nbs/01_data.ipynb 2
 from __future__ import annotations
-import functools, json, math
+import functools, gzip, json, math, os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .core import DATA_DIR, atomic_write_text, iter_batches, make_generator, stable_hash, to_float01
+from .core import DATA_DIR, atomic_write_bytes, atomic_write_text, iter_batches, make_generator, stable_hash, to_float01
 
 # %% auto 0
-__all__ = ['DATASETS', 'EMBEDDED', 'SPLITS', 'STL10_CLASSES', 'TORCHVISION_LAYOUT', 'SET_NAMES', 'ATYPICAL_KINDS', 'as_index',
-           'ImageSet', 'image_grid', 'resize_images', 'DatasetNotFound', 'clear_dataset_cache', 'load_dataset',
-           'MemSplit', 'make_split', 'inject_atypical', 'choose_atypical', 'split_by_classes', 'class_disjoint_halves']
+__all__ = ['DATASETS', 'EMBEDDED', 'SPLITS', 'STL10_CLASSES', 'FASHION_MNIST_FILES', 'FASHION_MNIST_SYSTEM', 'TORCHVISION_LAYOUT',
+           'SET_NAMES', 'ATYPICAL_KINDS', 'as_index', 'ImageSet', 'image_grid', 'resize_images', 'DatasetNotFound',
+           'clear_dataset_cache', 'load_dataset', 'MemSplit', 'make_split', 'inject_atypical', 'choose_atypical',
+           'split_by_classes', 'class_disjoint_halves']
 
 # %% ../nbs/01_data.ipynb 5
 def as_index(idx, n: int | None = None) -> torch.Tensor:
@@ -142,9 +143,9 @@ def resize_images(images: torch.Tensor, size: int | tuple[int, int], batch_size:
     return out
 
 # %% ../nbs/01_data.ipynb 14
-DATASETS = ('digits', 'photos', 'cifar10', 'cifar100', 'svhn', 'stl10')
+DATASETS = ('digits', 'photos', 'fashion_mnist', 'cifar10', 'cifar100', 'svhn', 'stl10')
 EMBEDDED = ('digits', 'photos')   # ship inside scikit-learn: no files, no download
-SPLITS = {'digits': ('train', 'test', 'all'), 'photos': ('train', 'test', 'all'), 'cifar10': ('train', 'test'), 'cifar100': ('train', 'test'),
+SPLITS = {'digits': ('train', 'test', 'all'), 'photos': ('train', 'test', 'all'), 'fashion_mnist': ('train', 'test'), 'cifar10': ('train', 'test'), 'cifar100': ('train', 'test'),
           'svhn': ('train', 'test', 'extra'), 'stl10': ('train', 'test', 'unlabeled', 'train+unlabeled')}
 STL10_CLASSES = ['airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'ship', 'truck']
 
@@ -192,7 +193,10 @@ def _load_photos(split: str, tile: int = 24) -> ImageSet:
 
 # %% ../nbs/01_data.ipynb 15
 # Where torchvision reads each dataset (relative to `root`), the files it md5-checks there, and what it downloads.
+FASHION_MNIST_FILES = ['train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte']
+FASHION_MNIST_SYSTEM = Path('/usr/share/datasets/fashion-mnist')    # where `apt-get install dataset-fashion-mnist` puts them
 TORCHVISION_LAYOUT = {
+    'fashion_mnist': ('FashionMNIST/raw', FASHION_MNIST_FILES, 'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/'),
     'cifar10': ('cifar-10-batches-py', [*(f'data_batch_{i}' for i in range(1, 6)), 'test_batch', 'batches.meta'],
                 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'),
     'cifar100': ('cifar-100-python', ['train', 'test', 'meta'], 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz'),
@@ -217,10 +221,24 @@ def _not_found(name: str, split: str, root: Path, download: bool, err: Exception
         f"  Expected files there: {', '.join(files)} ({state}).\n"
         f"  To get them: {how} (it fetches {url}), or copy the files into {folder} yourself; "
         f"pass root= or set $MEMSSL_DATA to use another data folder.\n"
-        f"  Working offline? load_dataset('digits') needs no download (scikit-learn ships it)."
+        + (f"\n  Or, offline, install the Debian package (`apt-get install dataset-fashion-mnist`: {FASHION_MNIST_SYSTEM}) "
+           f"or point $MEMSSL_FASHION_MNIST at a folder with the four idx .gz files." if name == 'fashion_mnist' else '')
+        + "\n  Working offline? load_dataset('digits') needs no download (scikit-learn ships it)."
         + (f"\n  Underlying error: {type(err).__name__}: {err}" if err is not None else ''))
 
+def _stage_fashion_mnist(root: Path) -> bool:
+    "Put Fashion-MNIST's four idx files, decompressed, where torchvision reads them (root/FashionMNIST/raw); True if they are there."
+    raw = root/'FashionMNIST'/'raw'
+    if all((raw/f).exists() for f in FASHION_MNIST_FILES): return True
+    for src in (raw, Path(os.environ.get('MEMSSL_FASHION_MNIST', FASHION_MNIST_SYSTEM))):
+        if all((src/f).exists() or (src/f'{f}.gz').exists() for f in FASHION_MNIST_FILES):
+            for f in FASHION_MNIST_FILES:
+                if not (raw/f).exists(): atomic_write_bytes(raw/f, gzip.decompress((src/f'{f}.gz').read_bytes()))
+            return True
+    return False
+
 def _load_torchvision(name: str, split: str, root: Path, download: bool) -> ImageSet:
+    if name == 'fashion_mnist': _stage_fashion_mnist(root)
     folder, files, _ = _expected_files(name, split, root)
     if not download and not all((folder/f).exists() for f in files):
         raise _not_found(name, split, root, download)     # fail fast, before importing torchvision
@@ -231,6 +249,9 @@ def _load_torchvision(name: str, split: str, root: Path, download: bool) -> Imag
             cls = tvd.CIFAR10 if name == 'cifar10' else tvd.CIFAR100
             ds = cls(root, train=split == 'train', download=download)
             images, labels, classes = np.asarray(ds.data).transpose(0, 3, 1, 2), ds.targets, ds.classes
+        elif name == 'fashion_mnist':
+            ds = tvd.FashionMNIST(root, train=split == 'train', download=download)
+            images, labels, classes = ds.data.numpy()[:, None], ds.targets.numpy(), ds.classes
         elif name == 'svhn':
             ds = tvd.SVHN(root, split=split, download=download)
             images, labels, classes = ds.data, ds.labels, [str(i) for i in range(10)]
@@ -267,7 +288,7 @@ def load_dataset(name: str, split: str = 'train', root: str | Path | None = None
         _CACHE[key] = ds
     return _CACHE[key]
 
-# %% ../nbs/01_data.ipynb 23
+# %% ../nbs/01_data.ipynb 25
 SET_NAMES = ('S_S', 'S_C', 'S_I', 'S_E')
 
 def _sizes(m: int, fractions: Sequence[float]) -> list[int]:
@@ -327,7 +348,7 @@ class MemSplit:
         d = json.loads(Path(path).read_text())
         return cls(*(torch.tensor(d[k], dtype=torch.int64) for k in SET_NAMES), n=d.get('n'), seed=d.get('seed'))
 
-# %% ../nbs/01_data.ipynb 24
+# %% ../nbs/01_data.ipynb 26
 def make_split(n_or_indices, fractions: Sequence[float] = (0.8, 0.1, 0.1), *, n_extra: int = 0, seed: int = 0,
                extra=None) -> MemSplit:
     "Seeded split of a pool (`range(n)` or given indices) into S_E (`n_extra` points or `extra`) and S_S/S_C/S_I by `fractions`."
@@ -348,7 +369,7 @@ def make_split(n_or_indices, fractions: Sequence[float] = (0.8, 0.1, 0.1), *, n_
     a, b, _ = _sizes(len(rest), fractions)
     return MemSplit(rest[:a], rest[a:a + b], rest[a + b:], extra_idx, n=n, seed=seed)
 
-# %% ../nbs/01_data.ipynb 29
+# %% ../nbs/01_data.ipynb 31
 ATYPICAL_KINDS = ('invert', 'noise', 'rotate', 'mislabel', 'blank')
 
 def inject_atypical(imageset: ImageSet, indices, kind: str = 'invert', seed: int = 0) -> ImageSet:
@@ -383,7 +404,7 @@ def choose_atypical(split_or_indices, fraction_or_count: float | int, seed: int 
     if not 0 <= k <= len(pool): raise ValueError(f"cannot choose {k} of {len(pool)} points")
     return pool[torch.randperm(len(pool), generator=make_generator(seed))[:k]].sort().values
 
-# %% ../nbs/01_data.ipynb 33
+# %% ../nbs/01_data.ipynb 35
 def split_by_classes(imageset: ImageSet, classes: Sequence[int | str], relabel: bool = True) -> ImageSet:
     "The images of `classes` (ids or names); labels renumbered 0..k-1 in the given order when `relabel`."
     ids = [imageset.classes.index(c) if isinstance(c, str) else int(c) for c in classes]

@@ -2,6 +2,7 @@
 exact on-disk format. torchvision md5-checks its files, so each test points the class's file list at the md5
 sums of the generated files (monkeypatch); everything else is torchvision's genuine loading code."""
 import hashlib, pickle, urllib.error
+from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
@@ -155,7 +156,62 @@ def test_missing_files_message(tmp_path, name, folder, file):
     assert 'download=True' in msg and "load_dataset('digits')" in msg
 
 def test_unknown_name_and_split():
-    with pytest.raises(ValueError, match='available: digits, photos, cifar10, cifar100, svhn, stl10'):
+    with pytest.raises(ValueError, match='available: digits, photos, fashion_mnist, cifar10, cifar100, svhn, stl10'):
         load_dataset('imagenet')
     with pytest.raises(ValueError, match="no split 'valid'"):
         load_dataset('svhn', 'valid')
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (torchvision's FashionMNIST class)
+def write_idx(path, arr):
+    "An idx file as Fashion-MNIST ships it, gzip-compressed: magic 0x0008 + ndim, big-endian dimensions, uint8 data."
+    import gzip
+    header = bytes([0, 0, 8, arr.ndim]) + b''.join(int(n).to_bytes(4, 'big') for n in arr.shape)
+    path.write_bytes(gzip.compress(header + np.asarray(arr, dtype=np.uint8).tobytes()))
+
+
+def write_fashion(folder, n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for part, split in (('train', 'train'), ('t10k', 'test')):
+        imgs, labs = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+        write_idx(folder / f'{part}-images-idx3-ubyte.gz', imgs); write_idx(folder / f'{part}-labels-idx1-ubyte.gz', labs)
+        out[split] = (imgs, labs)
+    return out
+
+
+def test_fashion_mnist_from_a_package_folder(tmp_path, monkeypatch):
+    (tmp_path / 'pkg').mkdir()
+    written = write_fashion(tmp_path / 'pkg')
+    monkeypatch.setenv('MEMSSL_FASHION_MNIST', str(tmp_path / 'pkg'))
+    for split in ('train', 'test'):
+        ds = load_dataset('fashion_mnist', split, root=tmp_path / 'data')
+        assert ds.images.shape == (5, 1, 28, 28) and ds.images.dtype == torch.uint8 and ds.name == f'fashion_mnist-{split}'
+        assert np.array_equal(ds.images[:, 0].numpy(), written[split][0]) and ds.labels.tolist() == written[split][1].tolist()
+        assert ds.classes[:2] == ['T-shirt/top', 'Trouser']
+    assert load_dataset('fashion_mnist', 'test', root=tmp_path / 'data', size=16).images.shape == (5, 1, 16, 16)
+
+
+def test_fashion_mnist_from_gz_files_in_the_data_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv('MEMSSL_FASHION_MNIST', str(tmp_path / 'no-package'))
+    raw = tmp_path / 'FashionMNIST' / 'raw'; raw.mkdir(parents=True)
+    written = write_fashion(raw, n=3, seed=1)
+    ds = load_dataset('fashion_mnist', 'train', root=tmp_path)
+    assert np.array_equal(ds.images[:, 0].numpy(), written['train'][0])
+
+
+def test_fashion_mnist_missing_names_every_way_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv('MEMSSL_FASHION_MNIST', str(tmp_path / 'no-package'))
+    with pytest.raises(DatasetNotFound) as e:
+        load_dataset('fashion_mnist', root=tmp_path)
+    msg = str(e.value)
+    assert 'download=True' in msg and 'apt-get install dataset-fashion-mnist' in msg and str((tmp_path / 'FashionMNIST' / 'raw').resolve()) in msg
+    assert 'train-images-idx3-ubyte' in msg
+
+
+@pytest.mark.skipif(not Path('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz').exists(),
+                    reason='the Debian package dataset-fashion-mnist is not installed')
+def test_fashion_mnist_from_the_debian_package(tmp_path, monkeypatch):
+    monkeypatch.delenv('MEMSSL_FASHION_MNIST', raising=False)
+    train, test = load_dataset('fashion_mnist', root=tmp_path), load_dataset('fashion_mnist', 'test', root=tmp_path)
+    assert (len(train), len(test)) == (60000, 10000) and train.labels.bincount().tolist() == [6000] * 10
