@@ -9,7 +9,7 @@ from pathlib import Path
 from .core import FIGURES_DIR
 from .registry import SCALES, REGISTRY_PATH, RegistryError, list_artifacts
 from .runner import EXECUTORS, reproduce
-from .report import write_report, verify
+from .report import seed_run_root, write_report, verify
 
 # %% auto 0
 __all__ = ['COMMANDS', 'build_parser', 'cmd_list', 'cmd_reproduce', 'cmd_report', 'cmd_verify', 'cmd_demo', 'cmd_audit', 'main']
@@ -20,6 +20,8 @@ def _locations(p: argparse.ArgumentParser):
     p.add_argument('--registry', type=Path, default=None, help=f'artifact registry JSON (default: {REGISTRY_PATH})')
     p.add_argument('--nb-root', type=Path, default=None, help="folder of the registry's notebooks (default: the registry's folder)")
     p.add_argument('--out-root', type=Path, default=FIGURES_DIR, help='outputs go to OUT_ROOT/<scale> (default: figures/)')
+    p.add_argument('--seed-offset', type=int, default=0, metavar='N', help='the run with every seed shifted by N: its outputs '
+                   'are under OUT_ROOT/seed-offset-N/<scale>, and its report compares its verdicts with the other seeds\' (default: 0)')
 
 def _audit_parser(sub):
     p = sub.add_parser('audit', help='where does my encoder memorize, and which of my images? (UnitMem, ClassMem, SSLMem, LayerMem)',
@@ -117,7 +119,7 @@ def cmd_reproduce(args) -> int:
         summary = reproduce(args.scale, only=args.only, jobs=args.jobs, force=args.force, out_root=args.out_root,
                             wall_timeout=args.timeout, registry=args.registry, nb_root=args.nb_root, executor=args.executor,
                             cluster=args.cluster, executor_params=_key_values(args.executor_param),
-                            compare=None if args.compare.lower() == 'none' else args.compare)
+                            compare=None if args.compare.lower() == 'none' else args.compare, seed_offset=args.seed_offset)
     except (ValueError, RuntimeError) as e:
         print(f"memssl reproduce: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `memssl` command; returns the exit code (2: input it cannot use, with a message, no traceback)."
     try: args = build_parser().parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if getattr(args, 'seed_offset', 0) < 0: print(f"memssl {args.command}: --seed-offset must be ≥ 0", file=sys.stderr); return 2
+    if args.command in ('list', 'report', 'verify'): args.out_root = seed_run_root(args.out_root, args.seed_offset)
     try: return COMMANDS[args.command](args)
     except (RegistryError, OSError) as e:
         print(f"memssl {args.command}: {e}", file=sys.stderr); return 2

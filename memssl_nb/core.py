@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 # %% auto 0
-__all__ = ['PROJECT_ROOT', 'DATA_DIR', 'FIGURES_DIR', 'CACHE_DIR', 'find_project_root', 'get_device', 'configure_threads',
-           'seed_everything', 'make_generator', 'progress_enabled', 'progress', 'stable_hash',
+__all__ = ['PROJECT_ROOT', 'DATA_DIR', 'FIGURES_DIR', 'CACHE_DIR', 'SEED_OFFSET_ENV', 'find_project_root', 'get_device',
+           'configure_threads', 'seed_everything', 'make_generator', 'progress_enabled', 'progress', 'stable_hash',
            'remove_stale_temporaries', 'atomic_write_bytes', 'atomic_write_text', 'to_float01', 'iter_batches',
-           'Summarized', 'Preset']
+           'Summarized', 'seed_offset', 'shift_seeds', 'Preset']
 
 # %% ../nbs/00_core.ipynb 5
 def find_project_root(start: Path | None = None) -> Path:
@@ -145,14 +145,40 @@ class Summarized:
                 + self.overview().to_html(index=False, float_format=lambda v: f'{v:.4g}', na_rep=''))
 
 # %% ../nbs/00_core.ipynb 26
+SEED_OFFSET_ENV = 'MEMSSL_SEED_OFFSET'
+
+def seed_offset() -> int:
+    "The run's seed offset: `$MEMSSL_SEED_OFFSET` (set by `memssl reproduce --seed-offset`), 0 when unset."
+    raw = os.environ.get(SEED_OFFSET_ENV, '').strip() or '0'
+    try: n = int(raw)
+    except ValueError: raise ValueError(f"${SEED_OFFSET_ENV} must be a whole number ≥ 0, got {raw!r}") from None
+    if n < 0: raise ValueError(f"${SEED_OFFSET_ENV} must be a whole number ≥ 0, got {n}")
+    return n
+
+def _is_seed_field(name: str) -> bool: return name in ('seed', 'seeds') or name.endswith(('_seed', '_seeds'))
+
+def shift_seeds(config, offset: int):
+    "A copy of the dataclass `config` with `offset` added to every seed setting, nested dataclasses included."
+    import dataclasses
+    if offset == 0 or not dataclasses.is_dataclass(config): return config
+    def shifted(name, v):
+        if dataclasses.is_dataclass(v) and not isinstance(v, type): return shift_seeds(v, offset)
+        if not _is_seed_field(name) or v is None or isinstance(v, bool): return v
+        if isinstance(v, int): return v + offset
+        if isinstance(v, (tuple, list)): return type(v)(s + offset for s in v)
+        raise TypeError(f"{type(config).__name__}.{name}: cannot shift a seed setting of type {type(v).__name__}")
+    return dataclasses.replace(config, **{f.name: shifted(f.name, getattr(config, f.name))
+                                          for f in dataclasses.fields(config) if f.init})
+
+# %% ../nbs/00_core.ipynb 28
 class Preset:
     "Mixin for a frozen dataclass of settings with per-scale presets in the class attribute `SCALES` ({scale: instance})."
     SCALES: dict = {}
     @classmethod
     def preset(cls, scale: str = 'cpu', **changes):
-        "The preset of `scale` with `changes` applied."
+        "The preset of `scale` with `changes` applied, its seeds shifted by the run's `seed_offset()`."
         if scale not in cls.SCALES: raise ValueError(f"unknown scale {scale!r} for {cls.__name__}; scales: {list(cls.SCALES)}")
-        return cls.SCALES[scale].replace(**changes)
+        return shift_seeds(cls.SCALES[scale].replace(**changes), seed_offset())
     def replace(self, **changes):
         "A copy with `changes`; unknown setting names are an error."
         import dataclasses

@@ -128,20 +128,21 @@ def record_hits(spec: TrainSpec, data: ImageSet, views: torch.Tensor, labels: to
     hits = []
     def score(folder):
         def on_epoch_end(epoch):
-            load_checkpoint(folder/'checkpoint', twin, twin_obj, expected_key=key)
+            meta = load_checkpoint(folder/'checkpoint', twin, twin_obj, expected_key=key)
+            if meta['epoch'] != epoch: raise RuntimeError(f"the checkpoint holds epoch {meta['epoch']}, not {epoch}")
             if recalibrate: recalibrate_bn(twin, twin_obj, train_data.images, augment, seed=spec.seed * 7 + epoch)
             hits.append(measure_hits(twin, twin_obj, views, labels, eval_batch))
         return on_epoch_end
     shared = encoder_folder(key, root)
     if cache and not any((shared/f).exists() for f in ('final.safetensors', 'checkpoint.safetensors')):
-        train_encoder(spec, data, cache=True, cache_dir=root, progress_bar=False, on_epoch_end=score(shared))
+        train_encoder(spec, data, cache=True, cache_dir=root, progress_bar=False, on_epoch_end=score(shared), checkpoint_budget=None)
     if len(hits) != spec.epochs:
         # not trained here, or a concurrent job trained (or half-trained) this key while we waited for its lock:
         # every epoch must be watched, so train a private copy
         hits.clear()
         with tempfile.TemporaryDirectory() as tmp:
             train_encoder(spec, data, cache=True, cache_dir=Path(tmp), progress_bar=False,
-                          on_epoch_end=score(encoder_folder(key, Path(tmp))))
+                          on_epoch_end=score(encoder_folder(key, Path(tmp))), checkpoint_budget=None)
     out = torch.stack(hits).numpy() if hits else np.zeros((0, *views.shape[:3]), np.uint8)
     if cache:
         buf = io.BytesIO(); np.save(buf, out); atomic_write_bytes(path, buf.getvalue())   # concurrent readers never see half a file

@@ -43,6 +43,7 @@ class LobachevaConfig(Preset):
     batch_size: int = 128               # training batch
     epochs: dict = field(default_factory=lambda: {'simclr': 20, 'supervised': 20, 'random': 20, 'random+aug': 30})
     n_boot: int = 200                   # bootstrap replicates over networks
+    seed: int = 0                       # the networks of a regime are seeds seed, seed + 1, …
     data_seed: int = 0
     label_seed: int = 0
     dataset: str = 'digits'
@@ -86,7 +87,7 @@ def lobacheva_study(config: LobachevaConfig, cache: bool = True, show_progress: 
     idx = torch.randperm(len(full), generator=make_generator(c.data_seed))[:c.n_train]
     train = full.subset(idx, name=f'{c.dataset}-train{c.n_train}-seed{c.data_seed}')
     regimes = lobacheva_regimes(c.epochs, width=c.width, batch_size=c.batch_size, label_seed=c.label_seed, arch=c.arch,
-                                image_size=c.image_size, overrides=c.overrides)
+                                image_size=c.image_size, overrides=c.overrides, seed=c.seed)
     dyn = {name: learning_dynamics(r, train, c.n_measure, c.n_networks, c.n_aug, c.eval_batch, cache=cache,
                                    show_progress=show_progress) for name, r in regimes.items()}
     return LobachevaStudy(c, dyn, train, regimes)

@@ -16,7 +16,7 @@ from .spec import TrainSpec
 from .train import TrainedEncoder, train_encoder
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .sslmem import sslmem
-from .core import Preset
+from .core import Preset, seed_offset
 from .stats import welch_greater, paired_greater, depth_trend, top_mean, mcnemar
 
 # %% auto 0
@@ -143,8 +143,8 @@ def second_dataset(size: int = 16, names: tuple | list | None = None) -> dict[st
     return dict(A_train=a_tr, A_test=a_te, B_train=b_tr, B_test=b_te)
 
 def train_on(data: ImageSet, cfg: ProtocolConfig, seed: int = 0, progress_bar: bool = False, **changes) -> TrainedEncoder:
-    "An encoder trained with `cfg`'s recipe (with `changes` to the TrainSpec) on every point of `data`."
-    spec = cfg.train_spec(range(len(data)), seed).replace(dataset=data.name, **changes)
+    "An encoder trained with `cfg`'s recipe (with `changes` to the TrainSpec) on every point of `data`; `seed` counts from the run's seed offset."
+    spec = cfg.train_spec(range(len(data)), seed + seed_offset()).replace(dataset=data.name, **changes)
     return train_encoder(spec, data, progress_bar=progress_bar)
 
 # %% ../nbs/19_localizing.ipynb 21
@@ -393,13 +393,14 @@ def unitmem_during_training(spec: TrainSpec, data: ImageSet, points: torch.Tenso
     curve = []
     def measure(epoch):
         if epoch != 1 and epoch % every and epoch != spec.epochs: return
-        load_checkpoint(encoder_folder(key, tmp) / 'checkpoint', probe)
+        meta = load_checkpoint(encoder_folder(key, tmp) / 'checkpoint', probe)
+        if meta['epoch'] != epoch: raise RuntimeError(f"the checkpoint holds epoch {meta['epoch']}, not {epoch}")
         u = unitmem(probe.eval(), points, aug, layers=RESNET9_CONVS, n_views=n_views, progress=False)
         curve.append({'epoch': epoch, **{l: u.score[l].mean().item() for l in RESNET9_CONVS}})
     probe0, _ = build_model(spec, train_data)       # epoch 0: the initialisation
     u0 = unitmem(probe0.eval(), points, aug, layers=RESNET9_CONVS, n_views=n_views, progress=False)
     curve.append({'epoch': 0, **{l: u0.score[l].mean().item() for l in RESNET9_CONVS}})
-    train_encoder(spec, data, cache_dir=tmp, progress_bar=False, on_epoch_end=measure)
+    train_encoder(spec, data, cache_dir=tmp, progress_bar=False, on_epoch_end=measure, checkpoint_budget=None)
     atomic_write_text(path, json.dumps(curve))
     return pd.DataFrame(curve).set_index('epoch')
 

@@ -15,7 +15,8 @@ from .registry import (SCALES, Artifact, artifact_status, constraints_hash, fail
                                 package_hash, read_json, resolve_registry, stamp_path)
 
 # %% auto 0
-__all__ = ['markdown_table', 'write_report', 'reference_outputs', 'Comparison', 'compare_outputs', 'comparison_path', 'verify']
+__all__ = ['markdown_table', 'write_report', 'reference_outputs', 'Comparison', 'compare_outputs', 'comparison_path', 'verify',
+           'seed_run_root', 'stability', 'stability_markdown']
 
 # %% ../nbs/23_report.ipynb 4
 def _fmt(x) -> str:
@@ -81,6 +82,7 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
     if saved.exists():
         try: md += [Comparison.from_json(saved.read_text()).markdown(), ""]
         except (ValueError, KeyError) as e: md += [f"*{saved.name} could not be read: {e}*", ""]
+    md += stability_markdown(scale, out_root)
 
     for p in papers:
         md += [f"## {p}", ""]
@@ -186,15 +188,16 @@ class Comparison:
 
     def __repr__(self): return f"Comparison({self.summary_line()})"
 
-    def markdown(self, max_rows: int = 40) -> str:
+    def markdown(self, max_rows: int = 40, heading: str = "## Compared with the committed run", reference_text: str | None = None,
+                 ref_name: str = 'committed') -> str:
         "The report section: a summary table, then the changed verdicts and the numbers outside the tolerance."
-        md = ["## Compared with the committed run", ""]
+        md = [heading, ""]
         if not self.reference: return '\n'.join(md + [f"No committed reference outputs for scale `{self.scale}` (not a git "
                                                       "checkout, or nothing committed under this folder).", ""])
         n, c = len(self.verdicts), len(self.changed)
         pct = lambda a, b: f"{a} ({a / b:.1%})" if b else str(a)
-        md += [f"Reference: the outputs of `figures/{self.scale}/` at {self.reference}. Numbers agree when |now − committed| ≤ "
-               f"{self.atol:g} + {self.rtol:g}·|committed|.", "",
+        md += [f"{reference_text or f'Reference: the outputs of `figures/{self.scale}/` at {self.reference}.'} Numbers agree "
+               f"when |now − {ref_name}| ≤ {self.atol:g} + {self.rtol:g}·|{ref_name}|.", "",
                "| outputs compared | claims compared | verdicts identical | verdicts changed | numbers compared | within tolerance | outside |",
                "|---|---|---|---|---|---|---|",
                f"| {self.n_outputs} | {n} | {pct(n - c, n)} | {c} | {self.n_numbers} | "
@@ -202,12 +205,13 @@ class Comparison:
         if self.only_reference or self.only_now:
             md += [f"Only in the reference: {', '.join(self.only_reference) or 'none'}. Only now: {', '.join(self.only_now) or 'none'}.", ""]
         if c:
-            md += ["### Verdicts that changed", "", "| output | claim | committed | now |", "|---|---|---|---|"]
+            md += ["#" + heading.split(' ', 1)[0] + " Verdicts that changed", "", f"| output | claim | {ref_name} | now |", "|---|---|---|---|"]
             md += [f"| {r.id} | {_fmt(r.statement)} | {r.committed} | {r.now} |" for r in self.changed.head(max_rows).itertuples()]
             md += [f"\n*… {c - max_rows} more.*" if c > max_rows else "", ""]
         out = self.numbers[self.numbers.outside > 0]
         if len(out):
-            md += ["### Numbers outside the tolerance", "", "| output | where | outside / compared | example (committed → now) |",
+            md += ["#" + heading.split(' ', 1)[0] + " Numbers outside the tolerance", "",
+                   f"| output | where | outside / compared | example ({ref_name} → now) |",
                    "|---|---|---|---|"]
             md += [f"| {r.id} | {_fmt(r.where)} | {r.outside} / {r.n} | {_fmt(r.example)} |" for r in out.head(max_rows).itertuples()]
             md += [f"\n*… {len(out) - max_rows} more.*" if len(out) > max_rows else "", ""]
@@ -288,3 +292,36 @@ def verify(scale: str = 'cpu', out_root=FIGURES_DIR, ref: str = 'HEAD', rtol: fl
     cmp = compare_outputs(now, reference_outputs(out_dir, ref), scale, f'git {ref}', rtol, atol)
     if save and out_dir.is_dir(): atomic_write_text(comparison_path(out_dir), cmp.to_json())
     return cmp
+
+# %% ../nbs/23_report.ipynb 9
+def seed_run_root(out_root, offset: int = 0) -> Path:
+    "Where a run with seeds shifted by `offset` keeps its scale folders: `out_root` at 0, else `out_root/seed-offset-<offset>`."
+    return Path(out_root) if offset == 0 else Path(out_root)/f'seed-offset-{offset}'
+
+def _offset_of(root: Path) -> int | None:
+    name = Path(root).name
+    return int(name.rsplit('-', 1)[1]) if name.startswith('seed-offset-') and name.rsplit('-', 1)[1].isdigit() else None
+
+def _outputs(out_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out_dir.glob('*')) if p.name.endswith(('.claims.json', '.csv'))}
+
+def stability(scale: str = 'cpu', out_root=FIGURES_DIR) -> dict[int, Comparison]:
+    "{other seed offset: the outputs of `out_root/scale` against that run's} for every other run of `scale` beside this one."
+    root = Path(out_root); mine = _offset_of(root)
+    base = root.parent if mine is not None else root
+    runs = {0: base} | {o: p for p in sorted(base.glob('seed-offset-*')) if (o := _offset_of(p)) is not None}
+    now = _outputs(root/scale)
+    return {o: compare_outputs(now, _outputs(p/scale), scale, f'seed offset {o}')
+            for o, p in sorted(runs.items()) if o != (mine or 0) and (p/scale).is_dir()}
+
+def stability_markdown(scale: str = 'cpu', out_root=FIGURES_DIR) -> list[str]:
+    "The report section: agreement of this run's verdicts with each run of other seeds (nothing when there is none)."
+    mine = _offset_of(Path(out_root)) or 0
+    md = []
+    for o, cmp in stability(scale, out_root).items():
+        folder = f"figures/{scale}/" if o == 0 else f"figures/seed-offset-{o}/{scale}/"
+        md += [cmp.markdown(heading=f"## Stability: seeds shifted by {mine} against {o}",
+                            reference_text=f"The same scale rerun with every seed shifted by {o} instead of {mine} "
+                                           f"(`{folder}`; `memssl reproduce --seed-offset`): what an independent rerun would conclude.",
+                            ref_name=f'offset {o}'), ""]
+    return md

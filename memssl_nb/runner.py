@@ -11,11 +11,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 import pandas as pd
-from .core import PROJECT_ROOT, FIGURES_DIR, atomic_write_text, progress
+from .core import PROJECT_ROOT, FIGURES_DIR, SEED_OFFSET_ENV, atomic_write_text, progress
 from .registry import (SCALES, Artifact, artifact_matches, check_parameters, claims_mtimes, constraints_hash,
                                 executed_path, failure_path, input_hash, missing_claims, package_hash, read_json,
                                 resolve_registry, stamp_path, staging_path)
-from .report import verify, write_report
+from .report import seed_run_root, verify, write_report
 
 # %% auto 0
 __all__ = ['TIMEOUTS', 'EXECUTORS', 'check_kernel', 'NotebookJob', 'run_papermill', 'ArtifactResult', 'RunSummary',
@@ -334,14 +334,19 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
               timeout: float | None = None, wall_timeout: float | None = None, registry=None, nb_root=None,
               kernel_name: str = 'python3', execute: Callable[[NotebookJob], str | None] | None = None,
               report: bool = True, verbose: bool = True, executor: str = 'local', cluster: str | None = None,
-              executor_params: dict | None = None, compare: str | None = 'HEAD') -> RunSummary:
+              executor_params: dict | None = None, compare: str | None = 'HEAD', seed_offset: int = 0) -> RunSummary:
     """Run the registered artifacts (matching `only`) at `scale` with papermill; skip unchanged ones unless `force`.
     `timeout` is per cell, `wall_timeout` per notebook (defaults from `TIMEOUTS`; 0 = none); `registry` is a registry file
     or a list of `Artifact`s, `nb_root` their notebook folder; `execute` replaces papermill (dry runs, tests).
     `executor='submitit'` runs each wave of ready artifacts as submitit jobs (a SLURM array where SLURM is available,
     submitit's local executor otherwise, or `cluster`), `jobs` at a time; `executor_params` go to submitit.
-    At the end the outputs are compared with those committed at git `compare` (None: no comparison)."""
+    At the end the outputs are compared with those committed at git `compare` (None: no comparison).
+    `seed_offset` N > 0 shifts every preset's seeds by N (chapter 00) and writes to `out_root/seed-offset-N/<scale>`;
+    the report then says which verdicts the runs with other seeds share (chapter 23)."""
     if scale not in SCALES: raise ValueError(f"unknown scale {scale!r}; scales are {SCALES}")
+    if isinstance(seed_offset, bool) or not isinstance(seed_offset, int) or seed_offset < 0:
+        raise ValueError(f"seed_offset must be a whole number ≥ 0, got {seed_offset!r}")
+    out_root = seed_run_root(out_root, seed_offset)
     if executor not in EXECUTORS: raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     arts, nb_root = resolve_registry(registry, nb_root)
     selected = [a for a in arts.values() if artifact_matches(a, only)]
@@ -360,6 +365,7 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
         ex = submitit_executor(out_dir/'.submitit', cluster, array_parallelism=jobs, **params)
         env = _env_overrides(1 if ex.cluster == 'slurm' else jobs, params.get('cpus_per_task'))
     else: env = _child_env(jobs)
+    env = {**env, SEED_OFFSET_ENV: str(seed_offset)}     # always set: an offset left in the shell must not leak in
     run = Reproduction(scale, selected, nb_root, out_dir, execute, env, kernel_name, cell_timeout, guard, force, jobs,
                        verbose, ex)
     summary, t_start = RunSummary(scale, out_dir), time.time()
@@ -370,7 +376,10 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
             try: summary.comparison = verify(scale, out_root, compare)
             except Exception as e: print(f"could not compare with the committed outputs: {e}", file=sys.stderr)
         if report:
-            try: summary.report = write_report(scale, out_root, registry=registry, nb_root=nb_root)
+            try:
+                summary.report = write_report(scale, out_root, registry=registry, nb_root=nb_root)
+                base = seed_run_root(out_root.parent, 0) if seed_offset else None     # its stability section changed too
+                if base is not None and (base/scale).is_dir(): write_report(scale, base, registry=registry, nb_root=nb_root)
             except Exception as e:
                 summary.report_error = f"{type(e).__name__}: {e}"
                 print(f"could not write the report: {summary.report_error}", file=sys.stderr)

@@ -185,3 +185,29 @@ def test_wall_clock_guard_kills_the_run(tmp_path):
                         {'scale': 'smoke', 'out_dir': str(tmp_path)}, cwd=tmp_path, wall_timeout=0.5)
     error = runner.run_papermill(job)
     assert error.startswith('timed out after') and not runner._ACTIVE
+
+
+def test_seed_offset_run_is_kept_apart_and_compared(copy_of, tmp_path, monkeypatch):
+    "`--seed-offset 100`: the notebooks get the offset (and only the one asked for), the outputs go to their own folder,"
+    " and both reports show how many verdicts the two runs share."
+    from memssl_nb.core import SEED_OFFSET_ENV
+    monkeypatch.setenv(SEED_OFFSET_ENV, '7')                         # left in the shell: must not reach the notebooks
+    seen = []
+    def record(job):
+        seen.append((job.env[SEED_OFFSET_ENV], 'seed-offset-100' in job.parameters['out_dir'])); return 'RuntimeError: not executed'
+    run(copy_of, only='ok_a', force=True, execute=record, seed_offset=100)
+    run(copy_of, only='ok_a', force=True, execute=record)
+    assert seen == [('100', True), ('0', False)]
+    with pytest.raises(ValueError, match='≥ 0'): run(copy_of, only='ok_a', execute=record, seed_offset=-1)
+    # a finished run with other seeds: the same outputs with one verdict flipped
+    other = copy_of/'seed-offset-100'/'smoke'; shutil.rmtree(other); shutil.copytree(copy_of/'smoke', other)
+    claims_file = other/'ok_a.claims.json'
+    d = json.loads(claims_file.read_text()); d['claims'][0]['verdict'] = 'does not hold'; claims_file.write_text(json.dumps(d))
+    reg = tmp_path/'registry.json'; registry.save_registry(fixture_registry(), reg)
+    loc = ['--scale', 'smoke', '--registry', str(reg), '--nb-root', str(FIXTURES), '--out-root', str(copy_of)]
+    assert main(['report', *loc]) == 0 and main(['report', '--seed-offset', '100', *loc]) == 0
+    base, shifted = (copy_of/'smoke'/'REPORT.md').read_text(), (other/'REPORT.md').read_text()
+    assert '## Stability: seeds shifted by 0 against 100' in base and '## Stability: seeds shifted by 100 against 0' in shifted
+    n = len(d['claims']) + sum(len(json.loads(p.read_text())['claims']) for p in other.glob('ok_b*.claims.json'))
+    assert f'| {n - 1} ({(n - 1) / n:.1%}) | 1 |' in shifted and d['claims'][0]['statement'] in shifted
+    assert main(['report', '--seed-offset', '-2', *loc]) == 2

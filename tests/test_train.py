@@ -38,12 +38,14 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     killed = run(tmp_path, tmp_path / 'cache_a', tmp_path / 'a.safetensors', KILL_AT='3')
     assert killed.returncode == -9, killed.stderr
     ckpts = list((tmp_path / 'cache_a' / 'encoders').glob('*/checkpoint.safetensors'))
-    assert len(ckpts) == 1 and read_checkpoint(ckpts[0])[1]['epoch'] == 3
+    assert len(ckpts) == 1
+    saved = read_checkpoint(ckpts[0])[1]['epoch']        # the default budget writes one after epoch 1, then as time allows
+    assert 1 <= saved <= 3
     assert not list((tmp_path / 'cache_a' / 'encoders').glob('*/final.safetensors'))
     log = tmp_path / 'resume.log'
     resumed = run(tmp_path, tmp_path / 'cache_a', tmp_path / 'a.safetensors', EPOCH_LOG=str(log))
     assert resumed.returncode == 0, resumed.stderr
-    assert log.read_text().split() == ['4', '5']                     # only the remaining epochs ran
+    assert log.read_text().split() == [str(e) for e in range(saved + 1, 6)]   # only the epochs after the checkpoint ran
     straight = run(tmp_path, tmp_path / 'cache_b', tmp_path / 'b.safetensors')
     assert straight.returncode == 0, straight.stderr
     assert same_weights(tmp_path / 'a.safetensors', tmp_path / 'b.safetensors')
