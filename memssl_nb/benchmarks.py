@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_benchmarks.ipynb 2
 from __future__ import annotations
-import ctypes, gc, math, os, resource, threading, time, types
+import copy, ctypes, gc, math, os, resource, threading, time, types
 from contextlib import contextmanager
 import pandas as pd
 import torch
@@ -18,7 +18,7 @@ from .train import LossModel, train_encoder
 from .sslmem import benchmark_sslmem, official_style_sslmem, sslmem
 
 # %% auto 0
-__all__ = ['peak_memory', 'cpu_clock', 'benchmark_train_step', 'benchmark_checkpointing']
+__all__ = ['peak_memory', 'cpu_clock', 'benchmark_train_step', 'benchmark_peer_lightly', 'benchmark_checkpointing']
 
 # %% ../nbs/90_benchmarks.ipynb 5
 def _rss() -> int:
@@ -62,18 +62,20 @@ def cpu_clock(*modules, enabled: bool = True):
     finally:
         for m, t in saved: m.time = t
 
-def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device=None, repeats: int = 3) -> dict:
+def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device=None, repeats: int = 3,
+                         memory_format: torch.memory_format | None = None) -> dict:
     """Seconds per training step of `spec` (chapter 05d's `LossModel`, optimiser, bf16 autocast and channels-last on CUDA)
     with the views augmented in the step, as the loop does, vs the same step on views augmented beforehand, and the
     augmentation alone (CPU time on CPU, wall time on CUDA). `overhead` = augmentation / (augmentation + step on ready
-    views), each timed directly; `overhead_by_difference` = (step with - step without) / step with, the same fraction."""
+    views), each timed directly; `overhead_by_difference` = (step with - step without) / step with, the same fraction.
+    `memory_format` replaces the loop's layout (channels-last for ResNets on CUDA, contiguous elsewhere): a lever to measure."""
     device = get_device(device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     train_data = training_data(spec, data)
     augment = build_augment(spec, train_data)
     encoder, objective = build_model(spec, train_data)
     encoder.to(device); objective.to(device)
-    fmt = torch.channels_last if device.type == 'cuda' and spec.arch.startswith('resnet') else torch.contiguous_format
+    fmt = memory_format or (torch.channels_last if device.type == 'cuda' and spec.arch.startswith('resnet') else torch.contiguous_format)
     encoder.to(memory_format=fmt)
     model = LossModel(encoder, objective).train()
     optimizer = make_optimizer(spec, list(encoder.parameters()) + list(objective.parameters()))
@@ -99,13 +101,72 @@ def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device
             for k, fn in kinds.items():
                 sync(); t0 = clock(); fn(i); sync(); times[k].append(clock() - t0)
     best = {k: min(v) for k, v in times.items()}
-    return dict(batch_size=spec.batch_size, image_size=h, arch=f'{spec.arch} x{spec.width}', augment=spec.augment,
+    return dict(batch_size=spec.batch_size, image_size=h, arch=f'{spec.arch} x{spec.width}', augment=spec.augment, memory_format=str(fmt),
                 device=str(device), threads=torch.get_num_threads(), clock=clock.__name__, step_with_aug_s=best['with_aug'],
                 step_preaugmented_s=best['preaugmented'], augment_s=best['augment_only'],
                 overhead=best['augment_only'] / (best['augment_only'] + best['preaugmented']),
                 overhead_by_difference=(best['with_aug'] - best['preaugmented']) / best['with_aug'])
 
-# %% ../nbs/90_benchmarks.ipynb 17
+# %% ../nbs/90_benchmarks.ipynb 19
+def benchmark_peer_lightly(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: int = 3) -> dict:
+    """CPU seconds per SimCLR step of `spec` in this library and in lightly (its `SimCLRTransform` per image in a
+    `DataLoader`, its `NTXentLoss`) on the same encoder, head and initial weights, one thread, steps interleaved (the
+    fastest of each); also lightly's data loading alone, images per CPU-second and the speed ratio."""
+    try:
+        import lightly
+        from lightly.loss import NTXentLoss
+        from lightly.transforms import SimCLRTransform
+    except ImportError as e:
+        raise ImportError("the peer benchmark needs lightly: pip install -c constraints.txt -e '.[dev]'") from e
+    from PIL import Image
+    if spec.objective != 'simclr': raise ValueError(f"the peer benchmark compares SimCLR steps, got objective {spec.objective!r}")
+    rgb = data if data.images.shape[1] == 3 else ImageSet(data.images.expand(-1, 3, -1, -1).contiguous(), data.labels, data.classes, data.name)
+    train_data = training_data(spec, rgb)
+    augment = build_augment(spec, train_data)
+    encoder, objective = build_model(spec, train_data)
+    peer_encoder, peer_objective = copy.deepcopy(encoder), copy.deepcopy(objective).train()
+    ours = LossModel(encoder, objective).train(); peer_encoder.train()
+    opt_ours = make_optimizer(spec, list(ours.parameters()))
+    opt_peer = make_optimizer(spec, list(peer_encoder.parameters()) + list(peer_objective.parameters()))
+    images = train_data.images
+    (h, w), gen = images.shape[-2:], make_generator(spec.seed)
+    batches = [torch.randperm(len(images), generator=make_generator(s))[:spec.batch_size] for s in range(steps)]
+    transform = SimCLRTransform(input_size=h, cj_prob=0.8, min_scale=0.08, random_gray_scale=0.2, gaussian_blur=0.0, hf_prob=0.5)
+    pil = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images]
+    class Views(torch.utils.data.Dataset):
+        def __len__(self): return len(pil)
+        def __getitem__(self, i): return transform(pil[i])
+    loader = torch.utils.data.DataLoader(Views(), batch_size=spec.batch_size, shuffle=True, drop_last=True, num_workers=0,
+                                         generator=torch.Generator().manual_seed(spec.seed))
+    criterion, batch_iter = NTXentLoss(temperature=objective.temperature), iter(loader)
+    def next_views():
+        nonlocal batch_iter
+        try: return next(batch_iter)
+        except StopIteration: batch_iter = iter(loader); return next(batch_iter)
+    def ours_step(i):
+        x = images[batches[i]].float().div_(255)
+        loss = ours([augment.apply(x, augment.sample_params(len(x), h, w, gen)) for _ in range(2)])
+        opt_ours.zero_grad(set_to_none=True); loss.backward(); opt_ours.step()
+    def peer_step(i):
+        v1, v2 = next_views()
+        loss = criterion(peer_objective.head(peer_encoder(v1)), peer_objective.head(peer_encoder(v2)))
+        opt_peer.zero_grad(set_to_none=True); loss.backward(); opt_peer.step()
+    kinds = {'ours': ours_step, 'lightly': peer_step, 'lightly_loading': lambda i: next_views()}
+    threads = torch.get_num_threads(); torch.set_num_threads(1)
+    try:
+        for fn in kinds.values(): fn(0)                                   # warm-up
+        times = {k: [] for k in kinds}
+        for _ in range(repeats):
+            for i in range(steps):
+                for k, fn in kinds.items(): t0 = time.process_time(); fn(i); times[k].append(time.process_time() - t0)
+    finally: torch.set_num_threads(threads)
+    best = {k: min(v) for k, v in times.items()}
+    return dict(lightly_version=lightly.__version__, batch_size=spec.batch_size, image_size=h, arch=f'{spec.arch} x{spec.width}',
+                ours_step_s=best['ours'], lightly_step_s=best['lightly'], lightly_loading_s=best['lightly_loading'],
+                ours_images_per_cpu_s=spec.batch_size / best['ours'], lightly_images_per_cpu_s=spec.batch_size / best['lightly'],
+                speed_vs_lightly=best['lightly'] / best['ours'], load_average=os.getloadavg()[0])
+
+# %% ../nbs/90_benchmarks.ipynb 23
 def benchmark_checkpointing(spec: TrainSpec, data: ImageSet, repeats: int = 3) -> dict:
     """Median seconds per epoch of `train_encoder(spec)` without the cache (nothing written), with a checkpoint after
     every epoch, and with the default checkpoint budget, interleaved `repeats` times; overheads = with / without − 1."""

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    '30 min at smoke and 6 h at cpu scale, none at paper scale; 0 = no limit)')
     p.add_argument('--compare', default='HEAD', metavar='REF', help="compare the outputs with those committed at this "
                    "git ref at the end (default: HEAD; 'none' to skip)")
+    p.add_argument('--rehearse', action='store_true', help="run every notebook through the scale's code paths (use "
+                   "--scale paper) with shrunk presets on generated CIFAR/SVHN/STL files and a cache of its own, on this "
+                   "machine, in minutes: finds crashes and shape errors before GPU-hours are spent; writes "
+                   "OUT_ROOT/rehearsal/<scale>/REHEARSAL.md")
     p.add_argument('--executor', choices=EXECUTORS, default='local',
                    help='local: threads on this machine; submitit: SLURM job arrays, or processes where there is no SLURM')
     p.add_argument('--cluster', choices=('slurm', 'local', 'debug'), default=None,
@@ -119,7 +123,8 @@ def cmd_reproduce(args) -> int:
         summary = reproduce(args.scale, only=args.only, jobs=args.jobs, force=args.force, out_root=args.out_root,
                             wall_timeout=args.timeout, registry=args.registry, nb_root=args.nb_root, executor=args.executor,
                             cluster=args.cluster, executor_params=_key_values(args.executor_param),
-                            compare=None if args.compare.lower() == 'none' else args.compare, seed_offset=args.seed_offset)
+                            compare=None if args.compare.lower() == 'none' else args.compare, seed_offset=args.seed_offset,
+                            rehearse=args.rehearse)
     except (ValueError, RuntimeError) as e:
         print(f"memssl reproduce: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
@@ -127,7 +132,8 @@ def cmd_reproduce(args) -> int:
         return 130
     for r in summary.results:
         if r.status == 'failed': print(f"FAILED {r.id}: {r.error}" + (f"\n       executed notebook: {r.executed}" if r.executed else ''))
-    print(f"{len(summary.ran)} ran, {len(summary.skipped)} skipped, {len(summary.failed)} failed; report: {summary.report}")
+    where = f"rehearsal: {summary.out_dir/'REHEARSAL.md'}" if args.rehearse else f"report: {summary.report}"
+    print(f"{len(summary.ran)} ran, {len(summary.skipped)} skipped, {len(summary.failed)} failed; {where}")
     if summary.report_error: print(f"memssl reproduce: the report could not be written: {summary.report_error}", file=sys.stderr)
     return summary.exit_code
 

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 # %% auto 0
-__all__ = ['PROJECT_ROOT', 'DATA_DIR', 'FIGURES_DIR', 'CACHE_DIR', 'SEED_OFFSET_ENV', 'find_project_root', 'get_device',
-           'configure_threads', 'seed_everything', 'make_generator', 'progress_enabled', 'progress', 'stable_hash',
-           'remove_stale_temporaries', 'atomic_write_bytes', 'atomic_write_text', 'to_float01', 'iter_batches',
-           'Summarized', 'seed_offset', 'shift_seeds', 'Preset']
+__all__ = ['PROJECT_ROOT', 'DATA_DIR', 'FIGURES_DIR', 'CACHE_DIR', 'SEED_OFFSET_ENV', 'REHEARSAL_ENV', 'REHEARSAL_CAPS',
+           'REHEARSAL_KEEPS', 'find_project_root', 'get_device', 'configure_threads', 'seed_everything',
+           'make_generator', 'progress_enabled', 'progress', 'stable_hash', 'remove_stale_temporaries',
+           'atomic_write_bytes', 'atomic_write_text', 'to_float01', 'iter_batches', 'Summarized', 'seed_offset',
+           'shift_seeds', 'rehearsing', 'rehearsal_settings', 'unclassified_settings', 'Preset']
 
 # %% ../nbs/00_core.ipynb 5
 def find_project_root(start: Path | None = None) -> Path:
@@ -171,14 +172,78 @@ def shift_seeds(config, offset: int):
                                           for f in dataclasses.fields(config) if f.init})
 
 # %% ../nbs/00_core.ipynb 28
+REHEARSAL_ENV = 'MEMSSL_REHEARSAL'
+
+def rehearsing() -> bool:
+    "True inside a rehearsal (`$MEMSSL_REHEARSAL` set by `memssl reproduce --rehearse`)."
+    return os.environ.get(REHEARSAL_ENV, '').strip() not in ('', '0')
+
+REHEARSAL_CAPS = {  # setting name, or the suffix after its last '_' (sl_epochs → epochs): the most a rehearsal keeps
+    'epochs': 1, 'grid': 1, 'steps': 3, 'every': 1, 'batch_size': 16, 'batch': 16, 'pool_size': 96,
+    'views': 2, 'pairs': 2, 'aug': 2, 'networks': 2, 'random': 2, 'show': 2, 'draws': 2, 'boot': 20,
+    'points': 24, 'train': 64, 'measure': 16, 'ref': 24, 'extra': 24, 'test': 32, 'tsne': 32, 'n0': 24, 'n0s': 24,
+    'ns': 16, 'n': 8, 'sizes': 8, 'k': 8, 'dup': 4, 'seeds': 2}
+REHEARSAL_KEEPS = {  # settings a rehearsal leaves as they are: they decide shapes or code paths, or are single seeds
+    'seed', 'image_size', 'patch', 'channels', 'prototypes', 'dim', 'd', 'labels', 'kernel_size', 'fraction',
+    'outlier', 'layer'}
+
+def _rule(name: str) -> tuple[str, str] | None:
+    "('keep' or 'cap', entry) for setting `name`: its own name first, else its suffix after the last '_'."
+    name = str(name)
+    for key in (name, name.rsplit('_', 1)[-1]):
+        if key in REHEARSAL_KEEPS: return 'keep', key
+        if key in REHEARSAL_CAPS: return 'cap', key
+    return None
+
+def _capped(v, cap: int, seeds: bool):
+    if isinstance(v, bool) or v is None: return v
+    if isinstance(v, int): return min(v, cap)
+    if isinstance(v, (tuple, list)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        if seeds: return type(v)(v[:cap])
+        increasing = all(a < b for a, b in zip(v, v[1:]))   # a grid: keep its length, small distinct values
+        return type(v)(min(x, cap + i) for i, x in enumerate(v)) if increasing else type(v)(min(x, cap) for x in v)
+    if isinstance(v, dict): return {k: _capped(x, cap, seeds) for k, x in v.items()}    # e.g. epochs per regime
+    return v
+
+def rehearsal_settings(config):
+    "A copy of `config` (a dataclass or a dict of settings) shrunk by `REHEARSAL_CAPS`, nested settings and dicts included."
+    import dataclasses
+    def shrink(name, v):
+        rule = _rule(name)
+        if rule is not None: return _capped(v, REHEARSAL_CAPS[rule[1]], rule[1] == 'seeds') if rule[0] == 'cap' else v
+        if dataclasses.is_dataclass(v) and not isinstance(v, type): return rehearsal_settings(v)
+        if isinstance(v, dict): return rehearsal_settings(v)
+        return v
+    if isinstance(config, dict): return {k: shrink(k, v) for k, v in config.items()}
+    if not dataclasses.is_dataclass(config): return config
+    return dataclasses.replace(config, **{f.name: shrink(f.name, getattr(config, f.name))
+                                          for f in dataclasses.fields(config) if f.init})
+
+def unclassified_settings(config, prefix: str = '') -> list[str]:
+    "Numeric settings of `config` (recursively) that neither `REHEARSAL_CAPS` nor `REHEARSAL_KEEPS` names."
+    import dataclasses
+    items = (config.items() if isinstance(config, dict) else
+             [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)] if dataclasses.is_dataclass(config) else [])
+    out = []
+    for name, v in items:
+        if _rule(name): continue
+        if isinstance(v, dict) or (dataclasses.is_dataclass(v) and not isinstance(v, type)):
+            out += unclassified_settings(v, f'{prefix}{name}.')
+        elif (isinstance(v, int) and not isinstance(v, bool)) or (
+                isinstance(v, (tuple, list)) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+            out.append(f'{prefix}{name}')
+    return out
+
+# %% ../nbs/00_core.ipynb 32
 class Preset:
     "Mixin for a frozen dataclass of settings with per-scale presets in the class attribute `SCALES` ({scale: instance})."
     SCALES: dict = {}
     @classmethod
     def preset(cls, scale: str = 'cpu', **changes):
-        "The preset of `scale` with `changes` applied, its seeds shifted by the run's `seed_offset()`."
+        "The preset of `scale` with `changes` applied, its seeds shifted by the run's `seed_offset()`, shrunk in a rehearsal."
         if scale not in cls.SCALES: raise ValueError(f"unknown scale {scale!r} for {cls.__name__}; scales: {list(cls.SCALES)}")
-        return shift_seeds(cls.SCALES[scale].replace(**changes), seed_offset())
+        config = shift_seeds(cls.SCALES[scale].replace(**changes), seed_offset())
+        return rehearsal_settings(config) if rehearsing() else config
     def replace(self, **changes):
         "A copy with `changes`; unknown setting names are an error."
         import dataclasses

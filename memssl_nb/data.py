@@ -11,13 +11,15 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .core import DATA_DIR, atomic_write_bytes, atomic_write_text, iter_batches, make_generator, stable_hash, to_float01
+from contextlib import contextmanager
+from .core import DATA_DIR, atomic_write_bytes, atomic_write_text, iter_batches, make_generator, rehearsing, stable_hash, to_float01
 
 # %% auto 0
 __all__ = ['DATASETS', 'EMBEDDED', 'SPLITS', 'STL10_CLASSES', 'FASHION_MNIST_FILES', 'FASHION_MNIST_SYSTEM', 'TORCHVISION_LAYOUT',
-           'SET_NAMES', 'ATYPICAL_KINDS', 'as_index', 'ImageSet', 'image_grid', 'resize_images', 'DatasetNotFound',
-           'clear_dataset_cache', 'load_dataset', 'MemSplit', 'make_split', 'inject_atypical', 'choose_atypical',
-           'split_by_classes', 'class_disjoint_halves']
+           'GENERATED', 'GENERATED_MANIFEST', 'SET_NAMES', 'ATYPICAL_KINDS', 'as_index', 'ImageSet', 'image_grid',
+           'resize_images', 'DatasetNotFound', 'clear_dataset_cache', 'write_generated_datasets', 'generated_files',
+           'load_dataset', 'MemSplit', 'make_split', 'inject_atypical', 'choose_atypical', 'split_by_classes',
+           'class_disjoint_halves']
 
 # %% ../nbs/01_data.ipynb 5
 def as_index(idx, n: int | None = None) -> torch.Tensor:
@@ -242,6 +244,16 @@ def _load_torchvision(name: str, split: str, root: Path, download: bool) -> Imag
     folder, files, _ = _expected_files(name, split, root)
     if not download and not all((folder/f).exists() for f in files):
         raise _not_found(name, split, root, download)     # fail fast, before importing torchvision
+    if (root/GENERATED_MANIFEST).exists() and name in GENERATED and root.resolve() not in _GENERATED_ROOTS:
+        if not rehearsing():
+            raise DatasetNotFound(f"{root} holds generated random images for a rehearsal ({GENERATED_MANIFEST}), not {name!r}; "
+                                  f"point $MEMSSL_DATA (or root=) at the real data folder")
+        import warnings
+        warnings.warn(f"rehearsal: {name} {split} is generated random images from {root}, not the dataset", stacklevel=3)
+        with generated_files(root): return _read_torchvision(name, split, root, download)
+    return _read_torchvision(name, split, root, download)
+
+def _read_torchvision(name: str, split: str, root: Path, download: bool) -> ImageSet:
     import torchvision.datasets as tvd
     if download: root.mkdir(parents=True, exist_ok=True)
     try:
@@ -266,7 +278,81 @@ def _load_torchvision(name: str, split: str, root: Path, download: bool) -> Imag
     return ImageSet(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
                     torch.from_numpy(np.asarray(labels, dtype=np.int64)), list(classes), f'{name}-{split}')
 
-# %% ../nbs/01_data.ipynb 16
+# %% ../nbs/01_data.ipynb 17
+GENERATED = ('cifar10', 'cifar100', 'svhn', 'stl10')
+GENERATED_MANIFEST = 'generated.json'   # beside the files: what they are, and their md5 sums
+
+def _write_generated(name: str, root: Path, n_train: int, n_test: int, rng) -> dict[str, bytes]:
+    "The files of dataset `name` in torchvision's on-disk layout under `root`, random images with every class present."
+    import pickle, io, scipy.io
+    def images(n, size): return rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+    def labels(n, k): return rng.permutation(np.arange(n) % k)
+    folder = TORCHVISION_LAYOUT[name][0]
+    files = {}
+    if name in ('cifar10', 'cifar100'):
+        k, key = (100, 'fine_labels') if name == 'cifar100' else (10, 'labels')
+        train_y = labels(n_train, k)    # every class across the training files, however they are split
+        parts = ([(f'data_batch_{i}', y) for i, y in enumerate(np.array_split(train_y, 5), 1)] if name == 'cifar10' else
+                 [('train', train_y)]) + [('test_batch' if name == 'cifar10' else 'test', labels(n_test, k))]
+        for fname, y in parts:
+            n, y = len(y), y.tolist()
+            entry = {'batch_label': fname, 'data': images(n, 32).reshape(n, -1), key: y, 'filenames': [f'{fname}_{i}.png' for i in range(n)]}
+            if name == 'cifar100': entry['coarse_labels'] = [v // 5 for v in y]
+            files[f'{folder}/{fname}'] = pickle.dumps(entry, protocol=2)
+        meta = ({'fine_label_names': [f'class_{c}' for c in range(100)], 'coarse_label_names': [f'super_{c}' for c in range(20)]}
+                if name == 'cifar100' else {'label_names': [f'class_{c}' for c in range(10)], 'num_cases_per_batch': n_train // 5, 'num_vis': 3072})
+        files[f"{folder}/{'meta' if name == 'cifar100' else 'batches.meta'}"] = pickle.dumps(meta, protocol=2)
+    elif name == 'svhn':
+        for split, n in (('train', n_train), ('test', n_test), ('extra', n_test)):
+            buf = io.BytesIO()   # X as [H, W, C, N], y as [N, 1] with 10 standing for digit 0
+            scipy.io.savemat(buf, {'X': images(n, 32).transpose(2, 3, 1, 0), 'y': (labels(n, 10) + 1).astype(np.uint8)[:, None]})
+            files[f'{split}_32x32.mat'] = buf.getvalue()
+    elif name == 'stl10':
+        for split, n in (('train', n_train), ('test', n_test), ('unlabeled', n_test)):
+            files[f'{folder}/{split}_X.bin'] = np.ascontiguousarray(images(n, 96).transpose(0, 1, 3, 2)).tobytes()   # column-major
+            if split != 'unlabeled': files[f'{folder}/{split}_y.bin'] = (labels(n, 10) + 1).astype(np.uint8).tobytes()
+        files[f'{folder}/class_names.txt'] = ('\n'.join(STL10_CLASSES) + '\n').encode()
+    else: raise ValueError(f"cannot generate {name!r}; generated datasets: {', '.join(GENERATED)}")
+    return files
+
+def write_generated_datasets(root, names=GENERATED, n_train: int = 120, n_test: int = 40, seed: int = 0) -> Path:
+    """Random images in the on-disk formats of `names` (CIFAR-10/100, SVHN, STL-10) under `root`, with a manifest of their
+    md5 sums; `load_dataset` reads them only inside `generated_files(root)`, which a rehearsal enters. `root`."""
+    import hashlib
+    root = Path(root); rng = np.random.default_rng(seed)
+    manifest = json.loads((root/GENERATED_MANIFEST).read_text()) if (root/GENERATED_MANIFEST).exists() else {'md5': {}}
+    for name in names:
+        for rel, data in _write_generated(name, root, n_train, n_test, rng).items():
+            atomic_write_bytes(root/rel, data); manifest['md5'][rel] = hashlib.md5(data).hexdigest()
+    manifest['note'] = 'random images written by memssl_nb.data.write_generated_datasets for a rehearsal: not a dataset'
+    atomic_write_text(root/GENERATED_MANIFEST, json.dumps(manifest, indent=1))
+    return root
+
+@contextmanager
+def generated_files(root):
+    "torchvision's md5 lists pointed at the generated files under `root` (its manifest), restored on exit."
+    import torchvision.datasets as tvd
+    md5 = json.loads((Path(root)/GENERATED_MANIFEST).read_text())['md5']
+    def sums(folder, pairs): return [[f, md5.get(f'{folder}/{f}' if folder != '.' else f, m)] for f, m in pairs]
+    saved = []
+    def put(obj, attr, value): saved.append((obj, attr, getattr(obj, attr))); setattr(obj, attr, value)
+    _GENERATED_ROOTS.append(Path(root).resolve())
+    try:
+        for cls, name in ((tvd.CIFAR10, 'cifar10'), (tvd.CIFAR100, 'cifar100')):
+            folder = TORCHVISION_LAYOUT[name][0]
+            put(cls, 'train_list', sums(folder, cls.train_list)); put(cls, 'test_list', sums(folder, cls.test_list))
+            put(cls, 'meta', {**cls.meta, 'md5': md5.get(f"{folder}/{cls.meta['filename']}", cls.meta['md5'])})
+        put(tvd.SVHN, 'split_list', {s: [url, f, md5.get(f, m)] for s, (url, f, m) in tvd.SVHN.split_list.items()})
+        folder = TORCHVISION_LAYOUT['stl10'][0]
+        put(tvd.STL10, 'train_list', sums(folder, tvd.STL10.train_list)); put(tvd.STL10, 'test_list', sums(folder, tvd.STL10.test_list))
+        yield Path(root)
+    finally:
+        _GENERATED_ROOTS.pop()
+        for obj, attr, value in reversed(saved): setattr(obj, attr, value)
+
+_GENERATED_ROOTS: list[Path] = []    # roots whose generated files `generated_files` accepts right now
+
+# %% ../nbs/01_data.ipynb 18
 def load_dataset(name: str, split: str = 'train', root: str | Path | None = None,
                  size: int | tuple[int, int] | None = None, download: bool = False) -> ImageSet:
     "Dataset `name` (see `DATASETS`) as an in-memory uint8 `ImageSet`, resized to `size` if given."
@@ -288,7 +374,7 @@ def load_dataset(name: str, split: str = 'train', root: str | Path | None = None
         _CACHE[key] = ds
     return _CACHE[key]
 
-# %% ../nbs/01_data.ipynb 25
+# %% ../nbs/01_data.ipynb 29
 SET_NAMES = ('S_S', 'S_C', 'S_I', 'S_E')
 
 def _sizes(m: int, fractions: Sequence[float]) -> list[int]:
@@ -348,7 +434,7 @@ class MemSplit:
         d = json.loads(Path(path).read_text())
         return cls(*(torch.tensor(d[k], dtype=torch.int64) for k in SET_NAMES), n=d.get('n'), seed=d.get('seed'))
 
-# %% ../nbs/01_data.ipynb 26
+# %% ../nbs/01_data.ipynb 30
 def make_split(n_or_indices, fractions: Sequence[float] = (0.8, 0.1, 0.1), *, n_extra: int = 0, seed: int = 0,
                extra=None) -> MemSplit:
     "Seeded split of a pool (`range(n)` or given indices) into S_E (`n_extra` points or `extra`) and S_S/S_C/S_I by `fractions`."
@@ -369,7 +455,7 @@ def make_split(n_or_indices, fractions: Sequence[float] = (0.8, 0.1, 0.1), *, n_
     a, b, _ = _sizes(len(rest), fractions)
     return MemSplit(rest[:a], rest[a:a + b], rest[a + b:], extra_idx, n=n, seed=seed)
 
-# %% ../nbs/01_data.ipynb 31
+# %% ../nbs/01_data.ipynb 35
 ATYPICAL_KINDS = ('invert', 'noise', 'rotate', 'mislabel', 'blank')
 
 def inject_atypical(imageset: ImageSet, indices, kind: str = 'invert', seed: int = 0) -> ImageSet:
@@ -404,7 +490,7 @@ def choose_atypical(split_or_indices, fraction_or_count: float | int, seed: int 
     if not 0 <= k <= len(pool): raise ValueError(f"cannot choose {k} of {len(pool)} points")
     return pool[torch.randperm(len(pool), generator=make_generator(seed))[:k]].sort().values
 
-# %% ../nbs/01_data.ipynb 35
+# %% ../nbs/01_data.ipynb 39
 def split_by_classes(imageset: ImageSet, classes: Sequence[int | str], relabel: bool = True) -> ImageSet:
     "The images of `classes` (ids or names); labels renumbered 0..k-1 in the given order when `relabel`."
     ids = [imageset.classes.index(c) if isinstance(c, str) else int(c) for c in classes]

@@ -4,14 +4,11 @@
 
 # %% ../nbs/91_gpu_check.ipynb 2
 from __future__ import annotations
-import argparse, hashlib, json, os, pickle, platform, shutil, subprocess, sys, tempfile, time
-from contextlib import contextmanager
+import argparse, json, os, platform, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
-import numpy as np
 import torch
-import torchvision.datasets as tvd
 from .core import atomic_write_text, get_device
-from .data import load_dataset
+from .data import generated_files, load_dataset, write_generated_datasets
 from .recipes import paper_spec
 from .spec import build_augment, build_model, training_data
 from .train import train_encoder
@@ -19,7 +16,7 @@ from .sslmem import benchmark_sslmem
 from .benchmarks import benchmark_train_step, peak_memory
 
 # %% auto 0
-__all__ = ['GPU_CHECK_SIZES', 'write_cifar10', 'generated_cifar10', 'gpu_check', 'gpu_check_markdown', 'main']
+__all__ = ['GPU_CHECK_SIZES', 'gpu_check', 'gpu_check_markdown', 'main']
 
 # %% ../nbs/91_gpu_check.ipynb 5
 GPU_CHECK_SIZES = {
@@ -27,38 +24,12 @@ GPU_CHECK_SIZES = {
     'dry': dict(n_train=160, n_test=32, width=0.125, batch_size=32, steps=2, score_points=8, score_pairs=2),
 }
 
-# %% ../nbs/91_gpu_check.ipynb 7
-def write_cifar10(root, n_train: int, n_test: int, seed: int = 0) -> Path:
-    "Random 32×32 RGB images in the CIFAR-10 python format under `root/cifar-10-batches-py`; the folder."
-    folder = Path(root)/tvd.CIFAR10.base_folder; folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    sizes = [len(a) for a in np.array_split(np.arange(n_train), 5)] + [n_test]
-    for (name, _), n in zip(tvd.CIFAR10.train_list + tvd.CIFAR10.test_list, sizes):
-        entry = {'batch_label': name, 'data': rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
-                 'labels': rng.integers(0, 10, n).tolist(), 'filenames': [f'{name}_{i}.png' for i in range(n)]}
-        (folder/name).write_bytes(pickle.dumps(entry, protocol=2))
-    meta = {'label_names': [f'class_{c}' for c in range(10)], 'num_cases_per_batch': sizes[0], 'num_vis': 3072}
-    (folder/tvd.CIFAR10.meta['filename']).write_bytes(pickle.dumps(meta, protocol=2))
-    return folder
-
-@contextmanager
-def generated_cifar10(folder):
-    "torchvision's CIFAR-10 md5 list pointed at the generated files in `folder` (restored on exit)."
-    md5 = lambda name: hashlib.md5((Path(folder)/name).read_bytes()).hexdigest()
-    saved = tvd.CIFAR10.train_list, tvd.CIFAR10.test_list, tvd.CIFAR10.meta
-    try:
-        tvd.CIFAR10.train_list = [[f, md5(f)] for f, _ in saved[0]]
-        tvd.CIFAR10.test_list = [[f, md5(f)] for f, _ in saved[1]]
-        tvd.CIFAR10.meta = {**saved[2], 'md5': md5(saved[2]['filename'])}
-        yield folder
-    finally: tvd.CIFAR10.train_list, tvd.CIFAR10.test_list, tvd.CIFAR10.meta = saved
-
-# %% ../nbs/91_gpu_check.ipynb 11
+# %% ../nbs/91_gpu_check.ipynb 8
 def _ddp_epoch(spec, root, n_gpus: int) -> dict:
     "One epoch of `spec` under torchrun over `n_gpus` GPUs (NCCL), wall seconds; skipped with one GPU or none."
     if n_gpus < 2: return {'skipped': f'{n_gpus} GPU(s) visible: DDP needs at least 2'}
     spec_file = Path(root)/'ddp_spec.json'; spec_file.write_text(json.dumps(spec.to_dict()))
-    # each rank loads the generated files itself, so each runs the training CLI inside `generated_cifar10` (main's --ddp-worker)
+    # each rank loads the generated files itself, so each runs the training CLI inside `generated_files` (main's --ddp-worker)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n_gpus}', '-m', 'memssl_nb.gpu_check',
            '--ddp-worker', str(spec_file), '--out', str(Path(root)/'ddp_cache')]
     t0 = time.perf_counter()
@@ -78,8 +49,7 @@ def gpu_check(mode: str = 'gpu', out_dir=None, device=None) -> dict:
                'gpu': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
                'visible_gpus': torch.cuda.device_count(), 'sizes': S}
     with tempfile.TemporaryDirectory() as root:
-        folder = write_cifar10(root, S['n_train'], S['n_test'])
-        with generated_cifar10(folder):
+        with generated_files(write_generated_datasets(root, ['cifar10'], S['n_train'], S['n_test'])):
             data = load_dataset('cifar10', 'train', root=root)
             spec = paper_spec('simclr', 'cifar10', 'localizing', width=S['width'], batch_size=S['batch_size'], epochs=1,
                               warmup_epochs=0, indices=tuple(range(S['n_train'])))
@@ -121,7 +91,7 @@ def gpu_check_markdown(s: dict) -> str:
              "", "Goals: " + '; '.join(f"{k}: {'met' if v else 'not met'}" for k, v in s['goals'].items()) + "."]
     return '\n'.join(lines) + '\n'
 
-# %% ../nbs/91_gpu_check.ipynb 15
+# %% ../nbs/91_gpu_check.ipynb 12
 def main(argv: list[str] | None = None) -> int:
     "`python -m memssl_nb.gpu_check [--dry] [--out DIR] [--device DEV]`."
     p = argparse.ArgumentParser(prog='python -m memssl_nb.gpu_check', description='The prepared GPU check: training, an '
@@ -133,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.ddp_worker is not None:
         from memssl_nb.train import main as train_main
-        with generated_cifar10(Path(os.environ['MEMSSL_DATA'])/tvd.CIFAR10.base_folder):
+        with generated_files(os.environ['MEMSSL_DATA']):
             return train_main(['--spec', str(args.ddp_worker), '--cache-dir', str(args.out)])
     try: s = gpu_check('dry' if args.dry else 'gpu', args.out, args.device)
     except RuntimeError as e: print(f"gpu_check: {e}", file=sys.stderr); return 2

@@ -22,33 +22,33 @@ from .stats import welch_greater, paired_greater, depth_trend, top_mean, mcnemar
 # %% auto 0
 __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_ID', 'LOC_GLOSSARY', 'PAPER_RESNET9_PARAMS',
            'RESNET9_BREAKDOWN', 'PRUNING_SETTINGS', 'PAPER_T6', 'PAPER_T1', 'PAPER_T18', 'PAPER_T3', 'PAPER_T28',
-           'T15_ARTIFACT', 'PAPER_T15_STEM', 'PAPER_T15_CONVS', 'PAPER_T15_TAIL', 'PAPER_T24', 'PAPER_T24_SETS',
-           'PAPER_T11', 'PAPER_T12', 'PAPER_T34_AVG_ALL', 'PAPER_T21', 'T21_SETS', 'PAPER_T30', 'T23_LAYERS',
-           'PAPER_T23', 'PAPER_T25', 'T5_SETTINGS', 'PAPER_T5', 'PAPER_T13', 'PAPER_T14A', 'AUGMENT_VARIANTS',
-           'TRAINING_VARIANTS', 'PAPER_T27', 'paper_layers', 'paper_block_name', 'block_of_paper_name',
-           'loc_hyperparameters', 'resnet9_architecture', 'EncoderWithHead', 'second_dataset', 'train_on',
-           'loc_protocol', 'candidate_sslmem', 'LocF1Config', 'LocF2Config', 'LocF4Config', 'LocT1Config',
+           'T1_READINGS', 'T15_ARTIFACT', 'PAPER_T15_STEM', 'PAPER_T15_CONVS', 'PAPER_T15_TAIL', 'PAPER_T24',
+           'PAPER_T24_SETS', 'PAPER_T11', 'PAPER_T12', 'PAPER_T34_AVG_ALL', 'PAPER_T21', 'T21_SETS', 'PAPER_T30',
+           'T23_LAYERS', 'PAPER_T23', 'PAPER_T25', 'T5_SETTINGS', 'PAPER_T5', 'PAPER_T13', 'PAPER_T14A',
+           'AUGMENT_VARIANTS', 'TRAINING_VARIANTS', 'PAPER_T27', 'paper_layers', 'paper_block_name',
+           'block_of_paper_name', 'loc_hyperparameters', 'resnet9_architecture', 'EncoderWithHead', 'second_dataset',
+           'train_on', 'loc_protocol', 'candidate_sslmem', 'LocF1Config', 'LocF2Config', 'LocF4Config', 'LocT1Config',
            'LocT11Config', 'LocT13Config', 'LocT15Config', 'LocT2Config', 'LocT21Config', 'LocT27Config', 'LocT6Config',
            'pruning_experiment', 'pruning_table', 'pruning_order_test', 'plot_pruning', 'unitmem_during_training',
-           'training_curve_tests', 'plot_unitmem_curve', 'depth_layermem', 'layer_profile', 'layer_profile_tests',
-           'plot_layer_profile', 'breakdown', 'breakdown_tests', 'plot_breakdown', 'layer_agreement_table',
-           'agreement_tests', 'plot_agreement', 'top_candidates', 'shared_top_test', 'plot_top_candidates',
-           'seed_agreement_table', 'seed_agreement_tests', 'plot_seed_agreement', 'subset_size_table',
-           'subset_size_test', 'plot_subset_sizes', 'distance_profiles', 'distance_tests', 'plot_distance_profiles',
-           'parse_pm', 'architecture_changes', 'architecture_rows', 'architecture_layermem', 'architecture_tests',
-           'plot_architecture', 'block_sets', 'exchange_encoders', 'exchange_table', 'exchange_tests', 'plot_exchange',
-           'candidate_unitmem', 'most_least', 'most_least_table', 'most_least_tests', 'plot_most_least',
-           'median_variant_table', 'median_variant_tests', 'plot_median_variant', 'owner_tables', 'owner_tests',
-           'plot_unit_owner', 'augmentation_effect', 'composition_table', 'composition_test', 'plot_composition',
-           'concept_table', 'concept_tests', 'LayerExchange', 'three_layer_table', 'three_layer_tests',
-           'plot_three_layer', 'single_layer_tables', 'single_layer_tests', 'plot_single_layer', 'combination_table',
-           'combination_tests', 'plot_combinations', 'bn_similarity', 'finetune_table', 'finetune_tests',
-           'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'insertion_tests', 'insertion_variant_tests',
-           'plot_insertion', 'ssl_and_supervised', 'unit_class_table', 'unit_class_tests', 'plot_unit_class_means',
-           'plot_unit_class_scatter', 'measuring_augmentation_table', 'measuring_augmentation_tests',
-           'training_variants', 'augmentation_strength_tests', 'weight_decay_table', 'weight_decay_tests',
-           'framework_comparison', 'plot_training_variants', 'dataset_unitmem', 'unit_summary', 'dataset_tests',
-           'dp_unitmem', 'dp_unit_tests']
+           'training_curve_tests', 'plot_unitmem_curve', 'depth_layermem', 'table1_taps', 'layer_profile',
+           'layer_profile_tests', 'plot_layer_profile', 'breakdown', 'breakdown_tests', 'plot_breakdown',
+           'layer_agreement_table', 'agreement_tests', 'plot_agreement', 'top_candidates', 'shared_top_test',
+           'plot_top_candidates', 'seed_agreement_table', 'seed_agreement_tests', 'plot_seed_agreement',
+           'subset_size_table', 'subset_size_test', 'plot_subset_sizes', 'distance_profiles', 'distance_tests',
+           'plot_distance_profiles', 'parse_pm', 'architecture_changes', 'architecture_rows', 'architecture_layermem',
+           'architecture_tests', 'plot_architecture', 'block_sets', 'exchange_encoders', 'exchange_table',
+           'exchange_tests', 'plot_exchange', 'candidate_unitmem', 'most_least', 'most_least_table', 'most_least_tests',
+           'plot_most_least', 'median_variant_table', 'median_variant_tests', 'plot_median_variant', 'owner_tables',
+           'owner_tests', 'plot_unit_owner', 'augmentation_effect', 'composition_table', 'composition_test',
+           'plot_composition', 'concept_table', 'concept_tests', 'LayerExchange', 'three_layer_table',
+           'three_layer_tests', 'plot_three_layer', 'single_layer_tables', 'single_layer_tests', 'plot_single_layer',
+           'combination_table', 'combination_tests', 'plot_combinations', 'bn_similarity', 'finetune_table',
+           'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'insertion_tests',
+           'insertion_variant_tests', 'plot_insertion', 'ssl_and_supervised', 'unit_class_table', 'unit_class_tests',
+           'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
+           'measuring_augmentation_tests', 'training_variants', 'augmentation_strength_tests', 'weight_decay_table',
+           'weight_decay_tests', 'framework_comparison', 'plot_training_variants', 'dataset_unitmem', 'unit_summary',
+           'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -171,11 +171,12 @@ class LocF1Config(Preset):
     dp_epsilons: list = field(default_factory=lambda: [None, 20, 8])   # None = infinity (non-private)
     dp_changes: dict = field(default_factory=lambda: {'objective': 'mae', 'epochs': 2})
     dp_norm: str | None = 'group'
+    dp_layer: str = 'conv4_2'   # UnitMem layer of the DP encoders; for a ViT the paper's convention is the last block's MLP (Fig. 12b)
     alpha: float = 0.05
 LocF1Config.SCALES = {
     'smoke': LocF1Config(),
     'cpu': LocF1Config(n_views=10, n_points=450, dp_config_changes={'seeds': [0]}, dp_changes={'objective': 'mae', 'epochs': 60}),
-    'paper': LocF1Config(n_views=10, n_points=50000, datasets=['svhn', 'cifar10', 'stl10'], dp_config_changes={'seeds': [0]}, dp_changes={'objective': 'mae', 'arch': 'vit_tiny', 'width': 1.0, 'objective_kw': [['image_size', 32], ['in_channels', 3], ['patch', 4]]}, dp_norm=None),
+    'paper': LocF1Config(n_views=10, n_points=50000, datasets=['svhn', 'cifar10', 'stl10'], dp_config_changes={'seeds': [0]}, dp_changes={'objective': 'mae', 'arch': 'vit_tiny', 'width': 1.0, 'objective_kw': [['image_size', 32], ['in_channels', 3], ['patch', 4]]}, dp_norm=None, dp_layer='block12.fc'),
 }
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ class LocT1Config(Preset):
     sizes: list = field(default_factory=lambda: [8, 16])   # |D'| of Table 19
     n_draws: int = 10   # random subsets per size (the
     protocol_changes: dict = field(default_factory=lambda: {})   # overrides of protocol_config(scale) (none: the shared f/g pairs of the scale)
+    t1_reading: str = 'conv'   # Table 1's rows at each conv's raw output ('conv', the paper's) or at block outputs ('block')
 LocT1Config.SCALES = {
     'smoke': LocT1Config(),
     'cpu': LocT1Config(n_pairs=10, top_k=50, agree_k=25, sizes=[25, 50, 100, 150]),
@@ -446,23 +448,36 @@ def depth_layermem(run: ProtocolRun, n_pairs: int):
     return layermem([wrap(t) for t in run.f], [wrap(t) for t in run.g], images, run.augment, layers=layers,
                     parents=run.f[0].encoder.tap_parents, n_pairs=n_pairs, progress=False)
 
-def layer_profile(res, top_k: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    "(Table 1 beside the paper's, LayerMem, ΔLayerMem and its s.e.m. per Table 1 layer and subset all / top-k / least-k)."
+T1_READINGS = ('conv', 'block')
+
+def table1_taps(reading: str = 'conv') -> list[str]:
+    """The taps behind Table 1's ten rows: 'conv' = each conv's raw output, before BN and pooling (Table 18's Conv rows,
+    which Table 1's values equal), 'block' = each conv block's output (after BN, ReLU and, in layers 1, 2, 5, 6, max-pool)."""
+    if reading not in T1_READINGS: raise ValueError(f"reading must be one of {T1_READINGS}, got {reading!r}")
+    return [l if reading == 'block' or l.startswith('res') else f'{l}.conv' for l in RESNET9_T1_LAYERS]
+
+def layer_profile(res, top_k: int, reading: str = 'conv') -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(Table 1 beside the paper's, LayerMem, ΔLayerMem and its s.e.m. per Table 1 layer and subset all / top-k / least-k).
+    At the 'conv' reading ΔLayerMem is the difference of consecutive rows, as in the paper's Table 1; at 'block' it is
+    relative to the tap's parent (the previous block)."""
     t1 = res.table(top_k=top_k, rank_by='embedding')
-    piv = lambda col: t1.pivot(index='layer', columns='subset', values=col).loc[RESNET9_T1_LAYERS]
-    lm, dlm, sem = piv('layermem'), piv('delta_layermem'), piv('sem')
+    taps = table1_taps(reading)
+    piv = lambda col: t1.pivot(index='layer', columns='subset', values=col).loc[taps].set_axis(RESNET9_T1_LAYERS)
+    lm, sem = piv('layermem'), piv('sem')
+    dlm = lm - lm.shift(1) if reading == 'conv' else piv('delta_layermem')
     top, least = f'top{top_k}', f'least{top_k}'
     T1 = pd.DataFrame({'paper_layer': [PAPER_LAYER[l] for l in RESNET9_T1_LAYERS], 'LM': lm['all'], 'LM_sem': sem['all'], 'dLM': dlm['all'],
                        f'LM_{top}': lm[top], f'dLM_{top}': dlm[top], f'LM_{least}': lm[least]}).join(PAPER_T1.add_prefix('paper_'))
     return T1, lm, dlm, sem
 
-def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int) -> dict:
+def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int, reading: str = 'conv') -> dict:
     "Table 1's four statements: the rise with depth, ΔLM > 0 at every conv, ΔLM ≈ 0 at the residual sums, Top ≫ Least."
     conv_lm = lm.loc[RESNET9_CONVS, 'all'].values
     rho, p_rho = depth_trend(conv_lm)
     conv_d, res_d = dlm.loc[RESNET9_CONVS[1:], 'all'], dlm.loc[['res2', 'res6'], 'all']
     sub = res.subsets(top_k, 'embedding')
-    pt = {l: welch_greater(res.layer(l).score[sub[f'top{top_k}']], res.layer(l).score[sub[f'least{top_k}']]) for l in RESNET9_T1_LAYERS}
+    pt = {l: welch_greater(res.layer(t).score[sub[f'top{top_k}']], res.layer(t).score[sub[f'least{top_k}']])
+          for l, t in zip(RESNET9_T1_LAYERS, table1_taps(reading))}
     return {'rise': dict(ours=dict(spearman_rho=rho, LM=conv_lm.round(4)), condition=rho > 0 and p_rho < 0.05, paper_value=PAPER_T1.LM.values,
                          test='Spearman rank correlation of LM with conv index, p < 0.05', p_value=p_rho),
             'delta_positive': dict(ours=conv_d.round(4).to_dict(), condition=bool((conv_d > 0).all()), paper_value=PAPER_T1.dLM.dropna().to_dict(),
@@ -1014,6 +1029,8 @@ def concept_table(run: ProtocolRun, concept_n: int, n_views: int) -> pd.DataFram
     "Table 34: min / max / average UnitMem per conv over `concept_n` points from all classes, 3 classes and 1 class."
     pool = run.split.f_indices; lab_f = run.data.labels[pool]; classes = lab_f.unique()
     big = [int(c_) for c_ in classes if int((lab_f == c_).sum()) >= concept_n]
+    if len(big) < 3: raise ValueError(f"Table 34 needs 3 classes with at least concept_n={concept_n} training points each; "
+                                      f"{len(big)} have them (largest class: {int(lab_f.bincount().max())}): lower concept_n")
     g = torch.Generator().manual_seed(1)
     pick = lambda idx: idx[torch.randperm(len(idx), generator=g)[:concept_n]]
     concepts = {'all classes': pick(pool), '3 classes': pick(pool[torch.isin(lab_f, torch.tensor(big[:3]))]), '1 class': pick(pool[lab_f == big[0]])}

@@ -11,15 +11,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 import pandas as pd
-from .core import PROJECT_ROOT, FIGURES_DIR, SEED_OFFSET_ENV, atomic_write_text, progress
+from .core import PROJECT_ROOT, FIGURES_DIR, REHEARSAL_ENV, SEED_OFFSET_ENV, atomic_write_text, progress
+from .data import GENERATED_MANIFEST, write_generated_datasets
 from .registry import (SCALES, Artifact, artifact_matches, check_parameters, claims_mtimes, constraints_hash,
                                 executed_path, failure_path, input_hash, missing_claims, package_hash, read_json,
                                 resolve_registry, stamp_path, staging_path)
 from .report import seed_run_root, verify, write_report
 
 # %% auto 0
-__all__ = ['TIMEOUTS', 'EXECUTORS', 'check_kernel', 'NotebookJob', 'run_papermill', 'ArtifactResult', 'RunSummary',
-           'Reproduction', 'writable_out_dir', 'reproduce']
+__all__ = ['TIMEOUTS', 'REHEARSAL_DIR', 'REHEARSAL_GUARD', 'EXECUTORS', 'check_kernel', 'NotebookJob', 'run_papermill',
+           'ArtifactResult', 'RunSummary', 'prepare_rehearsal', 'rehearsal_markdown', 'Reproduction',
+           'writable_out_dir', 'reproduce']
 
 # %% ../nbs/22_runner.ipynb 4
 # (per-cell timeout, whole-notebook wall-clock guard) in seconds; None = no limit
@@ -155,7 +157,29 @@ class RunSummary:
         return (f"RunSummary(scale={self.scale!r}: {len(self.ran)} ran, {len(self.skipped)} skipped, "
                 f"{len(self.failed)} failed in {self.seconds:.1f} s; report {self.report})")
 
-# %% ../nbs/22_runner.ipynb 7
+# %% ../nbs/22_runner.ipynb 8
+REHEARSAL_DIR = 'rehearsal'
+REHEARSAL_GUARD = 3600      # seconds per notebook: a rehearsal is minutes of work, so an hour means a hung kernel
+
+def prepare_rehearsal(out_root) -> tuple[Path, dict]:
+    """The rehearsal's output root (`out_root/rehearsal`) and environment: generated datasets and an encoder cache of its
+    own, emptied first, so that every rehearsal trains its encoders through the current code."""
+    root = (Path(out_root)/REHEARSAL_DIR).resolve()
+    data = root/'data'
+    if not (data/GENERATED_MANIFEST).exists(): write_generated_datasets(data)
+    shutil.rmtree(root/'cache', ignore_errors=True)
+    return root, {REHEARSAL_ENV: '1', 'MEMSSL_DATA': str(data), 'MEMSSL_CACHE': str(root/'cache')}
+
+def rehearsal_markdown(summary) -> str:
+    "REHEARSAL.md: what a rehearsal ran, artifact by artifact."
+    rows = [f"| {r.id} | {r.status} | {r.seconds or 0:.0f} | {(r.error or '').splitlines()[0][:300] if r.error else ''} |"
+            for r in summary.results]
+    return (f"# Rehearsal of the {summary.scale} scale\n\nEvery notebook through the {summary.scale}-scale code paths with "
+            f"shrunk presets on generated data (`memssl reproduce --scale {summary.scale} --rehearse`); its numbers mean "
+            f"nothing. {len(summary.ran)} ran, {len(summary.skipped)} skipped, {len(summary.failed)} failed in "
+            f"{summary.seconds / 60:.1f} min.\n\n| artifact | status | seconds | error |\n|---|---|---|---|\n" + '\n'.join(rows) + '\n')
+
+# %% ../nbs/22_runner.ipynb 9
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec='seconds')
 
 def _env_overrides(jobs: int, threads: int | None = None) -> dict:
@@ -334,7 +358,8 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
               timeout: float | None = None, wall_timeout: float | None = None, registry=None, nb_root=None,
               kernel_name: str = 'python3', execute: Callable[[NotebookJob], str | None] | None = None,
               report: bool = True, verbose: bool = True, executor: str = 'local', cluster: str | None = None,
-              executor_params: dict | None = None, compare: str | None = 'HEAD', seed_offset: int = 0) -> RunSummary:
+              executor_params: dict | None = None, compare: str | None = 'HEAD', seed_offset: int = 0,
+              rehearse: bool = False) -> RunSummary:
     """Run the registered artifacts (matching `only`) at `scale` with papermill; skip unchanged ones unless `force`.
     `timeout` is per cell, `wall_timeout` per notebook (defaults from `TIMEOUTS`; 0 = none); `registry` is a registry file
     or a list of `Artifact`s, `nb_root` their notebook folder; `execute` replaces papermill (dry runs, tests).
@@ -342,11 +367,14 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     submitit's local executor otherwise, or `cluster`), `jobs` at a time; `executor_params` go to submitit.
     At the end the outputs are compared with those committed at git `compare` (None: no comparison).
     `seed_offset` N > 0 shifts every preset's seeds by N (chapter 00) and writes to `out_root/seed-offset-N/<scale>`;
-    the report then says which verdicts the runs with other seeds share (chapter 23)."""
+    the report then says which verdicts the runs with other seeds share (chapter 23).
+    `rehearse` runs the notebooks at `scale`'s code paths with every preset shrunk (chapter 00) on generated datasets
+    and an encoder cache of its own, into `out_root/rehearsal/<scale>`: no comparison, no report, a `REHEARSAL.md`."""
     if scale not in SCALES: raise ValueError(f"unknown scale {scale!r}; scales are {SCALES}")
     if isinstance(seed_offset, bool) or not isinstance(seed_offset, int) or seed_offset < 0:
         raise ValueError(f"seed_offset must be a whole number ≥ 0, got {seed_offset!r}")
-    out_root = seed_run_root(out_root, seed_offset)
+    if rehearse and seed_offset: raise ValueError("a rehearsal runs at the presets' own seeds; drop seed_offset")
+    out_root, rehearsal = prepare_rehearsal(out_root) if rehearse else (seed_run_root(out_root, seed_offset), {})
     if executor not in EXECUTORS: raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     arts, nb_root = resolve_registry(registry, nb_root)
     selected = [a for a in arts.values() if artifact_matches(a, only)]
@@ -356,6 +384,7 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     out_dir = writable_out_dir(out_root, scale)
     cell_timeout, guard = TIMEOUTS[scale]
     cell_timeout = timeout or cell_timeout
+    if rehearse: guard, compare, report = REHEARSAL_GUARD, None, False
     guard = guard if wall_timeout is None else (wall_timeout or None)      # 0 = no guard
     ex = None
     if executor == 'submitit':
@@ -365,13 +394,15 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
         ex = submitit_executor(out_dir/'.submitit', cluster, array_parallelism=jobs, **params)
         env = _env_overrides(1 if ex.cluster == 'slurm' else jobs, params.get('cpus_per_task'))
     else: env = _child_env(jobs)
-    env = {**env, SEED_OFFSET_ENV: str(seed_offset)}     # always set: an offset left in the shell must not leak in
+    # always set: an offset or a rehearsal flag left in the shell must not leak into a real run
+    env = {**env, SEED_OFFSET_ENV: str(seed_offset), REHEARSAL_ENV: '0', **rehearsal}
     run = Reproduction(scale, selected, nb_root, out_dir, execute, env, kernel_name, cell_timeout, guard, force, jobs,
                        verbose, ex)
     summary, t_start = RunSummary(scale, out_dir), time.time()
     try: summary.results = run.run()
     finally:
         summary.results, summary.seconds = run.results_in_order(), time.time() - t_start
+        if rehearse: atomic_write_text(out_dir/'REHEARSAL.md', rehearsal_markdown(summary))
         if compare is not None:
             try: summary.comparison = verify(scale, out_root, compare)
             except Exception as e: print(f"could not compare with the committed outputs: {e}", file=sys.stderr)
