@@ -217,7 +217,8 @@ class LocT1Config(Preset):
     t1_reading: str = 'conv'   # Table 1's rows at each conv's raw output ('conv', the paper's) or at block outputs ('block')
 LocT1Config.SCALES = {
     'smoke': LocT1Config(),
-    'cpu': LocT1Config(n_pairs=10, top_k=50, agree_k=25, sizes=[25, 50, 100, 150]),
+    # cpu keeps the block reading of its committed run (figures/cpu) until that run is regenerated with the conv reading
+    'cpu': LocT1Config(n_pairs=10, top_k=50, agree_k=25, sizes=[25, 50, 100, 150], t1_reading='block'),
     'paper': LocT1Config(n_pairs=10, top_k=50, agree_k=100, sizes=[100, 500, 1000, 5000]),
 }
 

@@ -179,7 +179,7 @@ def rehearsal_markdown(summary) -> str:
             f"nothing. {len(summary.ran)} ran, {len(summary.skipped)} skipped, {len(summary.failed)} failed in "
             f"{summary.seconds / 60:.1f} min.\n\n| artifact | status | seconds | error |\n|---|---|---|---|\n" + '\n'.join(rows) + '\n')
 
-# %% ../nbs/22_runner.ipynb 9
+# %% ../nbs/22_runner.ipynb 11
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec='seconds')
 
 def _env_overrides(jobs: int, threads: int | None = None) -> dict:
