@@ -170,10 +170,16 @@ def prepare_rehearsal(out_root) -> tuple[Path, dict]:
     shutil.rmtree(root/'cache', ignore_errors=True)
     return root, {REHEARSAL_ENV: '1', 'MEMSSL_DATA': str(data), 'MEMSSL_CACHE': str(root/'cache')}
 
-def rehearsal_markdown(summary) -> str:
-    "REHEARSAL.md: what a rehearsal ran, artifact by artifact."
+def rehearsal_markdown(summary, previous: str | None = None) -> str:
+    """REHEARSAL.md: what a rehearsal ran, artifact by artifact; rows of the `previous` REHEARSAL.md for artifacts this run
+    did not select are kept, marked as from an earlier run, so a partial rehearsal does not erase the record."""
     rows = [f"| {r.id} | {r.status} | {r.seconds or 0:.0f} | {(r.error or '').splitlines()[0][:300] if r.error else ''} |"
             for r in summary.results]
+    ran = {r.id for r in summary.results}
+    for line in (previous or '').splitlines():
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if len(cells) == 4 and line.startswith('| ') and cells[0] not in ran | {'artifact', '---'}:
+            rows.append(f"| {cells[0]} | {cells[1].removesuffix(' (earlier run)')} (earlier run) | {cells[2]} | {cells[3]} |")
     return (f"# Rehearsal of the {summary.scale} scale\n\nEvery notebook through the {summary.scale}-scale code paths with "
             f"shrunk presets on generated data (`memssl reproduce --scale {summary.scale} --rehearse`); its numbers mean "
             f"nothing. {len(summary.ran)} ran, {len(summary.skipped)} skipped, {len(summary.failed)} failed in "
@@ -402,7 +408,9 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     try: summary.results = run.run()
     finally:
         summary.results, summary.seconds = run.results_in_order(), time.time() - t_start
-        if rehearse: atomic_write_text(out_dir/'REHEARSAL.md', rehearsal_markdown(summary))
+        if rehearse:
+            record = out_dir/'REHEARSAL.md'
+            atomic_write_text(record, rehearsal_markdown(summary, record.read_text() if record.exists() else None))
         if compare is not None:
             try: summary.comparison = verify(scale, out_root, compare)
             except Exception as e: print(f"could not compare with the committed outputs: {e}", file=sys.stderr)
