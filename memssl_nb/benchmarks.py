@@ -62,21 +62,14 @@ def cpu_clock(*modules, enabled: bool = True):
     finally:
         for m, t in saved: m.time = t
 
-def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device=None, repeats: int = 3,
-                         memory_format: torch.memory_format | None = None) -> dict:
-    """Seconds per training step of `spec` (chapter 05d's `LossModel`, optimiser, bf16 autocast and channels-last on CUDA)
-    with the views augmented in the step, as the loop does, vs the same step on views augmented beforehand, and the
-    augmentation alone (CPU time on CPU, wall time on CUDA). `overhead` = augmentation / (augmentation + step on ready
-    views), each timed directly; `overhead_by_difference` = (step with - step without) / step with, the same fraction.
-    `memory_format` replaces the loop's layout (channels-last for ResNets on CUDA, contiguous elsewhere): a lever to measure."""
-    device = get_device(device)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+def _training_step(spec: TrainSpec, data: ImageSet, steps: int, device, fmt) -> types.SimpleNamespace:
+    """Chapter 05d's training step of `spec` on `data`, taken apart for timing: `views_of(idx)` augments a batch as the
+    loop does, `step(views, idx)` runs the `LossModel` forward, backward and optimiser; `batches` are `steps` seeded
+    batches; the encoder and objective are returned before any step, at their initial weights."""
     train_data = training_data(spec, data)
     augment = build_augment(spec, train_data)
     encoder, objective = build_model(spec, train_data)
-    encoder.to(device); objective.to(device)
-    fmt = memory_format or (torch.channels_last if device.type == 'cuda' and spec.arch.startswith('resnet') else torch.contiguous_format)
-    encoder.to(memory_format=fmt)
+    encoder.to(device); objective.to(device); encoder.to(memory_format=fmt)
     model = LossModel(encoder, objective).train()
     optimizer = make_optimizer(spec, list(encoder.parameters()) + list(objective.parameters()))
     images, labels = train_data.images.to(device), objective.prepare_labels(train_data.labels, spec.seed).to(device)
@@ -90,6 +83,22 @@ def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
             loss = model(views, labels[idx])
         optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
+    return types.SimpleNamespace(views_of=views_of, step=step, batches=batches, images=train_data.images,
+                                 encoder=encoder, objective=objective)
+
+def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device=None, repeats: int = 3,
+                         memory_format: torch.memory_format | None = None) -> dict:
+    """Seconds per training step of `spec` (chapter 05d's `LossModel`, optimiser, bf16 autocast and channels-last on CUDA)
+    with the views augmented in the step, as the loop does, vs the same step on views augmented beforehand, and the
+    augmentation alone (CPU time on CPU, wall time on CUDA). `overhead` = augmentation / (augmentation + step on ready
+    views), each timed directly; `overhead_by_difference` = (step with - step without) / step with, the same fraction.
+    `memory_format` replaces the loop's layout (channels-last for ResNets on CUDA, contiguous elsewhere): a lever to measure."""
+    device = get_device(device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    fmt = memory_format or (torch.channels_last if device.type == 'cuda' and spec.arch.startswith('resnet') else torch.contiguous_format)
+    t = _training_step(spec, data, steps, device, fmt)
+    views_of, step, batches = t.views_of, t.step, t.batches
+    h = t.images.shape[-1]
     pre = [views_of(b) for b in batches]
     kinds = {'with_aug': lambda i: step(views_of(batches[i]), batches[i]), 'preaugmented': lambda i: step(pre[i], batches[i]),
              'augment_only': lambda i: views_of(batches[i])}
@@ -121,16 +130,10 @@ def benchmark_peer_lightly(spec: TrainSpec, data: ImageSet, steps: int = 4, repe
     from PIL import Image
     if spec.objective != 'simclr': raise ValueError(f"the peer benchmark compares SimCLR steps, got objective {spec.objective!r}")
     rgb = data if data.images.shape[1] == 3 else ImageSet(data.images.expand(-1, 3, -1, -1).contiguous(), data.labels, data.classes, data.name)
-    train_data = training_data(spec, rgb)
-    augment = build_augment(spec, train_data)
-    encoder, objective = build_model(spec, train_data)
-    peer_encoder, peer_objective = copy.deepcopy(encoder), copy.deepcopy(objective).train()
-    ours = LossModel(encoder, objective).train(); peer_encoder.train()
-    opt_ours = make_optimizer(spec, list(ours.parameters()))
+    ours = _training_step(spec, rgb, steps, torch.device('cpu'), torch.contiguous_format)   # the step benchmark_train_step times
+    peer_encoder, peer_objective = copy.deepcopy(ours.encoder).train(), copy.deepcopy(ours.objective).train()  # same initial weights
     opt_peer = make_optimizer(spec, list(peer_encoder.parameters()) + list(peer_objective.parameters()))
-    images = train_data.images
-    (h, w), gen = images.shape[-2:], make_generator(spec.seed)
-    batches = [torch.randperm(len(images), generator=make_generator(s))[:spec.batch_size] for s in range(steps)]
+    images, h = ours.images, ours.images.shape[-1]
     transform = SimCLRTransform(input_size=h, cj_prob=0.8, min_scale=0.08, random_gray_scale=0.2, gaussian_blur=0.0, hf_prob=0.5)
     pil = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images]
     class Views(torch.utils.data.Dataset):
@@ -138,15 +141,12 @@ def benchmark_peer_lightly(spec: TrainSpec, data: ImageSet, steps: int = 4, repe
         def __getitem__(self, i): return transform(pil[i])
     loader = torch.utils.data.DataLoader(Views(), batch_size=spec.batch_size, shuffle=True, drop_last=True, num_workers=0,
                                          generator=torch.Generator().manual_seed(spec.seed))
-    criterion, batch_iter = NTXentLoss(temperature=objective.temperature), iter(loader)
+    criterion, batch_iter = NTXentLoss(temperature=ours.objective.temperature), iter(loader)
     def next_views():
         nonlocal batch_iter
         try: return next(batch_iter)
         except StopIteration: batch_iter = iter(loader); return next(batch_iter)
-    def ours_step(i):
-        x = images[batches[i]].float().div_(255)
-        loss = ours([augment.apply(x, augment.sample_params(len(x), h, w, gen)) for _ in range(2)])
-        opt_ours.zero_grad(set_to_none=True); loss.backward(); opt_ours.step()
+    def ours_step(i): ours.step(ours.views_of(ours.batches[i]), ours.batches[i])
     def peer_step(i):
         v1, v2 = next_views()
         loss = criterion(peer_objective.head(peer_encoder(v1)), peer_objective.head(peer_encoder(v2)))

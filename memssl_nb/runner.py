@@ -163,12 +163,15 @@ REHEARSAL_GUARD = 3600      # seconds per notebook: a rehearsal is minutes of wo
 
 def prepare_rehearsal(out_root) -> tuple[Path, dict]:
     """The rehearsal's output root (`out_root/rehearsal`) and environment: generated datasets and an encoder cache of its
-    own, emptied first, so that every rehearsal trains its encoders through the current code."""
+    own, one per version of the library's code (`package_hash`): a rehearsal of changed code trains every encoder through
+    that code, while rerunning notebooks on the same code reuses what it trained. Caches of older code are removed."""
     root = (Path(out_root)/REHEARSAL_DIR).resolve()
     data = root/'data'
     if not (data/GENERATED_MANIFEST).exists(): write_generated_datasets(data)
-    shutil.rmtree(root/'cache', ignore_errors=True)
-    return root, {REHEARSAL_ENV: '1', 'MEMSSL_DATA': str(data), 'MEMSSL_CACHE': str(root/'cache')}
+    cache = root/'cache'/package_hash()[:16]
+    for old in (root/'cache').glob('*'):
+        if old != cache: shutil.rmtree(old, ignore_errors=True)
+    return root, {REHEARSAL_ENV: '1', 'MEMSSL_DATA': str(data), 'MEMSSL_CACHE': str(cache)}
 
 def rehearsal_markdown(summary, previous: str | None = None) -> str:
     """REHEARSAL.md: what a rehearsal ran, artifact by artifact; rows of the `previous` REHEARSAL.md for artifacts this run

@@ -80,5 +80,7 @@ def test_paper_rehearsal_ci_subset(tmp_path, capsys):
     assert code == 0, out + md
     for a in CI_SUBSET.split(','): assert f'| {a} | done |' in md
     assert '3 ran, 0 skipped, 0 failed; rehearsal:' in out
-    assert any((tmp_path/'rehearsal'/'cache').iterdir())              # encoders went to the rehearsal's own cache
+    from memssl_nb.registry import package_hash
+    cache = tmp_path/'rehearsal'/'cache'/package_hash()[:16]          # encoders went to the rehearsal's own cache
+    assert any(cache.rglob('final.safetensors'))
     assert not (tmp_path/'paper').exists()                           # and no output to the real paper-scale folder
