@@ -13,12 +13,14 @@ import pandas as pd
 from .core import atomic_write_text, atomic_write_bytes
 
 # %% auto 0
-__all__ = ['VERDICTS', 'CLAIM_FIELDS', 'check_artifact_id', 'plain_value', 'Claim', 'check', 'not_checkable', 'ClaimSet',
-           'save_figure', 'save_table']
+__all__ = ['VERDICTS', 'DECIDED', 'CLAIM_FIELDS', 'ALPHA', 'check_artifact_id', 'plain_value', 'Claim', 'decide', 'check',
+           'not_checkable', 'ClaimSet', 'save_figure', 'save_table']
 
 # %% ../nbs/20_claims.ipynb 5
-VERDICTS = ('holds', 'does not hold', 'not checkable')
-CLAIM_FIELDS = ('statement', 'paper_value', 'ours', 'test', 'p_value', 'verdict', 'why')
+VERDICTS = ('holds', 'contradicted', 'inconclusive', 'not checkable')
+DECIDED = ('holds', 'contradicted')
+CLAIM_FIELDS = ('statement', 'paper_value', 'ours', 'test', 'p_value', 'p_against', 'verdict', 'why')
+ALPHA = 0.05
 _ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._+\-]*$')
 
 def check_artifact_id(artifact_id) -> str:
@@ -45,6 +47,7 @@ class Claim:
     ours: Any = None
     test: str | None = None
     p_value: float | None = None
+    p_against: float | None = None
     verdict: str = field(kw_only=True)
     why: str | None = field(default=None, kw_only=True)
 
@@ -52,9 +55,11 @@ class Claim:
         if not str(self.statement).strip(): raise ValueError("a claim needs a statement")
         if self.verdict not in VERDICTS: raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
         if self.verdict == 'not checkable' and not self.why: raise ValueError("a 'not checkable' claim needs `why`")
-        self.paper_value, self.ours, self.p_value = plain_value(self.paper_value), plain_value(self.ours), plain_value(self.p_value)
-        if isinstance(self.p_value, (int, float)) and not 0 <= self.p_value <= 1:
-            raise ValueError(f"p_value must lie in [0, 1], got {self.p_value}")
+        self.paper_value, self.ours = plain_value(self.paper_value), plain_value(self.ours)
+        self.p_value, self.p_against = plain_value(self.p_value), plain_value(self.p_against)
+        for name in ('p_value', 'p_against'):
+            p = getattr(self, name)
+            if isinstance(p, (int, float)) and not 0 <= p <= 1: raise ValueError(f"{name} must lie in [0, 1], got {p}")
 
     def to_dict(self) -> dict: return {k: getattr(self, k) for k in CLAIM_FIELDS}
 
@@ -70,14 +75,44 @@ def _as_condition(condition) -> bool | None:
     raise TypeError(f"condition must be a truth value computed from the measurement (e.g. `diff > 0`), "
                     f"got {type(condition).__name__} {condition!r}")
 
-def check(statement: str, ours, condition, paper_value=None, test: str | None = None,
-          p_value: float | None = None, why: str | None = None) -> Claim:
-    "A claim whose verdict follows from `condition`, a truth value computed from our measurement."
-    ok = _as_condition(condition)
-    if ok is None:
-        return Claim(statement, paper_value, ours, test, p_value, verdict='not checkable',
-                     why=why or 'the condition could not be evaluated (missing or NaN measurement)')
-    return Claim(statement, paper_value, ours, test, p_value, verdict='holds' if ok else 'does not hold', why=why)
+def _as_p(p) -> float | None:
+    "A p-value as a float, or None when it is missing or NaN."
+    if p is None: return None
+    p = float(p.detach().cpu()) if hasattr(p, 'detach') else float(p)
+    return None if math.isnan(p) else min(1.0, max(0.0, p))
+
+def decide(p_value: float, p_against: float | None = None, alpha: float = ALPHA) -> str:
+    """The verdict of a test: `holds` when its one-sided p-value for the paper's statement is ≤ `alpha`, `contradicted`
+    when the one for the opposite statement is (by default `1 − p_value`), `inconclusive` otherwise."""
+    p_against = 1 - p_value if p_against is None else p_against
+    return 'holds' if p_value <= alpha else 'contradicted' if p_against <= alpha else 'inconclusive'
+
+def _join(*parts) -> str | None: return '; '.join(p for p in parts if p) or None
+
+def check(statement: str, ours, condition=None, paper_value=None, test: str | None = None,
+          p_value: float | None = None, p_against: float | None = None, exact: bool = False,
+          detectable=None, why: str | None = None) -> Claim:
+    """A claim whose verdict follows from the measurement: from its test's p-values (`p_value` for the paper's statement,
+    `p_against` for the opposite, default `1 − p_value`), from `condition` when `exact` (a fact without sampling noise),
+    and otherwise from nothing: a bare point estimate is inconclusive. `detectable`: the smallest effect the test
+    detects with 80 % power, stated when it is inconclusive."""
+    ok, p, pa = _as_condition(condition), _as_p(p_value), _as_p(p_against)
+    make = lambda verdict, reason=None: Claim(statement, paper_value, ours, test, p, pa if p_against is not None else None,
+                                              verdict=verdict, why=_join(why, reason))
+    if exact:
+        if ok is None: return make('not checkable', None if why else 'the condition could not be evaluated (missing or NaN measurement)')
+        return make('holds' if ok else 'contradicted')
+    if p_value is None:
+        if ok is None: return make('not checkable', None if why else 'the condition could not be evaluated (missing or NaN measurement)')
+        return make('inconclusive', f"a point estimate without a test: it points {'in' if ok else 'against'} the paper's "
+                                    f"direction, but nothing here tells that from noise")
+    if p is None: return make('not checkable', None if why else 'the test could not be computed (missing or NaN p-value)')
+    verdict = decide(p, pa)
+    size = None
+    if verdict == 'holds' and ok is False:
+        verdict, size = 'inconclusive', "the test decides in the paper's direction, but the size the paper states is not reached"
+    power = f'smallest effect this test detects with 80 % power: {plain_value(detectable)}' if verdict == 'inconclusive' and detectable is not None else None
+    return make(verdict, _join(size, power))
 
 def not_checkable(statement: str, why: str, paper_value=None, ours=None, test: str | None = None) -> Claim:
     "A claim this run cannot check (e.g. it needs the paper's datasets or scale); `why` says what is missing."

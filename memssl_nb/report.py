@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import PROJECT_ROOT, FIGURES_DIR, atomic_write_text
-from .claims import VERDICTS, plain_value
+from .claims import VERDICTS, DECIDED, ALPHA, plain_value
 from .registry import (SCALES, Artifact, artifact_status, constraints_hash, failure_path, load_notes,
                                 package_hash, read_json, resolve_registry, stamp_path)
 
 # %% auto 0
-__all__ = ['markdown_table', 'write_report', 'reference_outputs', 'Comparison', 'compare_outputs', 'comparison_path', 'verify',
-           'seed_run_root', 'stability', 'stability_markdown']
+__all__ = ['markdown_table', 'p_against_of', 'write_report', 'reference_outputs', 'Comparison', 'compare_outputs',
+           'comparison_path', 'verify', 'seed_run_root', 'stability', 'stability_markdown']
 
 # %% ../nbs/23_report.ipynb 4
 def _fmt(x) -> str:
@@ -46,6 +46,12 @@ def _claims_of(out_dir, output_id) -> list[dict] | None:
 
 def _count(claims) -> dict[str, int]: return {v: sum(c.get('verdict') == v for c in claims) for v in VERDICTS}
 
+def p_against_of(claim: dict):
+    "The p-value of a claim's opposite: stored, or 1 − p for a one-sided test of a continuous statistic; None without a test."
+    if claim.get('p_against') is not None: return claim['p_against']
+    p = claim.get('p_value')
+    return 1 - p if isinstance(p, (int, float)) else None
+
 def _nb_label(nb_root, a: Artifact) -> str:
     nb = (Path(nb_root)/a.notebook).resolve()
     return str(nb.relative_to(PROJECT_ROOT)) if nb.is_relative_to(PROJECT_ROOT) else a.notebook
@@ -65,16 +71,22 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
         st = [status[a.id] for a in group]
         n = _count(cl)
         return (f"| {name} | {len(group)} | {st.count('done')} | {st.count('stale')} | {st.count('failed')} | "
-                f"{st.count('missing')} | {len(cl)} | {n['holds']} | {n['does not hold']} | {n['not checkable']} |")
+                f"{st.count('missing')} | {len(cl)} | {n['holds']} | {n['contradicted']} | {n['inconclusive']} | {n['not checkable']} |")
 
     md = [f"# Reproduction report: scale `{scale}`", "",
           f"Rebuilt by `memssl reproduce --scale {scale}` and `memssl report --scale {scale}` from the outputs in "
           f"this folder. Each claim compares a paper's statement with our measurement at this scale. Only the claims "
           f"of artifacts that are **done** on this machine (run with the current code, notebooks and parameters) are "
           f"counted; the claims shown for stale, failed or never-run artifacts come from an earlier run.", "",
+          f"Each claim is decided by a test with two one-sided p-values, one for the paper's statement (p) and one for its "
+          f"opposite (p against): it **holds** when p ≤ {ALPHA}, is **contradicted** when p against ≤ {ALPHA}, and is "
+          f"**inconclusive** otherwise: the evidence at this scale is too weak to say, which is not evidence against the paper "
+          f"(its *why* says what effect the test could have detected, or that only a point estimate exists). Facts without "
+          f"sampling noise (counts, weights left unchanged) are decided exactly; **not checkable** marks what cannot exist "
+          f"at this scale.", "",
           "## Summary", "",
-          "| paper | artifacts | done | stale | failed | not run | claims | holds | does not hold | not checkable |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| paper | artifacts | done | stale | failed | not run | claims | holds | contradicted | inconclusive | not checkable |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [summary_row(p, [a for a in arts.values() if a.paper == p]) for p in papers]
     md += [summary_row('**all**', list(arts.values())), ""]
     if not arts: md += ["No artifacts are registered.", ""]
@@ -103,9 +115,9 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
                 if status[a.id] != 'done' and cl:
                     md += [f"*Claims from an earlier run (status {status[a.id]}): shown, not counted above.*", ""]
                 if not cl: md += ["*This artifact states no claims.*", ""]; continue
-                md += ["| statement | paper | ours | test | p | verdict | why |", "|---|---|---|---|---|---|---|"]
+                md += ["| statement | paper | ours | test | p | p against | verdict | why |", "|---|---|---|---|---|---|---|---|"]
                 md += [f"| {_fmt(c.get('statement'))} | {_fmt(c.get('paper_value'))} | {_fmt(c.get('ours'))} | "
-                       f"{_fmt(c.get('test'))} | {_fmt(c.get('p_value'))} | {_fmt(c.get('verdict'))} | {_fmt(c.get('why'))} |"
+                       f"{_fmt(c.get('test'))} | {_fmt(c.get('p_value'))} | {_fmt(p_against_of(c))} | **{_fmt(c.get('verdict'))}** | {_fmt(c.get('why'))} |"
                        for c in cl]
                 md += [""]
 
@@ -202,6 +214,10 @@ class Comparison:
                "|---|---|---|---|---|---|---|",
                f"| {self.n_outputs} | {n} | {pct(n - c, n)} | {c} | {self.n_numbers} | "
                f"{pct(self.n_numbers - self.n_outside, self.n_numbers)} | {self.n_outside} |", ""]
+        if c:
+            flips = self.changed[self.changed.committed.isin(DECIDED) & self.changed.now.isin(DECIDED)]
+            md += [f"Of the {c} changed verdicts, {len(flips)} flipped between *holds* and *contradicted* (a decided verdict "
+                   f"reversed); the other {c - len(flips)} moved between a decided verdict, *inconclusive* and *not checkable*.", ""]
         if self.only_reference or self.only_now:
             md += [f"Only in the reference: {', '.join(self.only_reference) or 'none'}. Only now: {', '.join(self.only_now) or 'none'}.", ""]
         if c:

@@ -18,7 +18,7 @@ from .sslmem import sslmem
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .objectives import nt_xent
 from .objectives import masked_augment
-from .stats import monotone
+from .stats import monotone, mean_test, equivalent, all_of
 
 # %% auto 0
 __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'AUGMENT_STRENGTHS', 'SET_PAIRS', 'FrameworkConfig', 'framework_config',
@@ -139,10 +139,10 @@ def atypical_ranking(df: pd.DataFrame, column: str = 'score', set_name: str = 'S
     from scipy import stats
     d = df[df.set == set_name]
     a, s = d.atypical.to_numpy(), d[column].to_numpy()
-    if a.all() or not a.any(): return dict(auroc=float('nan'), rank_percentile=float('nan'), top_decile_share=float('nan'), p_value=float('nan'), n_atypical=int(a.sum()))
+    if a.all() or not a.any(): return dict(auroc=float('nan'), rank_percentile=float('nan'), rank_percentile_p=float('nan'), top_decile_share=float('nan'), p_value=float('nan'), n_atypical=int(a.sum()))
     pct = stats.rankdata(s) / len(s)
     top = s >= np.quantile(s, 0.9)
-    return dict(auroc=float(roc_auc_score(a, s)), rank_percentile=float(pct[a].mean()),
+    return dict(auroc=float(roc_auc_score(a, s)), rank_percentile=float(pct[a].mean()), rank_percentile_p=mean_test(pct[a], 0.9)[1],
                 top_decile_share=float(a[top].mean()), atypical_in_top_decile=float(top[a].mean()),
                 p_value=float(stats.mannwhitneyu(s[a], s[~a], alternative='greater').pvalue), n_atypical=int(a.sum()))
 
@@ -384,10 +384,10 @@ def removal_tests(res: pd.DataFrame, col: str) -> dict:
     d2, p2 = paired_removal(res, col, 'random', 'bottom')
     why = (f"mean difference {d.mean():+.4f} ({'the paper' if d.mean() < 0 else 'the opposite'} direction), p = {p:.2g} over {len(d)} "
            "(fraction, seed) pairs") if np.isfinite(p) else 'fewer than 2 (fraction, seed) pairs: no test possible'
-    return {'top_vs_random': dict(ours=dict(mean_diff=float(d.mean()), n_pairs=len(d)), condition=(d.mean() < 0 and p < 0.05) if np.isfinite(p) else None,
+    return {'top_vs_random': dict(ours=dict(mean_diff=float(d.mean()), n_pairs=len(d)),
                                   test='paired t-test one-sided over (fraction, seed), alpha 0.05', p_value=p, why=why),
-            'random_vs_bottom': dict(ours=dict(mean_diff=float(d2.mean())), condition=bool(d2.mean() <= 1e-9),
-                                     test='mean paired difference (directional, ties count as holding)', p_value=p2)}
+            'random_vs_bottom': dict(ours=dict(mean_diff=float(d2.mean()), n_pairs=len(d2)),
+                                     test='paired t-test one-sided over (fraction, seed): random removal costs more than bottom removal', p_value=p2)}
 
 # %% ../nbs/18_sslmem_experiments.ipynb 28
 def intervention_sweeps(base: ProtocolConfig, preset, downstream) -> dict:
@@ -414,15 +414,17 @@ def sweep_tests(sweeps: dict, preset, acc: str) -> dict:
     p_l = extreme_test(eq3_tabs, preset.lambdas[0], preset.lambdas[-1], 'greater')
     p_e = extreme_test(ep_tabs, preset.epoch_grid[-1], preset.epoch_grid[0], 'greater')
     p_s = extreme_test(au_tabs, preset.strengths[0], preset.strengths[-1], 'greater')
-    return {'lambda_mem': dict(ours=dict(zip(map(str, eq3['lambda']), eq3.avg_mem.round(4))), condition=monotone(eq3.avg_mem) and p_l < a, p_value=p_l,
+    negative = lambda tabs: [mean_test(t.score[t.set == 'S_I'], 0.0, greater=False)[1:] for t in tabs.values()]
+    p_rev = all_of(*negative(ep_tabs), *negative(au_tabs))
+    return {'lambda_mem': dict(ours=dict(zip(map(str, eq3['lambda']), eq3.avg_mem.round(4))), condition=monotone(eq3.avg_mem), p_value=p_l,
                                test=f'monotone trend + Welch t-test one-sided on S_C scores (λ min > λ max), alpha {a}'),
             'lambda_acc': dict(ours=dict(zip(map(str, eq3['lambda']), eq3[acc].round(4))), condition=monotone(eq3[acc]), test='monotone trend of linear-probe accuracy (1 seed)'),
-            'epochs': dict(ours=dict(zip(map(str, ep.epochs), ep.avg_mem.round(4))), condition=monotone(ep.avg_mem, decreasing=False) and p_e < a, p_value=p_e,
+            'epochs': dict(ours=dict(zip(map(str, ep.epochs), ep.avg_mem.round(4))), condition=monotone(ep.avg_mem, decreasing=False), p_value=p_e,
                            test=f'monotone trend + Welch t-test one-sided on S_C scores, alpha {a}'),
-            'strength': dict(ours=dict(zip(au.augmentation, au.avg_mem.round(4))), condition=monotone(au.avg_mem) and p_s < a, p_value=p_s,
+            'strength': dict(ours=dict(zip(au.augmentation, au.avg_mem.round(4))), condition=monotone(au.avg_mem), p_value=p_s,
                              test=f'monotone trend + Welch t-test one-sided on S_C scores, alpha {a}'),
             'reverse': dict(ours=dict(zip(map(str, ep.epochs), ep.mean_S_I.round(4))) | dict(zip(au.augmentation, au.mean_S_I.round(4))),
-                            condition=bool((ep.mean_S_I < 0).all() and (au.mean_S_I < 0).all()), test='sign of mean S_I score')}
+                            p_value=p_rev[0], p_against=p_rev[1], test='one-sample t-test per variant: mean S_I score < 0, every variant (contradicted if any is > 0, Bonferroni)')}
 
 def dp_tests(dp: pd.DataFrame, dp_tabs: dict, alpha: float, acc: str) -> dict:
     "SSLMem-DP's statements: smaller ε lowers memorization (if the non-private baseline memorizes at all) and accuracy; S_I ≤ 0."
@@ -432,13 +434,16 @@ def dp_tests(dp: pd.DataFrame, dp_tabs: dict, alpha: float, acc: str) -> dict:
     p0 = stats.ttest_ind(t0.score[t0.set == 'S_C'], t0.score[t0.set == 'S_E'], equal_var=False, alternative='greater').pvalue
     p = extreme_test(dp_tabs, names[0], names[-1], 'greater')
     ours = dict(zip(names, dp.avg_mem.round(4))) | {'epsilon_reached': dict(zip(names, dp.epsilon.round(2)))}
-    mem = (dict(ours=ours, condition=monotone(dp.avg_mem) and p < alpha, p_value=p,
+    negative = [mean_test(t.score[t.set == 'S_I'], 0.0, greater=False)[1:] for t in dp_tabs.values()]
+    p_rev = all_of(*negative)
+    mem = (dict(ours=ours, condition=monotone(dp.avg_mem), p_value=p,
                 test=f'monotone trend + Welch t-test one-sided on S_C scores (ε = {names[0]} > ε = {names[-1]}), alpha {alpha}') if p0 < alpha else
-           dict(ours=ours, condition=None, why=f'the non-private baseline (ε = ∞) shows no memorization to lower: mean S_C {t0.score[t0.set == "S_C"].mean():.4f} '
+           dict(ours=ours, p_value=1.0, p_against=1.0, test='none possible', why=f'the non-private baseline (ε = ∞) shows no memorization to lower: mean S_C {t0.score[t0.set == "S_C"].mean():.4f} '
                                                f'vs S_E {t0.score[t0.set == "S_E"].mean():.4f}, Welch one-sided p = {p0:.2g} (measured: {ours})'))
     return {'memorization': mem,
             'accuracy': dict(ours=dict(zip(names, dp[acc].round(4))), condition=monotone(dp[acc]), test='monotone trend of linear-probe accuracy of f'),
-            'reverse': dict(ours=dict(zip(names, dp.mean_S_I.round(4))), condition=bool((dp.mean_S_I <= 0).all()), test='sign of mean S_I score')}
+            'reverse': dict(ours=dict(zip(names, dp.mean_S_I.round(4))), p_value=p_rev[0], p_against=p_rev[1],
+                            test='one-sample t-test per privacy level: mean S_I score < 0, every level (contradicted if any is > 0, Bonferroni)')}
 
 def sweep_panel(ax, x, t: pd.DataFrame, xlabel: str, title: str, acc: str):
     "Avg. Mem. of S_C, of the injected atypical points and mean S_I over the variants, with the probe accuracy on a second axis."
@@ -472,15 +477,16 @@ def set_tests(tests: pd.DataFrame, scores: dict, alpha: float) -> dict:
         pairs.append(((a, b, 'higher' if alt == 'greater' else 'lower'),
                       dict(ours=dict(mean_diff=w.mean_diff, mann_whitney_p=u.p_value), condition=w.p_value < alpha, p_value=w.p_value,
                            test=f'Welch t-test one-sided ({alt}), alpha {alpha}; Mann-Whitney U reported')))
-    ss_se = stats.ttest_ind(scores['S_S'], scores['S_E'], equal_var=False)
     eff_c, eff_i = scores['S_C'].mean() - scores['S_E'].mean(), scores['S_E'].mean() - scores['S_I'].mean()
+    margin = abs(eff_c) / 2         # "alike" relative to the memorization effect the sets are built to show
+    diff, p_alike, p_apart = equivalent(scores['S_S'], scores['S_E'], margin)
     sk = stats.skewtest(scores['S_C'] - np.median(scores['S_E']), alternative='greater')
     return {'pairs': pairs,
-            'centred': dict(ours=dict(mean_S_S=scores['S_S'].mean(), mean_S_E=scores['S_E'].mean()), condition=ss_se.pvalue > 0.05,
-                            test='Welch t-test two-sided, verdict holds if p > 0.05', p_value=ss_se.pvalue),
+            'centred': dict(ours=dict(mean_S_S=scores['S_S'].mean(), mean_S_E=scores['S_E'].mean(), margin=margin), p_value=p_alike, p_against=p_apart,
+                            test='equivalence test (two one-sided Welch tests): |mean S_S − mean S_E| < half the S_C − S_E effect'),
             'symmetric': dict(ours=dict(S_C_effect=eff_c, S_I_effect=eff_i), condition=bool(eff_c > 0 and eff_i > 0 and 0.5 <= eff_c / eff_i <= 2),
                               test='ratio of mean differences'),
-            'skewed': dict(ours=dict(skewness=stats.skew(scores['S_C'])), condition=sk.pvalue < 0.05,
+            'skewed': dict(ours=dict(skewness=stats.skew(scores['S_C'])),
                            test="D'Agostino skewness test one-sided (skew > 0), alpha 0.05", p_value=sk.pvalue)}
 
 def plot_sets(scores: dict, title: str):
@@ -513,14 +519,17 @@ def supervised_tests(df_sup: pd.DataFrame, alpha: float) -> dict:
     k = max(1, len(clean) // 10)
     top_overlap = len(set(clean.nlargest(k, 'score').point) & set(clean.nlargest(k, 'supmem').point)) / k
     u_sup = stats.mannwhitneyu(noisy.supmem, clean.supmem, alternative='greater')
-    u_ssl = stats.mannwhitneyu(noisy.score, clean.score, alternative='two-sided')
+    margin = clean.score.std() / 2  # a medium standardised effect (Cohen's d = 0.5)
+    _, p_same, p_differ = equivalent(noisy.score, clean.score, margin)
+    z = (np.arctanh(0.8) - np.arctanh(rho.statistic)) / np.sqrt(1.06 / (len(clean) - 3))   # Fisher z of Spearman's ρ (Fieller's variance)
     return {'correlated': dict(ours=dict(spearman=rho.statistic, top10_overlap=top_overlap), condition=rho.statistic > 0 and rho.pvalue / 2 < 0.05,
                                test='Spearman rank correlation, one-sided p < 0.05 (clean S_C)', p_value=rho.pvalue / 2 if rho.statistic > 0 else 1 - rho.pvalue / 2),
-            'imperfect': dict(ours=rho.statistic, condition=rho.statistic < 0.8, test='Spearman rank correlation'),
+            'imperfect': dict(ours=rho.statistic, test="Spearman's ρ < 0.8, one-sided Fisher z test", p_value=stats.norm.sf(z), p_against=stats.norm.cdf(z)),
             'sup_reacts': dict(ours=dict(mislabelled=noisy.supmem.mean(), clean=clean.supmem.mean()), condition=u_sup.pvalue < alpha,
                                test=f'Mann-Whitney U one-sided, alpha {alpha}', p_value=u_sup.pvalue),
-            'ssl_ignores': dict(ours=dict(mislabelled=noisy.score.mean(), clean=clean.score.mean()), condition=u_ssl.pvalue > 0.05,
-                                test='Mann-Whitney U two-sided, verdict holds if p > 0.05 (labels never enter SSL training)', p_value=u_ssl.pvalue)}
+            'ssl_ignores': dict(ours=dict(mislabelled=noisy.score.mean(), clean=clean.score.mean(), margin=margin), p_value=p_same, p_against=p_differ,
+                                test='equivalence test (two one-sided Welch tests): |mean SSLMem of mislabelled − clean| < half the clean scores\' std '
+                                     '(labels never enter SSL training)')}
 
 def plot_supervised(df_sup: pd.DataFrame, title: str):
     "SSLMem′ against mem_sup on the candidates (mislabelled in red), and both scores for clean vs mislabelled candidates."
@@ -548,8 +557,9 @@ def atypical_tests(c: pd.DataFrame, rank: dict) -> dict:
     bottom = c.iloc[-max(1, len(c) // 10):]
     return {'auroc': dict(ours=rank['auroc'], condition=rank['p_value'] < 0.01 and rank['auroc'] > 0.5, paper_value='qualitative (atypical/outliers at the top)',
                           test='AUROC; Mann-Whitney U one-sided (atypical > normal S_C), alpha 0.01', p_value=rank['p_value']),
-            'top_decile': dict(ours=rank['rank_percentile'], condition=rank['rank_percentile'] > 0.9, test='mean rank percentile of the injected points'),
-            'bottom_standard': dict(ours=int(bottom.atypical.sum()), condition=int(bottom.atypical.sum()) == 0, test='count in bottom decile')}
+            'top_decile': dict(ours=rank['rank_percentile'], p_value=rank['rank_percentile_p'], test='one-sample t-test: mean rank percentile of the injected points > 0.9'),
+            'bottom_standard': dict(ours=int(bottom.atypical.sum()), condition=int(bottom.atypical.sum()) == 0, exact=True,
+                                    test='count of injected points in the bottom decile (exact: a count in this run)')}
 
 def plot_candidates(c: pd.DataFrame, groups: dict, images: torch.Tensor, title: str):
     "The most, median and least memorized candidates (* = injected atypical) and the S_C score histogram."

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 # %% auto 0
-__all__ = ['welch_greater', 'paired_greater', 'depth_trend', 'monotone', 'top_mean', 'mcnemar']
+__all__ = ['welch_greater', 'paired_greater', 'depth_trend', 'monotone', 'top_mean', 'rank_trend', 'mean_test', 'all_of',
+           'equivalent', 'detectable', 'ordered', 'mcnemar']
 
 # %% ../nbs/00b_stats.ipynb 5
 def welch_greater(a, b) -> tuple[float, float]:
@@ -41,6 +42,71 @@ def top_mean(values, frac: float = 0.1) -> float:
     return float(v[:max(1, int(round(frac * len(v))))].mean())
 
 # %% ../nbs/00b_stats.ipynb 11
+def rank_trend(y, x=None, increasing: bool = True) -> tuple[float, float, float]:
+    """(Spearman ρ of `y` against `x` (default: position), one-sided p for a rising (or falling) trend, one-sided p for
+    the opposite trend); exact over all orderings for up to 8 points, the t approximation beyond."""
+    from scipy.stats import rankdata, spearmanr
+    from itertools import permutations
+    y = np.asarray(y, dtype=float); x = np.arange(len(y), dtype=float) if x is None else np.asarray(x, dtype=float)
+    ok = np.isfinite(y) & np.isfinite(x); y, x = y[ok], x[ok]
+    if len(y) < 3 or np.ptp(y) == 0 or np.ptp(x) == 0: return float('nan'), 1.0, 1.0
+    rho = float(spearmanr(x, y).statistic)
+    if len(y) <= 8:
+        rx, ry = rankdata(x), rankdata(y)
+        perms = np.array(list(permutations(ry))); perms = perms - perms.mean(1, keepdims=True); cx = rx - rx.mean()
+        null = perms @ cx / (np.linalg.norm(perms, axis=1) * np.linalg.norm(cx))
+        up, down = float(np.mean(null >= rho - 1e-12)), float(np.mean(null <= rho + 1e-12))
+    else:
+        up, down = float(spearmanr(x, y, alternative='greater').pvalue), float(spearmanr(x, y, alternative='less').pvalue)
+    return (rho, up, down) if increasing else (rho, down, up)
+
+def mean_test(values, threshold: float = 0.0, greater: bool = True) -> tuple[float, float, float]:
+    """(mean, one-sided p that the mean lies above (below, `greater=False`) `threshold`, p for the opposite) of a
+    one-sample t-test, e.g. over seeds or grid cells. Values without spread decide by their side (the t-test's limit)."""
+    from scipy.stats import ttest_1samp
+    v = np.asarray(values, dtype=float).ravel(); v = v[np.isfinite(v)]
+    if not len(v): return float('nan'), float('nan'), float('nan')
+    m = float(v.mean())
+    if len(v) < 2 or np.ptp(v) == 0:
+        above, below = (1.0, 1.0) if m == threshold else ((0.0, 1.0) if m > threshold else (1.0, 0.0))
+    else:
+        above = float(ttest_1samp(v, threshold, alternative='greater').pvalue); below = 1 - above
+    return (m, above, below) if greater else (m, below, above)
+
+def all_of(*tests) -> tuple[float, float]:
+    """(p for, p against) of "every part holds" from one-sided (p for, p against) pairs: it holds when every part does
+    (the largest p, an intersection–union test) and is contradicted when any part is (Bonferroni over the parts)."""
+    if not tests: raise ValueError("all_of needs at least one test")
+    return float(max(t[0] for t in tests)), float(min(1.0, len(tests) * min(t[1] for t in tests)))
+
+def equivalent(a, b, margin: float) -> tuple[float, float, float]:
+    """(mean(a) − mean(b), p that the means differ by less than `margin` (two one-sided Welch tests, TOST), p that they
+    differ by more than `margin`): the test of "about the same" statements."""
+    from scipy.stats import ttest_ind
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    t = lambda shift, alt: float(ttest_ind(a - shift, b, equal_var=False, alternative=alt).pvalue)
+    p_equiv = max(t(margin, 'less'), t(-margin, 'greater'))
+    p_apart = min(1.0, 2 * min(t(margin, 'greater'), t(-margin, 'less')))
+    return float(a.mean() - b.mean()), p_equiv, p_apart
+
+def detectable(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    "The smallest true effect a one-sided z-test at `alpha` detects with probability `power`, given its standard error."
+    from scipy.stats import norm
+    return float((norm.ppf(1 - alpha) + norm.ppf(power)) * se)
+
+# %% ../nbs/00b_stats.ipynb 14
+def ordered(table, decreasing: bool = False) -> tuple[float, float, float]:
+    """(Page's L, p that the columns of `table` (blocks × settings, in the claimed order) rise (fall, `decreasing`) within
+    the blocks, p for the opposite order): Page's trend test over blocks such as layers or seeds."""
+    from scipy.stats import page_trend_test
+    x = np.asarray(table, dtype=float)
+    if x.ndim != 2 or x.shape[1] < 3 or x.shape[0] < 2: raise ValueError(f"need ≥ 2 blocks × ≥ 3 settings, got shape {x.shape}")
+    x = x[np.isfinite(x).all(1)]
+    if decreasing: x = x[:, ::-1]
+    up, down = page_trend_test(x), page_trend_test(x[:, ::-1])
+    return float(up.statistic), float(up.pvalue), float(down.pvalue)
+
+# %% ../nbs/00b_stats.ipynb 17
 def mcnemar(correct_a, correct_b) -> float:
     "One-sided exact McNemar p-value that predictor a (per-point correctness `correct_a`) beats b on the same points."
     from scipy import stats

@@ -9,13 +9,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from .core import Preset
+from .stats import mean_test, rank_trend
 from .theory import PatchSetup, label_complexity, pretraining_sweep, coefficient_dynamics, plot_error_heatmaps
 
 # %% auto 0
-__all__ = ['ZhangCaoConfig', 'grid_cells', 'split_methods', 'error_table', 'supervised_boundary_tests', 'finetuning_tests',
-           'first_n', 'few_label_tests', 'labels_needed', 'guarantee_tests', 'plot_label_curves', 'label_curve_table',
-           'alignment_tests', 'threshold_table', 'threshold_tests', 'early_stopping_tests', 'coefficient_table',
-           'mechanism_tests', 'plot_alignment', 'plot_early_stopping', 'plot_coefficients']
+__all__ = ['ZhangCaoConfig', 'grid_cells', 'split_methods', 'error_table', 'threshold_p', 'supervised_boundary_tests',
+           'finetuning_tests', 'first_n', 'few_label_tests', 'labels_needed', 'guarantee_tests', 'plot_label_curves',
+           'label_curve_table', 'alignment_tests', 'threshold_table', 'threshold_tests', 'early_stopping_tests',
+           'coefficient_table', 'mechanism_tests', 'plot_alignment', 'plot_early_stopping', 'plot_coefficients']
 
 # %% ../nbs/15a_zhangcao.ipynb 5
 @dataclass(frozen=True)
@@ -70,20 +71,28 @@ def error_table(cells: pd.DataFrame) -> pd.DataFrame:
     table.columns = [f'{m} n={n}' for m, n in table.columns]
     return table
 
+def threshold_p(values, threshold: float, below: bool = True) -> dict:
+    """The p-values of a claim "these runs lie below (above) `threshold`": a one-sample t-test of their mean, one-sided each
+    way (`p_value` for the claim, `p_against` for its opposite); the "every run" part stays the claim's `condition`."""
+    _, p, p_against = mean_test(values, threshold, greater=not below)
+    return dict(p_value=p, p_against=p_against)
+
 def supervised_boundary_tests(df: pd.DataFrame, sup: pd.DataFrame) -> dict:
     "Supervised GD below (n·SNR³ < 1) and well above (≥ 5) the boundary, and its trend with n·SNR^q."
     below, above = sup[sup.n_snr_q < 1], sup[sup.n_snr_q >= 5]
     below_runs = df[(df.method == 'supervised') & (df.n_snr_q < 1)]
-    rho, p = stats.spearmanr(np.log(sup.n_snr_q), sup.test_error)
+    above_runs = df[(df.method == 'supervised') & (df.n_snr_q >= 5)]
+    rho, p, p_rise = rank_trend(sup.test_error.values, np.log(sup.n_snr_q.values), increasing=False)
     return {
         'fails_below': dict(ours={'min test error (n·SNR³<1)': below.test_error.min(), 'max train error': below_runs.train_error.max(),
                                   'max train loss': below_runs.train_loss.max(), 'cells': len(below)},
                             condition=(below.test_error.min() >= 0.2) & (below_runs.train_error.max() == 0) if len(below) else None,
-                            test='threshold on cell means'),
+                            **threshold_p(below_runs.test_error, 0.2, below=False), test='one-sample t-test over the runs: mean test error > 0.2; every cell ≥ 0.2 with zero training error'),
         'succeeds_above': dict(ours={'max test error (n·SNR³≥5)': above.test_error.max(), 'cells': len(above)},
-                               condition=(above.test_error.max() <= 0.05) if len(above) else None, test='threshold on cell means'),
-        'trend': dict(ours={'spearman rho': rho}, p_value=p, condition=(rho < 0) & (p < 0.01),
-                      test='Spearman rank correlation, one grid cell per point')}
+                               condition=(above.test_error.max() <= 0.05) if len(above) else None, **threshold_p(above_runs.test_error, 0.05),
+                               test='one-sample t-test over the runs: mean test error < 0.05; every cell ≤ 0.05'),
+        'trend': dict(ours={'spearman rho': rho}, p_value=p, p_against=p_rise,
+                      test='Spearman rank correlation with log n·SNR^q, one-sided (falling), one grid cell per point')}
 
 def finetuning_tests(sup: pd.DataFrame, ft: pd.DataFrame) -> dict:
     "Fine-tuning where the filters aligned (|cos| ≥ 0.9), where they aligned partly, and over the whole grid."
@@ -91,15 +100,17 @@ def finetuning_tests(sup: pd.DataFrame, ft: pd.DataFrame) -> dict:
     partial = ft[(ft.alignment >= 0.5) & (ft.alignment < 0.9)]
     diff = sup.test_error - ft.loc[sup.index].test_error
     w = stats.wilcoxon(diff, alternative='greater') if (diff != 0).any() else None
+    w_against = stats.wilcoxon(diff, alternative='less').pvalue if w is not None else None
     return {
         'aligned': dict(ours={'max test error': aligned.test_error.max(), 'cells': len(aligned)},
-                        condition=(aligned.test_error.max() <= 0.05) if len(aligned) else None, test='threshold on cell means'),
+                        condition=(aligned.test_error.max() <= 0.05) if len(aligned) else None, **threshold_p(aligned.test_error, 0.05),
+                        test='one-sample t-test over the cells: mean test error < 0.05; every cell ≤ 0.05'),
         'partial': dict(ours={'mean test error': partial.test_error.mean() if len(partial) else None,
                               'supervised mean test error': sup.loc[partial.index].test_error.mean() if len(partial) else None, 'cells': len(partial)},
                         condition=((partial.test_error.mean() < sup.loc[partial.index].test_error.mean()) & (partial.test_error.mean() > 0.01)) if len(partial) else None,
                         test='cell means', why=None if len(partial) else 'no cell with partial alignment at this scale'),
         'whole_grid': dict(ours={'mean error supervised': sup.test_error.mean(), 'mean error simclr+ft': ft.test_error.mean()},
-                           p_value=None if w is None else w.pvalue, condition=None if w is None else w.pvalue < 0.01,
+                           p_value=None if w is None else w.pvalue, p_against=w_against, condition=None if w is None else np.nan,
                            test='Wilcoxon signed-rank test over grid cells, one-sided', why=None if w is not None else 'the two methods err alike in every cell')}
 
 def first_n(frame: pd.DataFrame, snr: float, level: float = 0.05) -> int | None:
@@ -116,7 +127,8 @@ def few_label_tests(sup: pd.DataFrame, ft: pd.DataFrame, snrs=(0.1, 0.2)) -> dic
                           if s in have else dict(ours=None, condition=None, why=f'SNR {s} is not in the grid at this scale'))
     if 0.1 in have:
         e = sup.xs(0.1, level='snr').test_error
-        out['sup_0.1'] = dict(ours={'min error': e.min(), 'largest n': int(e.index.max())}, condition=e.min() >= 0.4, test='cell means over seeds')
+        out['sup_0.1'] = dict(ours={'min error': e.min(), 'largest n': int(e.index.max())}, condition=e.min() >= 0.4, **threshold_p(e, 0.4, below=False),
+                              test='one-sample t-test over the cells: mean test error > 0.4; every cell ≥ 0.4')
     else: out['sup_0.1'] = dict(ours=None, condition=None, why='SNR 0.1 not in the grid at this scale')
     if 0.2 in have:
         e = sup.xs(0.2, level='snr').test_error; nmax = int(e.index.max())
@@ -145,11 +157,13 @@ def guarantee_tests(df: pd.DataFrame, ft: pd.DataFrame, th: pd.DataFrame) -> dic
     more = [s for s in order if need_sup[s] > need_all[s]]
     return {
         'train_loss': dict(ours={'max train loss': df[df.method == 'simclr+ft'].train_loss.max()},
-                           condition=df[df.method == 'simclr+ft'].train_loss.max() <= 0.05, test='max over runs'),
+                           condition=df[df.method == 'simclr+ft'].train_loss.max() <= 0.05, **threshold_p(df[df.method == 'simclr+ft'].train_loss, 0.05),
+                           test='one-sample t-test over the runs: mean training loss < 0.05; every run ≤ 0.05'),
         'test_loss': dict(ours={'max test loss (n ≥ 8)': rich_runs.test_loss.max() if len(rich_runs) else None,
                                 'max test error (n ≥ 8)': rich_runs.test_error.max() if len(rich_runs) else None, 'runs': len(rich_runs),
                                 'max test loss with fewer labels': few.test_loss.max() if len(few) else None},
-                          condition=(rich_runs.test_loss.max() <= 0.05) if len(rich_runs) else None, test='max over runs'),
+                          condition=(rich_runs.test_loss.max() <= 0.05) if len(rich_runs) else None, **threshold_p(rich_runs.test_loss, 0.05),
+                          test='one-sample t-test over the runs: mean test loss < 0.05; every run ≤ 0.05'),
         'snr_free': dict(ours={'smallest n per SNR (n₀·SNR² ≥ 10)': need_ft},
                          condition=(len(need_ft) > 1 and None not in need_ft and len(set(need_ft)) == 1) if need_ft else None,
                          test='smallest grid n with mean error ≤ 0.05'),
@@ -182,14 +196,16 @@ def alignment_tests(sweep: pd.DataFrame) -> dict:
     "ZC-F3: alignment low for n₀·SNR² ≤ 1, high for ≥ 2.5, and rising with n₀·SNR²."
     low, high = sweep[sweep.n0_snr2 <= 1], sweep[sweep.n0_snr2 >= 2.5]
     out = {'low': dict(ours={'max alignment': low.alignment.max() if len(low) else None, 'runs': len(low)},
-                       condition=(low.alignment.max() <= 0.3) if len(low) else None, test='max over runs',
+                       condition=(low.alignment.max() <= 0.3) if len(low) else None, **threshold_p(low.alignment, 0.3),
+                       test='one-sample t-test over the runs: mean alignment < 0.3; every run ≤ 0.3',
                        why=None if len(low) else 'no run with n₀·SNR² ≤ 1 at this scale'),
            'high': dict(ours={'min alignment': high.alignment.min() if len(high) else None, 'runs': len(high)},
-                        condition=(high.alignment.min() >= 0.85) if len(high) else None, test='min over runs',
+                        condition=(high.alignment.min() >= 0.85) if len(high) else None, **threshold_p(high.alignment, 0.85, below=False),
+                        test='one-sample t-test over the runs: mean alignment > 0.85; every run ≥ 0.85',
                         why=None if len(high) else 'no run with n₀·SNR² ≥ 2.5 at this scale')}
     if sweep.n0_snr2.nunique() > 2:
-        rho, p = stats.spearmanr(sweep.n0_snr2, sweep.alignment)
-        out['rises'] = dict(ours={'spearman rho': rho}, p_value=p, condition=(rho > 0) & (p < 0.05), test='Spearman rank correlation over runs')
+        rho, p, p_fall = rank_trend(sweep.alignment.values, sweep.n0_snr2.values)
+        out['rises'] = dict(ours={'spearman rho': rho}, p_value=p, p_against=p_fall, test='Spearman rank correlation over runs, one-sided')
     else: out['rises'] = dict(ours=None, condition=None, why='fewer than 3 distinct n₀·SNR² values at this scale')
     return out
 
@@ -205,11 +221,14 @@ def threshold_tests(sweep: pd.DataFrame) -> dict:
     "ZC-T1: fine-tuned error near chance below the threshold, nearly perfect in [2.5, 10), zero from 10 on."
     low, mid, top = sweep[sweep.n0_snr2 <= 1], sweep[(sweep.n0_snr2 >= 2.5) & (sweep.n0_snr2 < 10)], sweep[sweep.n0_snr2 >= 10]
     return {'below': dict(ours={'min error': low.test_error.min() if len(low) else None}, condition=(low.test_error.min() >= 0.4) if len(low) else None,
-                          test='min over runs', why=None if len(low) else 'no such run at this scale'),
+                          **threshold_p(low.test_error, 0.4, below=False), test='one-sample t-test over the runs: mean error > 0.4; every run ≥ 0.4',
+                          why=None if len(low) else 'no such run at this scale'),
             'mid': dict(ours={'max error': mid.test_error.max() if len(mid) else None, 'runs': len(mid)}, condition=(mid.test_error.max() <= 0.07) if len(mid) else None,
-                        test='max over runs', why=None if len(mid) else 'no such run at this scale'),
+                        **threshold_p(mid.test_error, 0.07), test='one-sample t-test over the runs: mean error < 0.07; every run ≤ 0.07',
+                        why=None if len(mid) else 'no such run at this scale'),
             'top': dict(ours={'max error': top.test_error.max() if len(top) else None, 'runs': len(top)}, condition=(top.test_error.max() <= 0.01) if len(top) else None,
-                        test='max over runs', why=None if len(top) else 'no such run at this scale')}
+                        **threshold_p(top.test_error, 0.01), test='one-sample t-test over the runs: mean error < 0.01; every run ≤ 0.01',
+                        why=None if len(top) else 'no such run at this scale')}
 
 def early_stopping_tests(es_t: pd.DataFrame, short_steps: int, long_steps: int) -> dict:
     "ZC-ES: without early stopping the alignment collapses and fine-tuning fails."

@@ -16,7 +16,7 @@ from memssl_nb import runner
 from memssl_nb.cli import main
 
 FIXTURES = Path(__file__).parent/'fixtures'/'paper'
-CLAIM_KEYS = ['statement', 'paper_value', 'ours', 'test', 'p_value', 'verdict', 'why']
+CLAIM_KEYS = ['statement', 'paper_value', 'ours', 'test', 'p_value', 'p_against', 'verdict', 'why']
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -77,7 +77,7 @@ def test_smoke_run_end_to_end(baseline):
         d = json.loads((sd/f'{aid}.claims.json').read_text())
         assert list(d) == ['artifact', 'claims'] and d['artifact'] == aid
         assert [list(c) for c in d['claims']] == [CLAIM_KEYS] * 3
-        assert [c['verdict'] for c in d['claims']] == ['holds', 'does not hold', 'not checkable']
+        assert [c['verdict'] for c in d['claims']] == ['holds', 'contradicted', 'not checkable']
         assert d['claims'][0]['paper_value'] == slope and abs(d['claims'][0]['ours'] - slope) < 0.05
         assert d['claims'][2]['why'] == 'fixture notebook at smoke scale'
     executed = json.loads((sd/'executed/ok_b.ipynb').read_text())
@@ -92,12 +92,12 @@ def test_smoke_run_end_to_end(baseline):
     assert statuses(out_root) == {'ok_a': 'done', 'ok_b': 'done', 'bad': 'failed', 'after_bad': 'failed'}
     # the report
     report = (sd/'REPORT.md').read_text()
-    assert '| Fixture | 2 | 2 | 0 | 0 | 0 | 9 | 3 | 3 | 3 |' in report
-    assert '| Broken | 2 | 0 | 0 | 2 | 0 | 0 | 0 | 0 | 0 |' in report
-    assert '| **all** | 4 | 2 | 0 | 2 | 0 | 9 | 3 | 3 | 3 |' in report
+    assert '| Fixture | 2 | 2 | 0 | 0 | 0 | 9 | 3 | 3 | 0 | 3 |' in report
+    assert '| Broken | 2 | 0 | 0 | 2 | 0 | 0 | 0 | 0 | 0 | 0 |' in report
+    assert '| **all** | 4 | 2 | 0 | 2 | 0 | 9 | 3 | 3 | 0 | 3 |' in report
     assert '![ok_a: a fitted line](ok_a.png)' in report and '| x | y |' in report
-    assert '| The fitted slope is positive | 2 | 1.995 | least squares | — | holds | — |' in report   # seed 0
-    assert '| Holds on CIFAR-10 | — | — | — | — | not checkable | fixture notebook at smoke scale |' in report
+    assert '| The fitted slope is positive | 2 | 1.995 | least squares | — | — | **holds** | — |' in report   # seed 0
+    assert '| Holds on CIFAR-10 | — | — | — | — | — | **not checkable** | fixture notebook at smoke scale |' in report
     assert '#### ok_b-extra' in report
     failed = report[report.index('## Failed artifacts'):]
     assert 'RuntimeError: deliberate failure' in failed and '[executed/bad.ipynb](executed/bad.ipynb)' in failed
@@ -202,7 +202,7 @@ def test_seed_offset_run_is_kept_apart_and_compared(copy_of, tmp_path, monkeypat
     # a finished run with other seeds: the same outputs with one verdict flipped
     other = copy_of/'seed-offset-100'/'smoke'; shutil.rmtree(other); shutil.copytree(copy_of/'smoke', other)
     claims_file = other/'ok_a.claims.json'
-    d = json.loads(claims_file.read_text()); d['claims'][0]['verdict'] = 'does not hold'; claims_file.write_text(json.dumps(d))
+    d = json.loads(claims_file.read_text()); d['claims'][0]['verdict'] = 'contradicted'; claims_file.write_text(json.dumps(d))
     reg = tmp_path/'registry.json'; registry.save_registry(fixture_registry(), reg)
     loc = ['--scale', 'smoke', '--registry', str(reg), '--nb-root', str(FIXTURES), '--out-root', str(copy_of)]
     assert main(['report', *loc]) == 0 and main(['report', '--seed-offset', '100', *loc]) == 0
