@@ -14,7 +14,7 @@ from .data import ImageSet, load_dataset
 from .spec import build_model, build_clean
 from .train import train_encoder
 from .evaluate import embed, linear_probe
-from .stats import mcnemar
+from .stats import mcnemar, all_of
 from .dynamics import (Dynamics, Regime, lobacheva_regimes, learning_dynamics, binomial_chi2, binomial_mae,
                                 binomial_mae_null, sorted_gap, match_epoch, augmentation_spread, bootstrap_stat,
                                 class_kl, plot_sorted_curves)
@@ -28,7 +28,7 @@ __all__ = ['LEVELS', 'LobachevaConfig', 'LobachevaStudy', 'lobacheva_study', 're
            'c2_statistic', 'averaged_uniformity_tests', 'averaging_tests', 'augmentation_epochs', 'augmentation_table',
            'augmentation_tests', 'plot_augmentations', 'class_curves', 'class_spread_test', 'plot_class_curves',
            'probe_features', 'probe_table', 'probe_test', 'class_separation', 'semantic_pair_test', 'tsne_class_knn',
-           'plot_probe', 'plot_tsne', 'plot_class_kl']
+           'knn_test', 'plot_probe', 'plot_tsne', 'plot_class_kl']
 
 # %% ../nbs/14a_lobacheva.ipynb 5
 @dataclass(frozen=True)
@@ -396,17 +396,20 @@ def augmentation_table(dyn: dict, t_of: dict) -> pd.DataFrame:
 def augmentation_tests(dyn: dict, t_of: dict, f5: pd.DataFrame) -> dict:
     "Per other augmented regime: SimCLR's augmentations more spread (Mann–Whitney over objects) and more often extreme."
     f5i = f5.set_index('regime'); t_ref = t_of['simclr']; target = dyn['simclr'].mean_r[t_ref - 1]
+    ext = lambda ra: ((np.asarray(ra) <= 0.1) | (np.asarray(ra) >= 0.9)).mean(0)           # per object: share of its augmentations with extreme r̃
     out = {}
     for k in [k for k in t_of if k != 'simclr']:
         if abs(f5i.loc[k, 'mean_r'] - target) > 0.1:
             why = f'{k} never comes within 0.1 of SimCLR\'s mean r ({target:.2f}) at this scale (best {f5i.loc[k, "mean_r"]:.2f})'
             out[k] = dict(spread=dict(ours=None, condition=None, why=why), extreme=dict(ours=None, condition=None, why=why)); continue
         u = stats.mannwhitneyu(dyn['simclr'].r_aug(t_ref).std(0), dyn[k].r_aug(t_of[k]).std(0), alternative='greater')
+        p_ext = {alt: stats.mannwhitneyu(ext(dyn['simclr'].r_aug(t_ref)), ext(dyn[k].r_aug(t_of[k])), alternative=alt).pvalue for alt in ('greater', 'less')}
         out[k] = dict(
             spread=dict(ours={'mean within-image std': {'simclr': f5i.loc['simclr', 'within_std'], k: f5i.loc[k, 'within_std']}},
                         p_value=u.pvalue, test='Mann–Whitney U over objects, one-sided'),
             extreme=dict(ours={'share extreme': {'simclr': f5i.loc['simclr', 'extreme_fraction'], k: f5i.loc[k, 'extreme_fraction']}},
-                         condition=f5i.loc['simclr', 'extreme_fraction'] > f5i.loc[k, 'extreme_fraction'], test='share of (object, augmentation) pairs'))
+                         p_value=p_ext['greater'], p_against=p_ext['less'],
+                         test='share of (object, augmentation) pairs; Mann–Whitney U over objects of the per-object share, one-sided'))
     s = f5i.loc['simclr']
     out['images_differ'] = dict(ours={'share with every r̃ ≤ 0.5': s['no_easy_aug'], 'share with every r̃ ≥ 0.5': s['no_hard_aug']},
                                 condition=(s['no_easy_aug'] > 0) & (s['no_hard_aug'] > 0), exact=True, test='shares of objects (exact: counts in this run)')
@@ -500,16 +503,22 @@ def semantic_pair_test(kl: dict, classes: list, dataset: str) -> dict:
     return dict(ours={'KL(cat, dog)': K[ci['cat'], ci['dog']], 'KL(cat, automobile)': K[ci['cat'], ci['automobile']]},
                 condition=K[ci['cat'], ci['dog']] < K[ci['cat'], ci['automobile']], test='symmetrised KL between class Gaussians')
 
-def tsne_class_knn(feats: dict, labels, regimes=('supervised', 'simclr', 'random', 'random+aug'), n: int = 450) -> tuple[dict, dict]:
-    "(2-D t-SNE embedding of the first `n` test features per regime, its leave-one-out 10-NN class accuracy)."
+def tsne_class_knn(feats: dict, labels, regimes=('supervised', 'simclr', 'random', 'random+aug'), n: int = 450) -> tuple[dict, dict, dict]:
+    "(2-D t-SNE embedding of the first `n` test features per regime, its leave-one-out 10-NN class accuracy, per-point correctness of that kNN)."
     from sklearn.manifold import TSNE
-    sub = np.arange(min(n, len(labels))); yt = np.asarray(labels)[sub]; maps, knn = {}, {}
+    sub = np.arange(min(n, len(labels))); yt = np.asarray(labels)[sub]; maps, knn, correct = {}, {}, {}
     for k in regimes:
         e = TSNE(2, perplexity=min(30, len(sub) // 4), init='pca', random_state=0).fit_transform(np.asarray(feats[k][1])[sub])
         dist = ((e[:, None] - e[None]) ** 2).sum(-1); np.fill_diagonal(dist, np.inf)
         nn_idx = np.argsort(dist, 1)[:, :10]
-        maps[k] = e; knn[k] = float((np.array([np.bincount(yt[i], minlength=10).argmax() for i in nn_idx]) == yt).mean())
-    return maps, knn
+        correct[k] = np.array([np.bincount(yt[i], minlength=10).argmax() for i in nn_idx]) == yt
+        maps[k] = e; knn[k] = float(correct[k].mean())
+    return maps, knn, correct
+
+def knn_test(knn: dict, correct: dict, a: str, others) -> dict:
+    "Is the t-SNE map of regime `a` better organised by class than each of `others`? Exact McNemar tests on the same points, all must hold."
+    p = all_of(*[(mcnemar(correct[a], correct[o]), mcnemar(correct[o], correct[a])) for o in others])
+    return dict(ours=knn, p_value=p[0], p_against=p[1], test=f'leave-one-out 10-NN accuracy in 2-D; exact one-sided McNemar tests on the same points, {a} vs each of {", ".join(others)}')
 
 def plot_probe(tb1: pd.DataFrame, dataset: str):
     "Linear-probe test accuracy per feature set."

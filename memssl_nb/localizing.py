@@ -39,11 +39,11 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'architecture_tests', 'plot_architecture', 'block_sets', 'exchange_encoders', 'exchange_table',
            'exchange_tests', 'plot_exchange', 'candidate_unitmem', 'most_least', 'most_least_table', 'most_least_tests',
            'plot_most_least', 'median_variant_table', 'median_variant_tests', 'plot_median_variant', 'owner_tables',
-           'owner_tests', 'plot_unit_owner', 'augmentation_effect', 'composition_table', 'composition_test',
-           'plot_composition', 'concept_table', 'concept_tests', 'LayerExchange', 'three_layer_table',
-           'three_layer_tests', 'plot_three_layer', 'single_layer_tables', 'single_layer_tests', 'plot_single_layer',
-           'combination_table', 'combination_tests', 'plot_combinations', 'bn_similarity', 'finetune_table',
-           'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'insertion_tests',
+           'owner_tests', 'plot_unit_owner', 'augmentation_effect', 'augmentation_effect_test', 'composition_table',
+           'composition_test', 'plot_composition', 'concept_table', 'concept_tests', 'LayerExchange',
+           'three_layer_table', 'three_layer_tests', 'plot_three_layer', 'single_layer_tables', 'single_layer_tests',
+           'plot_single_layer', 'combination_table', 'combination_tests', 'plot_combinations', 'bn_similarity',
+           'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'insertion_tests',
            'insertion_variant_tests', 'plot_insertion', 'ssl_and_supervised', 'unit_class_table', 'unit_class_tests',
            'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
            'measuring_augmentation_tests', 'training_variants', 'augmentation_strength_tests', 'weight_decay_table',
@@ -531,11 +531,14 @@ def breakdown(res, top_k: int) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
 def breakdown_tests(d18: pd.Series, lm18: pd.DataFrame, res) -> dict:
     "Table 18's statements: BN and pooling add ≈ 0, the convolutions carry the increase, the head's last layer drops."
     rows = list(d18.index)
+    from scipy.stats import binomtest
     conv_rows, bnpool = [r for r in rows[1:] if r.endswith('.conv')], [r for r in rows if r.endswith(('.bn', '.pool'))]
-    return {'bn_pool_flat': dict(ours=dict(bn_pool=d18[bnpool].abs().mean(), conv=d18[conv_rows].mean()), condition=d18[bnpool].abs().mean() < d18[conv_rows].mean(),
-                                 paper_value=dict(bn_pool=0.003, conv=0.028), test='mean |Δ| comparison (point estimates)'),
-            'convs_carry': dict(ours=d18[conv_rows].round(4).to_dict(), condition=(d18[conv_rows] > 0).mean() >= 0.75, paper_value='all conv rows > 0',
-                                test='fraction of conv rows with ΔLM > 0 ≥ 3/4'),
+    t_flat, p_flat = welch_greater(d18[conv_rows], d18[bnpool].abs())
+    k, m = int((d18[conv_rows] > 0).sum()), len(conv_rows)
+    return {'bn_pool_flat': dict(ours=dict(bn_pool=d18[bnpool].abs().mean(), conv=d18[conv_rows].mean()), p_value=p_flat,
+                                 paper_value=dict(bn_pool=0.003, conv=0.028), test='one-sided Welch t-test over the rows: ΔLM of conv rows > |ΔLM| of BN/pool rows'),
+            'convs_carry': dict(ours=d18[conv_rows].round(4).to_dict(), paper_value='all conv rows > 0', p_value=binomtest(k, m, 0.5, 'greater').pvalue,
+                                p_against=binomtest(k, m, 0.5, 'less').pvalue, test=f'sign test over the {m} conv rows: more rows with ΔLM > 0 than < 0 ({k} of {m})'),
             'head_drop': dict(ours=dict(res6=lm18.loc['res6', 'all'], fc=lm18.loc['head.out', 'all']),
                               paper_value=dict(res6=.311, fc=.192), test='one-sided paired t-test over the candidates, LM(res6) > LM(FC)',
                               p_value=paired_greater(res.layer('res6').score, res.layer('head.out').score)[1])}
@@ -693,9 +696,11 @@ def distance_profiles(run: ProtocolRun, n_pairs: int, l2: pd.Series) -> tuple[pd
 def distance_tests(T26: pd.DataFrame, D26: pd.DataFrame) -> dict:
     "Table 26's statements: the four distances give the same profile, and the same conv with the largest ΔLM."
     argmax = {d: D26.loc[RESNET9_CONVS[1:], d].idxmax() for d in D26}
+    from scipy.stats import norm
     corr = T26.corr().values[np.triu_indices(4, 1)].min()
-    return {'same_profile': dict(ours=dict(min_pearson_between_profiles=corr), condition=corr > 0.9, paper_value='profiles within ±0.02',
-                                 test='min Pearson correlation between the four profiles > 0.9'),
+    z = (np.arctanh(min(corr, 1 - 1e-12)) - np.arctanh(0.9)) * np.sqrt(len(T26) - 3)        # Fisher z of the least similar pair
+    return {'same_profile': dict(ours=dict(min_pearson_between_profiles=corr), paper_value='profiles within ±0.02', p_value=norm.sf(z), p_against=norm.cdf(z),
+                                 test=f'Fisher z test over the {len(T26)} layers: the least similar pair of profiles has Pearson r > 0.9'),
             'same_argmax': dict(ours={d: PAPER_LAYER[l] for d, l in argmax.items()}, condition=len(set(argmax.values())) == 1, paper_value='6 under all four',
                                 test='argmax ΔLM over convs 2-8 per distance')}
 
@@ -1012,13 +1017,23 @@ def plot_unit_owner(F1b: pd.DataFrame):
     return fig
 
 def augmentation_effect(run: ProtocolRun, U_all: list) -> pd.DataFrame:
-    "Figure 5: mean UnitMem per conv over the candidates with the training views and without augmentation (f encoders' mean)."
+    """Figure 5: mean UnitMem per conv over the candidates with the training views and without augmentation (f encoders' mean),
+    with the one-sided p of a paired t-test over the units of all f encoders (augmented > clean) and of its opposite."""
     from memssl_nb.unitmem import unitmem
+    cleans = [unitmem(e, run.data.images[run.split.candidates], None, layers=RESNET9_CONVS, progress=False) for e in run.f_encoders]
     rows = []
-    for s, e in enumerate(run.f_encoders):
-        clean = unitmem(e, run.data.images[run.split.candidates], None, layers=RESNET9_CONVS, progress=False)
-        for l in RESNET9_CONVS: rows.append(dict(seed=s, layer=l, augmented=U_all[s].score[l].mean().item(), no_augmentation=clean.score[l].mean().item()))
-    return pd.DataFrame(rows).groupby('layer', sort=False)[['augmented', 'no_augmentation']].mean()
+    for l in RESNET9_CONVS:
+        a, c_ = torch.cat([u.score[l] for u in U_all]), torch.cat([c_.score[l] for c_ in cleans])
+        p = paired_greater(a, c_)[1]
+        rows.append(dict(layer=l, augmented=np.mean([u.score[l].mean().item() for u in U_all]), no_augmentation=np.mean([c_.score[l].mean().item() for c_ in cleans]),
+                         p_lower_clean=p, p_higher_clean=1 - p))
+    return pd.DataFrame(rows).set_index('layer')
+
+def augmentation_effect_test(F5: pd.DataFrame) -> dict:
+    "Figure 5's statement: without augmentation UnitMem is lower, in every layer (paired over units; contradicted if any layer is reversed)."
+    p = all_of(*zip(F5.p_lower_clean, F5.p_higher_clean))
+    return dict(ours=F5[['augmented', 'no_augmentation']].round(3).to_dict('index'), p_value=p[0], p_against=p[1], paper_value='lower in every layer (figure)',
+                test='one-sided paired t-test over the units per layer, all 8 layers (Bonferroni for the opposite)')
 
 def composition_table(run: ProtocolRun, n_views: int) -> tuple[pd.DataFrame, list]:
     "Figure 6: mean UnitMem per conv of the first f over one point per class, 5 random sets of that size and one 5× larger."
@@ -1098,39 +1113,59 @@ class LayerExchange:
         self.D = second_dataset(self.cfg.image_size, preset.datasets)
         self.f1 = train_on(self.D['A_train'], self.cfg, seed=0, width=preset.width, epochs=preset.epochs)
         self.f2 = train_on(self.D['B_train'], self.cfg, seed=0, width=preset.width, epochs=preset.epochs)
-        self.preset, self.scored = preset, {}
-        self.base = self.accs(self.f1.encoder)
-    def accs(self, enc, clean=None) -> dict:
-        "Probe accuracy (%) on A and on B; a recipient keeps the input normalisation it was trained with (f1's by default)."
+        self.preset, self.scored, self.correct = preset, {}, {}
+        self.correct[()] = self.correctness(self.f1.encoder)
+        self.base = self.scored[()] = self.percent(self.correct[()])
+    def correctness(self, enc, clean=None) -> dict:
+        "Per test point of A and of B: is the probe right? A recipient keeps the input normalisation it was trained with (f1's by default)."
         from memssl_nb.evaluate import probe_accuracy
         clean = self.f1.clean if clean is None else clean
-        return dict(A=100 * probe_accuracy(enc, self.D['A_train'], self.D['A_test'], clean), B=100 * probe_accuracy(enc, self.D['B_train'], self.D['B_test'], clean))
+        return {d: probe_accuracy(enc, self.D[f'{d}_train'], self.D[f'{d}_test'], clean, per_point=True) for d in ('A', 'B')}
+    @staticmethod
+    def percent(correct: dict) -> dict: return {d: 100 * float(np.mean(c_)) for d, c_ in correct.items()}
+    def accs(self, enc, clean=None) -> dict:
+        "Probe accuracy (%) on A and on B."
+        return self.percent(self.correctness(enc, clean))
     def swapped(self, ids) -> dict:
-        "Accuracies after replacing f1's conv ids `ids` (the paper's numbering) by f2's, scored once per set."
+        "Accuracies after replacing f1's conv ids `ids` (the paper's numbering) by f2's, scored once per set (per-point correctness in `correct[ids]`)."
         from memssl_nb.interventions import exchange_layers
         ids = tuple(sorted(ids))
-        if ids not in self.scored: self.scored[ids] = self.accs(exchange_layers(self.f1.encoder, self.f2.encoder, paper_layers(ids), bn='all'))
+        if ids not in self.scored:
+            self.correct[ids] = self.correctness(exchange_layers(self.f1.encoder, self.f2.encoder, paper_layers(ids), bn='all'))
+            self.scored[ids] = self.percent(self.correct[ids])
         return self.scored[ids]
+    def beats(self, dataset: str, better, worse) -> tuple[float, float]:
+        """(p for, p against) of "every layer set in `better` is more accurate on `dataset` than every set in `worse`": exact
+        McNemar tests on the same test points for each pair, all must hold; contradicted if any pair is reversed (Bonferroni)."""
+        c_ = lambda ids: self.correct[tuple(sorted(ids))][dataset]
+        pairs = [(b, w) for b in better for w in worse]
+        return all_of(*[(mcnemar(c_(b), c_(w)), mcnemar(c_(w), c_(b))) for b, w in pairs])
 
 def three_layer_table(ex: LayerExchange) -> pd.DataFrame:
     "Table 21: A and B accuracy after replacing each three-layer set, beside the paper's CIFAR-10 / STL-10 values."
     rows = [dict(criterion='none', layers='-', A=ex.base['A'], B=ex.base['B'])] + [dict(criterion=k, layers=' '.join(map(str, v)), **ex.swapped(v)) for k, v in T21_SETS.items()]
     return pd.DataFrame(rows).assign(paper_cifar10=[PAPER_T21[r['criterion']][0] for r in rows], paper_stl10=[PAPER_T21[r['criterion']][1] for r in rows])
 
-def three_layer_tests(T21: pd.DataFrame) -> dict:
-    "Tables 21/22: most-by-ΔLM gives the biggest drop on A and gain on B; most < random < least on A, the reverse on B."
+def three_layer_tests(T21: pd.DataFrame, ex: LayerExchange) -> dict:
+    """Tables 21/22: most-by-ΔLM gives the biggest drop on A and gain on B; most < random < least on A, the reverse on B;
+    every comparison an exact McNemar test on the same test points (`ex.beats`)."""
     sA, sB = T21.set_index('criterion').A, T21.set_index('criterion').B
     most, least = ['most by ΔLM', 'most by LM'], ['least by LM', 'least by ΔLM']
-    return {'drop': dict(ours=sA.round(2).to_dict(), condition=sA['most by ΔLM'] == sA.drop('none').min(), paper_value={k: v[0] for k, v in PAPER_T21.items()},
-                         test='argmin of A accuracy over the 5 layer sets'),
-            'gain': dict(ours=sB.round(2).to_dict(), condition=sB['most by ΔLM'] == sB.drop('none').max(), paper_value={k: v[1] for k, v in PAPER_T21.items()},
-                         test='argmax of B accuracy over the 5 layer sets'),
-            'order_A': dict(ours=dict(most=sA[most].mean(), random=sA['random'], least=sA[least].mean()), condition=sA[most].mean() < sA['random'] < sA[least].mean(),
-                            paper_value=dict(most=37.8, random=43.2, least=54.5), test='ordering of mean A accuracy'),
-            'order_B': dict(ours=dict(most=sB[most].mean(), random=sB['random'], least=sB[least].mean()), condition=sB[most].mean() > sB['random'] > sB[least].mean(),
-                            paper_value=dict(most=31.1, random=25.9, least=23.9), test='ordering of mean B accuracy'),
-            'table22': dict(ours=dict(A=sA['most by ΔLM'], B=sB['most by ΔLM']), condition=sA['most by ΔLM'] == sA.drop('none').min() and sB['most by ΔLM'] == sB.drop('none').max(),
-                            paper_value=dict(A=36.59, B=32.33), test='argmin / argmax over the 5 sets')}
+    S = T21_SETS; top, others = S['most by ΔLM'], [S[k] for k in S if k != 'most by ΔLM']
+    drop, gain = ex.beats('A', others, [top]), ex.beats('B', [top], others)
+    order_A = all_of(ex.beats('A', [S['random']], [S[k] for k in most]), ex.beats('A', [S[k] for k in least], [S['random']]))
+    order_B = all_of(ex.beats('B', [S[k] for k in most], [S['random']]), ex.beats('B', [S['random']], [S[k] for k in least]))
+    mc, t22 = 'exact one-sided McNemar tests on the test points', all_of(drop, gain)
+    return {'drop': dict(ours=sA.round(2).to_dict(), paper_value={k: v[0] for k, v in PAPER_T21.items()}, p_value=drop[0], p_against=drop[1],
+                         test=f'{mc}: every other set more accurate on A than 4 6 8'),
+            'gain': dict(ours=sB.round(2).to_dict(), paper_value={k: v[1] for k, v in PAPER_T21.items()}, p_value=gain[0], p_against=gain[1],
+                         test=f'{mc}: 4 6 8 more accurate on B than every other set'),
+            'order_A': dict(ours=dict(most=sA[most].mean(), random=sA['random'], least=sA[least].mean()), p_value=order_A[0], p_against=order_A[1],
+                            paper_value=dict(most=37.8, random=43.2, least=54.5), test=f'{mc} on A: random > each most set, each least set > random'),
+            'order_B': dict(ours=dict(most=sB[most].mean(), random=sB['random'], least=sB[least].mean()), p_value=order_B[0], p_against=order_B[1],
+                            paper_value=dict(most=31.1, random=25.9, least=23.9), test=f'{mc} on B: each most set > random > each least set'),
+            'table22': dict(ours=dict(A=sA['most by ΔLM'], B=sB['most by ΔLM']), paper_value=dict(A=36.59, B=32.33), p_value=t22[0], p_against=t22[1],
+                            test=f'{mc}: 4 6 8 lowest on A and highest on B among the 5 sets')}
 
 def plot_three_layer(T21: pd.DataFrame):
     "A and B accuracy for each replaced three-layer set."
@@ -1150,17 +1185,22 @@ def single_layer_tables(ex: LayerExchange) -> tuple[pd.DataFrame, pd.DataFrame]:
                         for k, v in T23_LAYERS.items()])
     return singles, T23
 
-def single_layer_tests(singles: pd.DataFrame, T23: pd.DataFrame, base: dict) -> dict:
-    "Tables 23/30: layer 6 hurts A and helps B most; layers 2, 3 hurt A least; deeper layers hurt A and help B more."
-    from scipy.stats import spearmanr
+def single_layer_tests(singles: pd.DataFrame, T23: pd.DataFrame, ex: LayerExchange) -> dict:
+    """Tables 23/30: layer 6 hurts A and helps B most; layers 2, 3 hurt A least (exact McNemar tests, `ex.beats`); deeper layers
+    hurt A and help B more (rank trend over the 8 layers)."""
+    base = ex.base
     t23 = T23.set_index('criterion')
+    L = {k: (v,) for k, v in T23_LAYERS.items()}; six, rest = L['most by ΔLM'], [v for k, v in L.items() if k != 'most by ΔLM']
+    drop, gain = ex.beats('A', rest, [six]), ex.beats('B', [six], rest)
+    least = ex.beats('A', [L['least by ΔLM'], L['least by LM']], [L['most by ΔLM'], L['most by LM'], L['random']])
     rho_a, p_a, pa_a = rank_trend((base['A'] - singles.A).values, singles.layer.values); rho_b, p_b, pa_b = rank_trend((singles.B - base['B']).values, singles.layer.values)
-    return {'drop': dict(ours=t23.A.round(2).to_dict(), condition=t23.A.idxmin() == 'most by ΔLM', paper_value={k: v[0] for k, v in PAPER_T23.items()},
-                         test='argmin over the five single layers'),
-            'gain': dict(ours=t23.B.round(2).to_dict(), condition=t23.B.idxmax() == 'most by ΔLM', paper_value={k: v[1] for k, v in PAPER_T23.items()},
-                         test='argmax over the five single layers'),
-            'least_smallest': dict(ours=t23.A.round(2).to_dict(), condition=t23.loc[['least by ΔLM', 'least by LM'], 'A'].min() > t23.loc[['most by ΔLM', 'most by LM', 'random'], 'A'].max(),
-                                   paper_value=dict(least=(65.52, 64.21), others_max=62.98), test='min A over {2, 3} > max A over {6, 8, 5}'),
+    mc = 'exact one-sided McNemar tests on the test points'
+    return {'drop': dict(ours=t23.A.round(2).to_dict(), paper_value={k: v[0] for k, v in PAPER_T23.items()}, p_value=drop[0], p_against=drop[1],
+                         test=f'{mc}: every other criterion\'s layer more accurate on A than layer 6'),
+            'gain': dict(ours=t23.B.round(2).to_dict(), paper_value={k: v[1] for k, v in PAPER_T23.items()}, p_value=gain[0], p_against=gain[1],
+                         test=f'{mc}: layer 6 more accurate on B than every other criterion\'s layer'),
+            'least_smallest': dict(ours=t23.A.round(2).to_dict(), paper_value=dict(least=(65.52, 64.21), others_max=62.98), p_value=least[0], p_against=least[1],
+                                   test=f'{mc}: layers 2 and 3 each more accurate on A than layers 6, 8 and 5'),
             'deeper_drop': dict(ours=dict(spearman=rho_a, drop=(base['A'] - singles.A).round(2).tolist()), p_value=p_a, p_against=pa_a,
                                 paper_value=[6.30, 4.18, 4.90, 9.08, 6.63, 9.46, 8.60, 9.33], test='Spearman(layer id, A drop), one-sided, exact over the 8! orderings'),
             'deeper_gain': dict(ours=dict(spearman=rho_b, gain=(singles.B - base['B']).round(2).tolist()), p_value=p_b, p_against=pa_b,
@@ -1207,22 +1247,25 @@ def bn_similarity(ex: LayerExchange) -> pd.DataFrame:
     cos = bn_affine_cosine(ex.f1.encoder, ex.f2.encoder, RESNET9_CONVS)
     return pd.DataFrame({'layer': range(1, 9), 'cosine': cos.values, 'paper_cosine': PAPER_T25})
 
-def finetune_table(ex: LayerExchange, epochs: int, seeds) -> pd.DataFrame:
-    "Table 5: accuracy on B after fine-tuning each layer set of f1 plus a new head (mean and std over `seeds`), beside the paper's."
+def finetune_table(ex: LayerExchange, epochs: int, seeds) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "(Table 5: accuracy on B after fine-tuning each layer set of f1 plus a new head, mean and std over `seeds`, beside the paper's; the runs, setting × seed)."
     from memssl_nb.interventions import finetune_classifier
     rows = [dict(setting=k, seed=s, acc=100 * finetune_classifier(ex.f1.encoder, ex.D['B_train'], ex.D['B_test'], paper_layers(v), epochs=epochs, clean=ex.f1.clean, seed=s))
             for k, v in T5_SETTINGS.items() for s in seeds]
-    return pd.DataFrame(rows).groupby('setting', sort=False).acc.agg(['mean', 'std']).assign(paper=pd.Series(PAPER_T5))
+    runs = pd.DataFrame(rows).pivot(index='seed', columns='setting', values='acc')[list(T5_SETTINGS)]
+    return pd.DataFrame(rows).groupby('setting', sort=False).acc.agg(['mean', 'std']).assign(paper=pd.Series(PAPER_T5)), runs
 
-def finetune_tests(T5: pd.DataFrame, n_seeds: int) -> dict:
-    "Table 5's statements: every layer choice beats the head only; layers 4, 6, 8 transfer best; layer 6 beats layer 8."
-    m5 = T5['mean']
-    return {'beats_head': dict(ours=m5.round(2).to_dict(), condition=bool((m5.drop('HEAD only') > m5['HEAD only']).all()), paper_value=PAPER_T5,
-                               test=f'mean accuracy over {n_seeds} seed(s)'),
+def finetune_tests(T5: pd.DataFrame, runs: pd.DataFrame) -> dict:
+    "Table 5's statements: every layer choice beats the head only; layers 4, 6, 8 transfer best; layer 6 beats layer 8 (paired over the fine-tuning seeds)."
+    m5, n_seeds = T5['mean'], len(runs)
+    beats = all_of(*[mean_test(runs[k] - runs['HEAD only'])[1:] for k in runs if k != 'HEAD only'])
+    six = mean_test(runs['6 + HEAD'] - runs['8 + HEAD'])
+    return {'beats_head': dict(ours=m5.round(2).to_dict(), paper_value=PAPER_T5, p_value=beats[0], p_against=beats[1],
+                               test=f'one-sample t-tests over the {n_seeds} seeds of each setting − head only (paired by seed), all settings'),
             'best_468': dict(ours=dict(best=m5.idxmax(), acc_468=m5['4,6,8 + HEAD'], best_acc=m5.max()), condition=m5.idxmax() == '4,6,8 + HEAD',
                              paper_value='4,6,8 + HEAD: 57.9', test='argmax over the 7 settings (differences may be within noise)'),
-            'six_beats_eight': dict(ours=dict(l6=m5['6 + HEAD'], l8=m5['8 + HEAD']), condition=m5['6 + HEAD'] > m5['8 + HEAD'], paper_value=dict(l6=53.0, l8=52.7),
-                                    test='mean accuracy (paper difference 0.3 ± ~1: within noise there too)')}
+            'six_beats_eight': dict(ours=dict(l6=m5['6 + HEAD'], l8=m5['8 + HEAD']), paper_value=dict(l6=53.0, l8=52.7), p_value=six[1], p_against=six[2],
+                                    test=f'one-sample t-test over the {n_seeds} seeds of layer 6 − layer 8 (paired by seed; the paper\'s difference, 0.3, is within its own noise)')}
 
 def plot_finetune(T5: pd.DataFrame):
     "Accuracy on B per fine-tuned layer set."
@@ -1231,12 +1274,17 @@ def plot_finetune(T5: pd.DataFrame):
     ax.set_ylim(max(0, T5['mean'].min() - 10), 100); ax.set_ylabel('accuracy on B (%)')
     return fig
 
-def ssl_vs_sl(ex: LayerExchange, sl_epochs: int) -> pd.DataFrame:
-    "Table 20: probe accuracy on A and B of f1 (SSL) and of a supervised encoder trained on A with the same recipe."
+def ssl_vs_sl(ex: LayerExchange, sl_epochs: int) -> tuple[pd.DataFrame, dict]:
+    """(Table 20: probe accuracy on A and B of f1 (SSL) and of a supervised encoder trained on A with the same recipe;
+    its two statements, each an exact McNemar test on the same test points)."""
     sl = train_on(ex.D['A_train'], ex.cfg, seed=0, width=ex.preset.width, epochs=sl_epochs, objective='supervised')
-    T20 = pd.DataFrame({'SSL': ex.accs(ex.f1.encoder), 'SL': ex.accs(sl.encoder, sl.clean)}).T
+    C = {'SSL': ex.correct[()], 'SL': ex.correctness(sl.encoder, sl.clean)}
+    T20 = pd.DataFrame({k: ex.percent(c_) for k, c_ in C.items()}).T
     T20['paper_own (CIFAR100)'] = [65.4, 66.1]; T20['paper_other (CIFAR10/STL10/SVHN mean)'] = [55.2, 53.8]
-    return T20
+    mc = lambda d, a, b: dict(ours=T20[d].round(2).to_dict(), p_value=mcnemar(C[a][d], C[b][d]), p_against=mcnemar(C[b][d], C[a][d]),
+                              test=f'exact one-sided McNemar test on the test points of {d}: {a} > {b}')
+    return T20, {'own': dict(**mc('A', 'SL', 'SSL'), paper_value=dict(SSL=65.4, SL=66.1)),
+                 'transfer': dict(**mc('B', 'SSL', 'SL'), paper_value=dict(SSL=[57.6, 48.7, 59.2], SL=[56.7, 46.1, 58.6]))}
 
 # %% ../nbs/19_localizing.ipynb 43
 PAPER_T13 = dict(top=[0.754, 0.761, 0.792, 0.814, 0.824, 0.826], dead=[0, 0, 0, 0.0008, 0.0021, 0.0109])
@@ -1390,33 +1438,38 @@ def plot_unit_class_scatter(res: dict):
     fig.supxlabel('UnitMem')
     return fig
 
-def measuring_augmentation_table(run: ProtocolRun, encoders: dict, n_views: int) -> pd.DataFrame:
-    "Figure 9: mean UnitMem of the last conv per encoder, measured with its training augmentation, three of the paper's sets and none."
+def measuring_augmentation_table(run: ProtocolRun, encoders: dict, n_views: int) -> tuple[pd.DataFrame, dict]:
+    """(Figure 9: mean UnitMem of the last conv per encoder, measured with its training augmentation, three of the paper's sets
+    and none; the per-unit scores behind it, {(encoder, set): tensor})."""
     from memssl_nb.augment import Augment
     from memssl_nb.unitmem import unitmem
     X = run.data.images[run.split.f_indices]
     sets9 = {'training': None, 'ssl_independent': Augment('ssl_independent'), 'sl_weak': Augment('sl_weak'), 'ssl_strong': Augment('ssl_strong')}
-    rows = []
+    units = {}
     for n, t in encoders.items():
         for name, aug in sets9.items():
-            r = unitmem(t.encoder, X, aug if aug is not None else t.augment, layers=['conv4_2'], n_views=n_views, progress=False)
-            rows.append(dict(encoder=n, measured_with=name, unitmem=r.score['conv4_2'].mean().item()))
-        rows.append(dict(encoder=n, measured_with='none (clean)', unitmem=unitmem(t.encoder, X, None, layers=['conv4_2'], progress=False).score['conv4_2'].mean().item()))
-    return pd.DataFrame(rows).pivot(index='measured_with', columns='encoder', values='unitmem')
+            units[n, name] = unitmem(t.encoder, X, aug if aug is not None else t.augment, layers=['conv4_2'], n_views=n_views, progress=False).score['conv4_2']
+        units[n, 'none (clean)'] = unitmem(t.encoder, X, None, layers=['conv4_2'], progress=False).score['conv4_2']
+    rows = [dict(encoder=n, measured_with=s, unitmem=u.mean().item()) for (n, s), u in units.items()]
+    return pd.DataFrame(rows).pivot(index='measured_with', columns='encoder', values='unitmem'), units
 
-def measuring_augmentation_tests(F9: pd.DataFrame) -> dict:
-    "Figure 9's statements: SSL is less sensitive to the measuring set; the training augmentation gives the strongest signal; clean is lower for SL."
+def measuring_augmentation_tests(F9: pd.DataFrame, units: dict) -> dict:
+    """Figure 9's statements: SSL is less sensitive to the measuring set; the training augmentation gives the strongest signal;
+    clean is lower for SL. The same units are measured under every set, so the sets are compared unit by unit (paired)."""
     aug_rows = [r for r in F9.index if r != 'none (clean)']
+    paired = lambda n, a, b: (lambda p: (p, 1 - p))(paired_greater(units[n, a], units[n, b])[1])
+    best = {n: all_of(*[paired(n, 'training', s) for s in aug_rows if s != 'training']) for n in ['SSL', 'SL']}
+    clean = paired('SL', 'training', 'none (clean)')
     spread = {n: F9.loc[aug_rows, n].max() - F9.loc[aug_rows, n].min() for n in ['SSL', 'SL']}
     rel = {n: spread[n] / F9.loc[aug_rows, n].mean() for n in spread}
     return {'ssl_less_sensitive': dict(ours=dict(relative_spread=rel), condition=rel['SSL'] < rel['SL'], paper_value='SSL nearly identical, SL larger differences (figure)',
                                        test='(max − min)/mean over the 4 augmentation sets: SSL < SL'),
-            'training_best_ssl': dict(ours=F9['SSL'].round(3).to_dict(), condition=F9.loc['training', 'SSL'] >= F9.loc[aug_rows, 'SSL'].max(),
-                                      paper_value='training set strongest (figure)', test='argmax over sets'),
-            'training_best_sl': dict(ours=F9['SL'].round(3).to_dict(), condition=F9.loc['training', 'SL'] >= F9.loc[aug_rows, 'SL'].max(),
-                                     paper_value='training set best (figure)', test='argmax over sets'),
-            'sl_clean_lower': dict(ours=F9.loc[['training', 'none (clean)'], 'SL'].round(3).to_dict(), condition=F9.loc['none (clean)', 'SL'] < F9.loc['training', 'SL'],
-                                   paper_value='lower (figure 5)', test='clean < training augmentation, layer 8')}
+            'training_best_ssl': dict(ours=F9['SSL'].round(3).to_dict(), p_value=best['SSL'][0], p_against=best['SSL'][1], paper_value='training set strongest (figure)',
+                                      test='one-sided paired t-tests over the units: training set > each other set (all three; contradicted if any is reversed)'),
+            'training_best_sl': dict(ours=F9['SL'].round(3).to_dict(), p_value=best['SL'][0], p_against=best['SL'][1], paper_value='training set best (figure)',
+                                     test='one-sided paired t-tests over the units: training set > each other set (all three; contradicted if any is reversed)'),
+            'sl_clean_lower': dict(ours=F9.loc[['training', 'none (clean)'], 'SL'].round(3).to_dict(), p_value=clean[0], p_against=clean[1],
+                                   paper_value='lower (figure 5)', test='one-sided paired t-test over the units of layer 8: clean < training augmentation')}
 
 # %% ../nbs/19_localizing.ipynb 49
 AUGMENT_VARIANTS = {'weak': {'augment_kw': (('crop', {'scale': (0.7, 1.0)}), ('jitter', {'brightness': 0.2, 'contrast': 0.2, 'p': 0.5}))},

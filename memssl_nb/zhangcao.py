@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from .core import Preset
-from .stats import mean_test, rank_trend
+from .stats import mean_test, rank_trend, all_of
 from .theory import PatchSetup, label_complexity, pretraining_sweep, coefficient_dynamics, plot_error_heatmaps
 
 # %% auto 0
@@ -101,14 +101,17 @@ def finetuning_tests(sup: pd.DataFrame, ft: pd.DataFrame) -> dict:
     diff = sup.test_error - ft.loc[sup.index].test_error
     w = stats.wilcoxon(diff, alternative='greater') if (diff != 0).any() else None
     w_against = stats.wilcoxon(diff, alternative='less').pvalue if w is not None else None
+    p_partial = (all_of(mean_test(sup.loc[partial.index].test_error.values - partial.test_error.values)[1:], mean_test(partial.test_error.values, 0.01)[1:])
+                 if len(partial) > 1 else (np.nan, np.nan))
     return {
         'aligned': dict(ours={'max test error': aligned.test_error.max(), 'cells': len(aligned)},
                         condition=(aligned.test_error.max() <= 0.05) if len(aligned) else None, **threshold_p(aligned.test_error, 0.05),
                         test='one-sample t-test over the cells: mean test error < 0.05; every cell ≤ 0.05'),
         'partial': dict(ours={'mean test error': partial.test_error.mean() if len(partial) else None,
                               'supervised mean test error': sup.loc[partial.index].test_error.mean() if len(partial) else None, 'cells': len(partial)},
-                        condition=((partial.test_error.mean() < sup.loc[partial.index].test_error.mean()) & (partial.test_error.mean() > 0.01)) if len(partial) else None,
-                        test='cell means', why=None if len(partial) else 'no cell with partial alignment at this scale'),
+                        p_value=p_partial[0], p_against=p_partial[1],
+                        test='one-sample t-tests over the partly aligned cells: supervised − fine-tuned error > 0 (helps) and fine-tuned error > 0.01 (not perfect)',
+                        why=None if len(partial) > 1 else 'fewer than two cells with partial alignment at this scale'),
         'whole_grid': dict(ours={'mean error supervised': sup.test_error.mean(), 'mean error simclr+ft': ft.test_error.mean()},
                            p_value=None if w is None else w.pvalue, p_against=w_against, condition=None if w is None else np.nan,
                            test='Wilcoxon signed-rank test over grid cells, one-sided', why=None if w is not None else 'the two methods err alike in every cell')}
@@ -118,13 +121,17 @@ def first_n(frame: pd.DataFrame, snr: float, level: float = 0.05) -> int | None:
     ok = frame.xs(snr, level='snr').test_error <= level
     return int(ok[ok].index.min()) if ok.any() else None
 
-def few_label_tests(sup: pd.DataFrame, ft: pd.DataFrame, snrs=(0.1, 0.2)) -> dict:
-    "ZC-F2's tests at SNR 0.1 and 0.2: fine-tuning needs ≤ 8 labels; supervised training stays far from 0 error."
+def few_label_tests(sup: pd.DataFrame, ft: pd.DataFrame, df: pd.DataFrame, snrs=(0.1, 0.2)) -> dict:
+    "ZC-F2's tests at SNR 0.1 and 0.2 (cell means `sup`, `ft`; runs `df`): fine-tuning needs ≤ 8 labels; supervised training stays far from 0 error."
     have = set(ft.index.get_level_values('snr')); out = {}
+    runs = lambda method, s, n: df[(df.method == method) & (df.snr == s) & (df.n == n)].test_error
     for s in snrs:
         n_ft = first_n(ft, s) if s in have else None
-        out[f'ft_{s}'] = (dict(ours={'smallest n with error ≤ 0.05': n_ft}, condition=(n_ft is not None) and (n_ft <= 8), test='cell means over seeds')
-                          if s in have else dict(ours=None, condition=None, why=f'SNR {s} is not in the grid at this scale'))
+        n8 = max([n for n in set(df.n) if n <= 8], default=None)
+        out[f'ft_{s}'] = (dict(ours={'smallest n with error ≤ 0.05': n_ft, f'mean error at n = {n8}': runs('simclr+ft', s, n8).mean()},
+                               condition=(n_ft is not None) and (n_ft <= 8), **threshold_p(runs('simclr+ft', s, n8), 0.05),
+                               test=f'one-sample t-test over the runs at n = {n8}: mean error < 0.05; the smallest such n of the grid ≤ 8')
+                          if s in have and n8 is not None else dict(ours=None, condition=None, why=f'SNR {s} (or an n ≤ 8) is not in the grid at this scale'))
     if 0.1 in have:
         e = sup.xs(0.1, level='snr').test_error
         out['sup_0.1'] = dict(ours={'min error': e.min(), 'largest n': int(e.index.max())}, condition=e.min() >= 0.4, **threshold_p(e, 0.4, below=False),
@@ -132,7 +139,8 @@ def few_label_tests(sup: pd.DataFrame, ft: pd.DataFrame, snrs=(0.1, 0.2)) -> dic
     else: out['sup_0.1'] = dict(ours=None, condition=None, why='SNR 0.1 not in the grid at this scale')
     if 0.2 in have:
         e = sup.xs(0.2, level='snr').test_error; nmax = int(e.index.max())
-        out['sup_0.2'] = dict(ours={f'error at n={nmax}': e.loc[nmax]}, condition=e.loc[nmax] >= 0.2, test='cell mean over seeds')
+        out['sup_0.2'] = dict(ours={f'error at n={nmax}': e.loc[nmax]}, condition=e.loc[nmax] >= 0.2, **threshold_p(runs('supervised', 0.2, nmax), 0.2, below=False),
+                              test=f'one-sample t-test over the runs at n = {nmax}: mean error > 0.2')
     else: out['sup_0.2'] = dict(ours=None, condition=None, why='SNR 0.2 not in the grid at this scale')
     return out
 
@@ -230,13 +238,19 @@ def threshold_tests(sweep: pd.DataFrame) -> dict:
                         **threshold_p(top.test_error, 0.01), test='one-sample t-test over the runs: mean error < 0.01; every run ≤ 0.01',
                         why=None if len(top) else 'no such run at this scale')}
 
-def early_stopping_tests(es_t: pd.DataFrame, short_steps: int, long_steps: int) -> dict:
-    "ZC-ES: without early stopping the alignment collapses and fine-tuning fails."
-    short, long_ = es_t.loc[short_steps], es_t.loc[long_steps]
-    return {'collapse': dict(ours={'alignment early-stopped': short.alignment, 'alignment long': long_.alignment},
-                             condition=long_.alignment <= 0.5 * short.alignment, test='mean over seeds'),
-            'fails': dict(ours={'error early-stopped': short.test_error, 'error long': long_.test_error},
-                          condition=(long_.test_error >= 0.25) & (short.test_error <= 0.05), test='mean over seeds')}
+def early_stopping_tests(es: pd.DataFrame, short_steps: int, long_steps: int) -> dict:
+    "ZC-ES from the runs `es` (one row per seed and pre-training length): without early stopping the alignment collapses and fine-tuning fails."
+    runs = es.set_index(['pre_steps', 'seed'])
+    short, long_ = runs.loc[short_steps], runs.loc[long_steps].loc[runs.loc[short_steps].index]   # paired by seed
+    fails = [mean_test(long_.test_error, 0.25)[1:], mean_test(short.test_error, 0.05, greater=False)[1:]]
+    p_fails = (max(p for p, _ in fails), min(1.0, 2 * min(pa for _, pa in fails)))
+    return {'collapse': dict(ours={'alignment early-stopped': short.alignment.mean(), 'alignment long': long_.alignment.mean(), 'seeds': len(short)},
+                             condition=long_.alignment.mean() <= 0.5 * short.alignment.mean(),
+                             **threshold_p(long_.alignment.values - 0.5 * short.alignment.values, 0.0),
+                             test='one-sample t-test over the seeds, paired: long alignment − ½ early-stopped alignment < 0'),
+            'fails': dict(ours={'error early-stopped': short.test_error.mean(), 'error long': long_.test_error.mean(), 'seeds': len(short)},
+                          condition=(long_.test_error.mean() >= 0.25) & (short.test_error.mean() <= 0.05), p_value=p_fails[0], p_against=p_fails[1],
+                          test='one-sample t-tests over the seeds: long-run error > 0.25 and early-stopped error < 0.05 (both)')}
 
 def coefficient_table(mech: pd.DataFrame) -> pd.DataFrame:
     "First and last signal and noise coefficients and the final training loss per method (ZC-F4)."
