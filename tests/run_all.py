@@ -48,7 +48,8 @@ def notebook_tests(workers):
     t0 = time.time()
     r = run([str(BIN / 'nbdev_test'), '--n_workers', str(workers), '--do_print', '--timing'], env=env)
     print(r.stdout[-20000:]); print(r.stderr[-20000:], file=sys.stderr)
-    started = re.findall(r'^Starting (.+\.ipynb)$', r.stdout, flags=re.M)
+    # two workers can print onto one line ('...Completed a.ipynbStarting b.ipynb'), so no line anchors
+    started = set(re.findall(r'Starting (\S+?\.ipynb)', r.stdout))
     failed_block = r.stderr.split('nbdev Tests Failed On The Following Notebooks:')
     failed = re.findall(r'^\t(\S+\.ipynb)$', failed_block[1], flags=re.M) if len(failed_block) > 1 else []
     if r.returncode != 0 and not failed: failed = ['nbdev_test (crashed)']
