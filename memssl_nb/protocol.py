@@ -15,7 +15,8 @@ from .spec import TrainSpec
 from .train import TrainedEncoder, train_encoder
 
 # %% auto 0
-__all__ = ['ProtocolConfig', 'protocol_config', 'ProtocolRun', 'protocol_data', 'run_protocol']
+__all__ = ['ProtocolConfig', 'protocol_config', 'ProtocolRun', 'protocol_data', 'run_protocol', 'calibration_row',
+           'calibration_table']
 
 # %% ../nbs/17_protocol.ipynb 4
 def _as_tuples(v):
@@ -139,3 +140,38 @@ def run_protocol(cfg: ProtocolConfig, device=None, progress_bar: bool = True) ->
         trained = train_encoder(cfg.train_spec(idx.tolist(), seed), data, device=device, progress_bar=False)
         (f if side == 'f' else g).append(trained)
     return ProtocolRun(cfg, data, split, atypical, f, g)
+
+# %% ../nbs/17_protocol.ipynb 10
+def calibration_row(cfg: ProtocolConfig, n_pairs: int = 10, progress_bar: bool = False) -> dict:
+    """The effects one protocol setting gives the claims and its cost: training wall time (cold where the cache is), S_C − S_E
+    of output SSLMem (difference, Welch t), LayerMem at the last conv (± s.e.), ΔLayerMem per conv (mean; how many convs rise
+    or fall decidedly in a paired t-test over the candidates), linear-probe accuracy of the first f encoder."""
+    import re, time
+    import numpy as np
+    from scipy import stats
+    from memssl_nb.sslmem import sslmem
+    from memssl_nb.layermem import layermem
+    from memssl_nb.evaluate import probe_accuracy
+    t0 = time.perf_counter(); run = run_protocol(cfg, progress_bar=progress_bar); train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    pts = run.points('S_C', 'S_E'); sets = np.array(run.set_labels(pts))
+    s = sslmem(run.f_encoders, run.g_encoders, run.data.images[pts], run.augment, n_pairs=n_pairs, progress=False).score.double().numpy()
+    welch = stats.ttest_ind(s[sets == 'S_C'], s[sets == 'S_E'], equal_var=False)
+    convs = [f'{n}.conv' for n in run.f[0].encoder.tap_parents if re.fullmatch(r'conv\d+(_\d+)?', n)]
+    lm = layermem(run.f_encoders, run.g_encoders, run.data.images[run.split.candidates], run.augment, layers=convs,
+                  parents=run.f[0].encoder.tap_parents, n_pairs=n_pairs, progress=False).score.double().numpy()
+    steps = [stats.ttest_1samp(lm[:, j] - lm[:, j - 1], 0.0) for j in range(1, len(convs))]
+    train, test = (load_dataset(cfg.dataset, split, size=cfg.image_size) for split in ('train', 'test'))
+    acc = probe_accuracy(run.f[0].encoder, train, test, clean=run.f[0].clean)
+    return dict(train_s=round(train_s, 1), measure_s=round(time.perf_counter() - t1, 1), seeds=len(run.f),
+                sc_minus_se=float(s[sets == 'S_C'].mean() - s[sets == 'S_E'].mean()), sc_se_welch_t=float(welch.statistic),
+                lm_last_conv=float(lm[:, -1].mean()), lm_last_conv_se=float(lm[:, -1].std(ddof=1) / np.sqrt(len(lm))),
+                dlm_mean=float(np.mean(lm[:, -1] - lm[:, 0]) / (len(convs) - 1)),
+                convs_rising=sum(t.statistic > 0 and t.pvalue / 2 < 0.05 for t in steps),
+                convs_falling=sum(t.statistic < 0 and t.pvalue / 2 < 0.05 for t in steps), probe_acc=float(acc))
+
+def calibration_table(scale: str, variants: dict, n_pairs: int = 10) -> pd.DataFrame:
+    "`calibration_row` for each named variant ({name: changes of `scale`'s preset}), one row each."
+    rows = {name: calibration_row(protocol_config(scale, **changes), n_pairs=n_pairs)
+            for name, changes in progress(list(variants.items()), desc='calibration')}
+    return pd.DataFrame(rows).T.rename_axis('variant')
