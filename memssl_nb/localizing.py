@@ -17,7 +17,7 @@ from .train import TrainedEncoder, train_encoder
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .sslmem import sslmem
 from .core import Preset, seed_offset
-from .stats import welch_greater, paired_greater, depth_trend, top_mean, mcnemar, rank_trend, mean_test, all_of, detectable, ordered
+from .stats import welch_greater, paired_greater, depth_trend, top_mean, mcnemar, rank_trend, mean_test, all_of, detectable, ordered, correlation_vs
 
 # %% auto 0
 __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_ID', 'LOC_GLOSSARY', 'PAPER_RESNET9_PARAMS',
@@ -25,7 +25,7 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'T1_READINGS', 'T15_ARTIFACT', 'PAPER_T15_STEM', 'PAPER_T15_CONVS', 'PAPER_T15_TAIL', 'PAPER_T24',
            'PAPER_T24_SETS', 'PAPER_T11', 'PAPER_T12', 'PAPER_T34_AVG_ALL', 'PAPER_T21', 'T21_SETS', 'PAPER_T30',
            'T23_LAYERS', 'PAPER_T23', 'PAPER_T25', 'T5_SETTINGS', 'PAPER_T5', 'PAPER_T13', 'PAPER_T14A',
-           'AUGMENT_VARIANTS', 'TRAINING_VARIANTS', 'PAPER_T27', 'paper_layers', 'paper_block_name',
+           'AUGMENT_VARIANTS', 'TRAINING_VARIANTS', 'PAPER_T27', 'PAPER_T10', 'paper_layers', 'paper_block_name',
            'block_of_paper_name', 'loc_hyperparameters', 'resnet9_architecture', 'EncoderWithHead', 'second_dataset',
            'train_on', 'loc_protocol', 'candidate_sslmem', 'LocF1Config', 'LocF2Config', 'LocF4Config', 'LocT1Config',
            'LocT11Config', 'LocT13Config', 'LocT15Config', 'LocT2Config', 'LocT21Config', 'LocT27Config', 'LocT6Config',
@@ -47,8 +47,8 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'insertion_variant_tests', 'plot_insertion', 'ssl_and_supervised', 'unit_class_table', 'unit_class_tests',
            'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
            'measuring_augmentation_tests', 'training_variants', 'augmentation_strength_tests', 'weight_decay_table',
-           'weight_decay_tests', 'framework_comparison', 'plot_training_variants', 'dataset_unitmem', 'unit_summary',
-           'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
+           'weight_decay_tests', 'framework_comparison', 'plot_training_variants', 'vit_sublayer_tests',
+           'bn_similarity_test', 'dataset_unitmem', 'unit_summary', 'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -696,10 +696,9 @@ def distance_profiles(run: ProtocolRun, n_pairs: int, l2: pd.Series) -> tuple[pd
 def distance_tests(T26: pd.DataFrame, D26: pd.DataFrame) -> dict:
     "Table 26's statements: the four distances give the same profile, and the same conv with the largest ΔLM."
     argmax = {d: D26.loc[RESNET9_CONVS[1:], d].idxmax() for d in D26}
-    from scipy.stats import norm
     corr = T26.corr().values[np.triu_indices(4, 1)].min()
-    z = (np.arctanh(min(corr, 1 - 1e-12)) - np.arctanh(0.9)) * np.sqrt(len(T26) - 3)        # Fisher z of the least similar pair
-    return {'same_profile': dict(ours=dict(min_pearson_between_profiles=corr), paper_value='profiles within ±0.02', p_value=norm.sf(z), p_against=norm.cdf(z),
+    above, below = correlation_vs(corr, len(T26), 0.9)                                         # the least similar pair
+    return {'same_profile': dict(ours=dict(min_pearson_between_profiles=corr), paper_value='profiles within ±0.02', p_value=above, p_against=below,
                                  test=f'Fisher z test over the {len(T26)} layers: the least similar pair of profiles has Pearson r > 0.9'),
             'same_argmax': dict(ours={d: PAPER_LAYER[l] for d, l in argmax.items()}, condition=len(set(argmax.values())) == 1, paper_value='6 under all four',
                                 test='argmax ΔLM over convs 2-8 per distance')}
@@ -992,7 +991,6 @@ def owner_tables(U_all: list, score: torch.Tensor) -> tuple[pd.DataFrame, pd.Dat
 
 def owner_tests(O: pd.DataFrame, T12: pd.DataFrame, F1b: pd.DataFrame, score: torch.Tensor) -> dict:
     "Table 12's and Figure 1b's statements: owners of top units are highly memorized, more units owned ↔ higher SSLMem, UnitMem ↔ owner SSLMem."
-    from scipy.stats import spearmanr
     rho12, p12, pa12 = rank_trend(O.sslmem.values, O.n_units.values) if O.n_units.nunique() > 1 else (np.nan, np.nan, np.nan)
     pct = (O.sslmem.values[:, None] > score.numpy()[None]).mean(1)
     live = F1b[~F1b.dead]
@@ -1552,7 +1550,35 @@ def plot_training_variants(LM: pd.DataFrame, UM: pd.DataFrame, variants: list, t
     ax[0].set_title(titles[0]); ax[1].set_title(titles[1]); ax[0].legend(fontsize=7)
     return fig
 
-# %% ../nbs/19_localizing.ipynb 52
+# %% ../nbs/19_localizing.ipynb 51
+PAPER_T10 = pd.DataFrame({'att_LM': [.006, .028, .046, .067, .092, .114, .140, .164, .191, .220, .249, .280],
+                          'att_dLM': [np.nan, .006, .006, .006, .007, .008, .009, .008, .009, .009, .008, .009],
+                          'fc_LM': [.020, .039, .060, .083, .105, .129, .155, .182, .210, .240, .271, .303],
+                          'fc_dLM': [np.nan, .011, .013, .017, .014, .015, .016, .018, .020, .020, .022, .023],
+                          'dBlockMem': [np.nan, .018, .021, .024, .021, .025, .025, .026, .029, .030, .030, .033]}, index=range(1, 13))
+
+def vit_sublayer_tests(T10: pd.DataFrame) -> dict:
+    "Tables 2 and 10's statements from the per-block table `T10` (att/fc LayerMem and ΔLayerMem, block outputs, ΔBlockMem)."
+    rho, p, p_fall = rank_trend(T10.fc_res.values)
+    rho_b, p_b, pb_fall = rank_trend(T10.dBlockMem.values)
+    ratio = T10.fc_dLM.sum() / T10.att_dLM.sum() if T10.att_dLM.sum() > 0 else np.nan
+    trend = 'Spearman of ResBlock^FC with the block index, one-sided, exact'
+    return {'fc_above_att': dict(ours=dict(att=T10.att_dLM.round(4).tolist(), fc=T10.fc_dLM.round(4).tolist()), condition=bool((T10.fc_dLM > T10.att_dLM).all()),
+                                 paper_value=dict(att=[.008, .009, .010], fc=[.011, .015, .022]), test='sign per block (point estimates)'),
+            'deeper_blocks': dict(ours=T10.fc_res.round(4).tolist(), p_value=p, p_against=p_fall, paper_value=[.040, .131, .304], test=trend),
+            'fc_twice_att': dict(ours=dict(ratio_of_sums=ratio), condition=(ratio >= 1.5) if np.isfinite(ratio) else None,
+                                 paper_value=dict(ratio_of_sums=round(PAPER_T10.fc_dLM.sum() / PAPER_T10.att_dLM.sum(), 2)), test='Σ ΔLM^FC / Σ ΔLM^ATT ≥ 1.5',
+                                 why='attention ΔLM sums to ≤ 0' if not np.isfinite(ratio) else None),
+            'block_mem_grows': dict(ours=dict(dBlockMem=T10.dBlockMem.round(4).tolist(), spearman=rho_b), p_value=p_b, p_against=pb_fall,
+                                    paper_value=PAPER_T10.dBlockMem.dropna().tolist(), test=f'Spearman of ΔBlockMem with the block index, one-sided, exact ({len(T10)} blocks)'),
+            'sublayers_rise': dict(ours=dict(spearman=rho), p_value=p, p_against=p_fall, paper_value='linear rise', test=trend)}
+
+def bn_similarity_test(T25: pd.DataFrame) -> dict:
+    "Table 25's statement: the BN affine parameters of the two encoders are similar (mean cosine over the layers above 0.7)."
+    return dict(ours=dict(mean=T25.cosine.mean(), per_layer=T25.cosine.round(3).tolist()), p_value=mean_test(T25.cosine, 0.7)[1],
+                paper_value=dict(mean=0.823, per_layer=T25.paper_cosine.tolist()), test='one-sample t-test over the 8 layers: mean cosine > 0.7')
+
+# %% ../nbs/19_localizing.ipynb 55
 def dataset_unitmem(scale: str, datasets, n_points: int, layer: str, n_views: int) -> dict:
     "UnitMem of `layer`'s units of the protocol's recipe trained on `n_points` random training points of each dataset."
     from memssl_nb.core import make_generator

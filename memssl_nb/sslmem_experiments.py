@@ -18,18 +18,18 @@ from .sslmem import sslmem
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .objectives import nt_xent
 from .objectives import masked_augment
-from .stats import monotone, mean_test, equivalent, all_of
+from .stats import monotone, mean_test, equivalent, all_of, correlation_vs
 
 # %% auto 0
 __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'AUGMENT_STRENGTHS', 'SET_PAIRS', 'FrameworkConfig', 'framework_config',
            'AtypicalConfig', 'atypical_config', 'scoring_augment', 'score_run', 'by_set', 'frac_mem',
            'atypical_ranking', 'downstream_sets', 'downstream_accuracy', 'removal_sets', 'removal_experiment',
            'summarize_run', 'protocol_sweep', 'dp_variants', 'toy_1d_sslmem', 'SSLMemF1Config', 'SSLMemF10Config',
-           'SSLMemRemovalConfig', 'SSLMemSetsConfig', 'SSLMemSweepsConfig', 'toy_1d_table', 'plot_toy_1d',
-           'removal_table', 'plot_removal', 'paired_removal', 'removal_tests', 'intervention_sweeps', 'extreme_test',
-           'sweep_tests', 'dp_tests', 'sweep_panel', 'plot_sweeps', 'set_tests', 'plot_sets', 'supervised_memorization',
-           'supervised_tests', 'plot_supervised', 'candidate_groups', 'atypical_tests', 'plot_candidates',
-           'framework_table', 'framework_tests', 'plot_frameworks']
+           'SSLMemRemovalConfig', 'SSLMemSetsConfig', 'SSLMemSweepsConfig', 'toy_1d_tests', 'toy_1d_table',
+           'plot_toy_1d', 'removal_table', 'plot_removal', 'paired_removal', 'removal_tests', 'intervention_sweeps',
+           'extreme_test', 'sweep_tests', 'dp_tests', 'sweep_panel', 'plot_sweeps', 'set_tests', 'plot_sets',
+           'supervised_memorization', 'supervised_tests', 'plot_supervised', 'candidate_groups', 'atypical_tests',
+           'plot_candidates', 'framework_table', 'framework_tests', 'plot_frameworks']
 
 # %% ../nbs/18_sslmem_experiments.ipynb 5
 SSLMEM_PAPER_SETUP = {
@@ -327,6 +327,15 @@ SSLMemSweepsConfig.SCALES = {
 }
 
 # %% ../nbs/18_sslmem_experiments.ipynb 25
+def toy_1d_tests(tab: pd.DataFrame) -> dict:
+    "The appendix figure's statements, over the seeds of `toy_1d_table`: the outlier scores above every inlier; inliers score ≈ 0."
+    return {'outlier_high': dict(ours=tab.outlier_score.tolist(), condition=bool((tab.outlier_score > tab.inlier_max).all()),
+                                 p_value=mean_test(tab.outlier_score - tab.inlier_max)[1],
+                                 test='one-sample t-test over the seeds: outlier score − largest inlier score > 0; every seed'),
+            'inliers_low': dict(ours=tab.inlier_abs_mean.tolist(), condition=bool((tab.inlier_abs_mean < 0.2 * tab.outlier_score).all()),
+                                p_value=mean_test(tab.inlier_abs_mean - 0.2 * tab.outlier_score, greater=False)[1],
+                                test='one-sample t-test over the seeds: mean |inlier score| − 0.2 × outlier score < 0; every seed')}
+
 def toy_1d_table(toys: list, seeds) -> pd.DataFrame:
     "Per seed of the 1-D toy: the outlier's score and the inliers' mean, max and mean absolute score."
     return pd.DataFrame([dict(seed=s, outlier_score=float(r['point_score'][r['point_is_outlier']][0]),
@@ -521,10 +530,10 @@ def supervised_tests(df_sup: pd.DataFrame, alpha: float) -> dict:
     u_sup = stats.mannwhitneyu(noisy.supmem, clean.supmem, alternative='greater')
     margin = clean.score.std() / 2  # a medium standardised effect (Cohen's d = 0.5)
     _, p_same, p_differ = equivalent(noisy.score, clean.score, margin)
-    z = (np.arctanh(0.8) - np.arctanh(rho.statistic)) / np.sqrt(1.06 / (len(clean) - 3))   # Fisher z of Spearman's ρ (Fieller's variance)
+    above, below = correlation_vs(rho.statistic, len(clean), 0.8, spearman=True)
     return {'correlated': dict(ours=dict(spearman=rho.statistic, top10_overlap=top_overlap), condition=rho.statistic > 0 and rho.pvalue / 2 < 0.05,
                                test='Spearman rank correlation, one-sided p < 0.05 (clean S_C)', p_value=rho.pvalue / 2 if rho.statistic > 0 else 1 - rho.pvalue / 2),
-            'imperfect': dict(ours=rho.statistic, test="Spearman's ρ < 0.8, one-sided Fisher z test", p_value=stats.norm.sf(z), p_against=stats.norm.cdf(z)),
+            'imperfect': dict(ours=rho.statistic, test="Spearman's ρ < 0.8, one-sided Fisher z test", p_value=below, p_against=above),
             'sup_reacts': dict(ours=dict(mislabelled=noisy.supmem.mean(), clean=clean.supmem.mean()), condition=u_sup.pvalue < alpha,
                                test=f'Mann-Whitney U one-sided, alpha {alpha}', p_value=u_sup.pvalue),
             'ssl_ignores': dict(ours=dict(mislabelled=noisy.score.mean(), clean=clean.score.mean(), margin=margin), p_value=p_same, p_against=p_differ,

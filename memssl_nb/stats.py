@@ -8,7 +8,7 @@ import numpy as np
 
 # %% auto 0
 __all__ = ['welch_greater', 'paired_greater', 'depth_trend', 'monotone', 'top_mean', 'rank_trend', 'mean_test', 'all_of',
-           'equivalent', 'detectable', 'ordered', 'mcnemar']
+           'equivalent', 'detectable', 'correlation_vs', 'ordered', 'mcnemar']
 
 # %% ../nbs/00b_stats.ipynb 5
 def welch_greater(a, b) -> tuple[float, float]:
@@ -95,6 +95,14 @@ def detectable(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
     return float((norm.ppf(1 - alpha) + norm.ppf(power)) * se)
 
 # %% ../nbs/00b_stats.ipynb 14
+def correlation_vs(r: float, n: int, level: float, spearman: bool = False) -> tuple[float, float]:
+    "(p that the true correlation is above `level`, p that it is below) for a correlation `r` of `n` pairs, by Fisher's z."
+    from scipy.stats import norm
+    se = np.sqrt((1.06 if spearman else 1.0) / (n - 3))
+    z = (np.arctanh(np.clip(r, -1 + 1e-12, 1 - 1e-12)) - np.arctanh(level)) / se
+    return float(norm.sf(z)), float(norm.cdf(z))
+
+# %% ../nbs/00b_stats.ipynb 17
 def ordered(table, decreasing: bool = False) -> tuple[float, float, float]:
     """(Page's L, p that the columns of `table` (blocks × settings, in the claimed order) rise (fall, `decreasing`) within
     the blocks, p for the opposite order): Page's trend test over blocks such as layers or seeds."""
@@ -106,7 +114,7 @@ def ordered(table, decreasing: bool = False) -> tuple[float, float, float]:
     up, down = page_trend_test(x), page_trend_test(x[:, ::-1])
     return float(up.statistic), float(up.pvalue), float(down.pvalue)
 
-# %% ../nbs/00b_stats.ipynb 17
+# %% ../nbs/00b_stats.ipynb 20
 def mcnemar(correct_a, correct_b) -> float:
     "One-sided exact McNemar p-value that predictor a (per-point correctness `correct_a`) beats b on the same points."
     from scipy import stats
