@@ -14,11 +14,12 @@ from .data import ImageSet, load_dataset
 from .augment import Augment, benchmark_augment
 from .models import build_encoder
 from .spec import TrainSpec, build_augment, build_model, make_optimizer, training_data
-from .train import LossModel, train_encoder
+from .train import LossModel, default_channels_last, train_encoder
 from .sslmem import benchmark_sslmem, official_style_sslmem, sslmem
 
 # %% auto 0
-__all__ = ['peak_memory', 'cpu_clock', 'benchmark_train_step', 'benchmark_peer_lightly', 'benchmark_checkpointing']
+__all__ = ['peak_memory', 'cpu_clock', 'benchmark_train_step', 'conv_peak_gflops', 'benchmark_peer_lightly',
+           'benchmark_checkpointing']
 
 # %% ../nbs/90_benchmarks.ipynb 5
 def _rss() -> int:
@@ -88,14 +89,14 @@ def _training_step(spec: TrainSpec, data: ImageSet, steps: int, device, fmt) -> 
 
 def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device=None, repeats: int = 3,
                          memory_format: torch.memory_format | None = None) -> dict:
-    """Seconds per training step of `spec` (chapter 05d's `LossModel`, optimiser, bf16 autocast and channels-last on CUDA)
+    """Seconds per training step of `spec` (chapter 05d's `LossModel`, optimiser, bf16 autocast on CUDA, the loop's layout)
     with the views augmented in the step, as the loop does, vs the same step on views augmented beforehand, and the
     augmentation alone (CPU time on CPU, wall time on CUDA). `overhead` = augmentation / (augmentation + step on ready
     views), each timed directly; `overhead_by_difference` = (step with - step without) / step with, the same fraction.
-    `memory_format` replaces the loop's layout (channels-last for ResNets on CUDA, contiguous elsewhere): a lever to measure."""
+    `memory_format` replaces the loop's layout (`default_channels_last`, chapter 05d): a lever to measure."""
     device = get_device(device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    fmt = memory_format or (torch.channels_last if device.type == 'cuda' and spec.arch.startswith('resnet') else torch.contiguous_format)
+    fmt = memory_format or (torch.channels_last if default_channels_last(spec) else torch.contiguous_format)
     t = _training_step(spec, data, steps, device, fmt)
     views_of, step, batches = t.views_of, t.step, t.batches
     h = t.images.shape[-1]
@@ -103,6 +104,8 @@ def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device
     kinds = {'with_aug': lambda i: step(views_of(batches[i]), batches[i]), 'preaugmented': lambda i: step(pre[i], batches[i]),
              'augment_only': lambda i: views_of(batches[i])}
     kinds['preaugmented'](0); sync()                                     # warm-up
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as flops: kinds['preaugmented'](0)  # forward and backward FLOPs of one step
     times = {k: [] for k in kinds}
     clock = time.perf_counter if device.type == 'cuda' else time.process_time   # CPU: CPU time, blind to other processes
     for _ in range(repeats):          # step by step, alternating the kinds; the fastest of each
@@ -114,7 +117,27 @@ def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device
                 device=str(device), threads=torch.get_num_threads(), clock=clock.__name__, step_with_aug_s=best['with_aug'],
                 step_preaugmented_s=best['preaugmented'], augment_s=best['augment_only'],
                 overhead=best['augment_only'] / (best['augment_only'] + best['preaugmented']),
-                overhead_by_difference=(best['with_aug'] - best['preaugmented']) / best['with_aug'])
+                overhead_by_difference=(best['with_aug'] - best['preaugmented']) / best['with_aug'],
+                step_gflop=flops.get_total_flops() / 1e9, gflops_per_s=flops.get_total_flops() / 1e9 / best['preaugmented'])
+
+def conv_peak_gflops(channels: int = 64, batch: int = 256, size: int = 16, repeats: int = 5, device=None) -> dict:
+    """This machine's convolution peak, the yardstick for the training step: GFLOP/s of one 3×3 convolution
+    (`channels` → `channels`, `batch` × `size`², no bias) forward, in NCHW and in NHWC, the fastest of `repeats`
+    (CPU time on CPU, wall time on CUDA), at the current thread count."""
+    device = get_device(device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    clock = time.perf_counter if device.type == 'cuda' else time.process_time
+    flop = 2 * channels * channels * 9 * batch * size * size
+    out = {}
+    for name, fmt in (('nchw', torch.contiguous_format), ('nhwc', torch.channels_last)):
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device).to(memory_format=fmt)
+        x = torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=fmt)
+        times = []
+        with torch.no_grad():
+            conv(x); sync()
+            for _ in range(repeats): t0 = clock(); conv(x); sync(); times.append(clock() - t0)
+        out[name] = flop / min(times) / 1e9
+    return out
 
 # %% ../nbs/90_benchmarks.ipynb 19
 def benchmark_peer_lightly(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: int = 3) -> dict:
@@ -130,7 +153,8 @@ def benchmark_peer_lightly(spec: TrainSpec, data: ImageSet, steps: int = 4, repe
     from PIL import Image
     if spec.objective != 'simclr': raise ValueError(f"the peer benchmark compares SimCLR steps, got objective {spec.objective!r}")
     rgb = data if data.images.shape[1] == 3 else ImageSet(data.images.expand(-1, 3, -1, -1).contiguous(), data.labels, data.classes, data.name)
-    ours = _training_step(spec, rgb, steps, torch.device('cpu'), torch.contiguous_format)   # the step benchmark_train_step times
+    fmt = torch.channels_last if default_channels_last(spec) else torch.contiguous_format
+    ours = _training_step(spec, rgb, steps, torch.device('cpu'), fmt)   # the step benchmark_train_step times (lightly: NCHW, its default)
     peer_encoder, peer_objective = copy.deepcopy(ours.encoder).train(), copy.deepcopy(ours.objective).train()  # same initial weights
     opt_peer = make_optimizer(spec, list(peer_encoder.parameters()) + list(peer_objective.parameters()))
     images, h = ours.images, ours.images.shape[-1]

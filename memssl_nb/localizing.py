@@ -489,7 +489,7 @@ def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int, re
     pt = {l: welch_greater(res.layer(t).score[sub[f'top{top_k}']], res.layer(t).score[sub[f'least{top_k}']])
           for l, t in zip(RESNET9_T1_LAYERS, table1_taps(reading))}
     p_step = all_of(*[t[1:] for t in step_tests.values()])
-    p_flat = all_of(*flat.values()) if margin > 0 else (1.0, 0.0)
+    p_flat = all_of(*flat.values()) if margin > 0 else (1.0, 1.0)   # no rise at the convs: no yardstick for "≈ 0"
     p_tl = all_of(*[(p, 1 - p) for _, p in pt.values()])
     return {'rise': dict(ours=dict(spearman_rho=rho, LM=conv_lm.round(4)), paper_value=PAPER_T1.LM.values, p_value=p_up, p_against=p_down,
                          test='Spearman of LM with the conv index, one-sided, exact over the 8! orderings'),
@@ -499,7 +499,8 @@ def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int, re
                                         'holds when every conv rises, contradicted when any falls (Bonferroni over 7)'),
             'residual_flat': dict(ours=res_d.round(4).to_dict(), paper_value={'res2': .002, 'res6': .003}, p_value=p_flat[0], p_against=p_flat[1],
                                   test=f'paired equivalence test (TOST) over the candidates per residual sum: |ΔLM| < the mean conv ΔLM ({margin:.4f}); '
-                                       'contradicted when a residual sum is decidedly outside that margin'),
+                                       'contradicted when a residual sum is decidedly outside that margin',
+                                  why=None if margin > 0 else f'the convs do not rise on average (mean ΔLM {margin:.4f}), so "below the conv ΔLM" has no yardstick'),
             'top_least': dict(ours={l: round(v[0], 2) for l, v in pt.items()}, paper_value={'conv1': [.144, .003], 'res6': [.817, .086]},
                               p_value=p_tl[0], p_against=p_tl[1], test='one-sided Welch t-test per layer; holds when all 10 layers decide, contradicted when any is reversed (Bonferroni)')}
 
@@ -592,10 +593,19 @@ def shared_top_test(tops: dict, n_candidates: int) -> dict:
     "Figure 13's statement: adjacent layers share many of their top-k samples (> 2× chance and more than at distance ≥ 3)."
     K = len(next(iter(tops.values())))
     ov = lambda a, b: len(set(tops[a].tolist()) & set(tops[b].tolist())) / K
-    adj = np.mean([ov(a, b) for a, b in zip(RESNET9_CONVS, RESNET9_CONVS[1:])])
+    pairs = list(zip(RESNET9_CONVS, RESNET9_CONVS[1:]))
+    adj = np.mean([ov(a, b) for a, b in pairs])
     far = np.mean([ov(a, b) for i, a in enumerate(RESNET9_CONVS) for b in RESNET9_CONVS[i + 3:]])
+    # chance: the shared counts of independent top-K draws are hypergeometric; their sum over the adjacent pairs by convolution
+    from scipy.stats import hypergeom
+    pmf = np.array([1.0])
+    for _ in pairs: pmf = np.convolve(pmf, hypergeom(n_candidates, K, K).pmf(np.arange(K + 1)))
+    shared = int(round(adj * K * len(pairs)))
+    p_more = float(pmf[shared:].sum())
     return dict(ours=dict(adjacent=adj, distance_ge3=far, chance=K / n_candidates), condition=adj > 2 * K / n_candidates and adj > far,
-                paper_value='many shared (figure; no numbers)', test='mean top-10 overlap of adjacent layers > 2× chance and > overlap at distance ≥ 3')
+                p_value=p_more, p_against=float(pmf[:shared + 1].sum()), paper_value='many shared (figure; no numbers)',
+                test='shared top-10 samples summed over the 7 adjacent conv pairs vs independent draws (exact hypergeometric), '
+                     'with the stated size: mean overlap > 2× chance and > the overlap at distance ≥ 3')
 
 def plot_top_candidates(tops: dict, images: torch.Tensor, candidates):
     "The top memorized candidates of each conv, one row per layer (dataset index above each image)."
@@ -1390,7 +1400,7 @@ def unit_class_table(run: ProtocolRun, encoders: dict, n_views: int) -> tuple[pd
 def unit_class_tests(F2: pd.DataFrame, res: dict) -> dict:
     """Figures 2 and 3's statements for SSL (UnitMem > ClassMem everywhere) and SL (ClassMem rises steeply and overtakes late);
     `res` holds each encoder's per-unit (UnitMem, ClassMem) results, compared unit by unit."""
-    from scipy.stats import binomtest
+    from scipy.stats import binomtest, norm
     s, l_ = F2[F2.encoder == 'SSL'].set_index('layer'), F2[F2.encoder == 'SL'].set_index('layer')
     pair = lambda enc, l: paired_greater(res[enc][0].score[l], res[enc][1].score[l])[1]          # UnitMem > ClassMem over the layer's units
     above = all_of(*[(p, 1 - p) for p in (pair('SSL', l) for l in RESNET9_CONVS)])
@@ -1400,11 +1410,17 @@ def unit_class_tests(F2: pd.DataFrame, res: dict) -> dict:
     below = all_of(*[(binomtest(k, n, 0.5, 'greater').pvalue, binomtest(k, n, 0.5, 'less').pvalue) for k, n in (units('SSL', l) for l in RESNET9_CONVS)])
     rise = lambda d: d.classmem.iloc[-1] - d.classmem.iloc[0]
     late = ['conv4_0', 'conv4_1', 'conv4_2']
+    # SL's rise (last conv − first, over each layer's units) > 0 and > SSL's: Welch-type z-tests on the unit means
+    cm = {(n, l): res[n][1].score[l].double().numpy() for n in ('SSL', 'SL') for l in (RESNET9_CONVS[0], RESNET9_CONVS[-1])}
+    mv = {k: (v.mean(), v.var(ddof=1) / len(v)) for k, v in cm.items()}
+    d = {n: (mv[n, RESNET9_CONVS[-1]][0] - mv[n, RESNET9_CONVS[0]][0], mv[n, RESNET9_CONVS[-1]][1] + mv[n, RESNET9_CONVS[0]][1]) for n in ('SSL', 'SL')}
+    z_rise, z_more = d['SL'][0] / np.sqrt(d['SL'][1]), (d['SL'][0] - d['SSL'][0]) / np.sqrt(d['SL'][1] + d['SSL'][1])
+    class_rise = all_of(*[(norm.sf(z), norm.cdf(z)) for z in (z_rise, z_more)])
     return {'ssl_unit_above': dict(ours=s[['unitmem', 'classmem']].round(3).to_dict('index'), p_value=above[0], p_against=above[1],
                                    paper_value='UnitMem above ClassMem in all layers (figure)',
                                    test='one-sided paired t-test over the units per layer, all 8 layers (contradicted if any is reversed, Bonferroni)'),
-            'sl_class_rise': dict(ours=dict(SL_rise=rise(l_), SSL_rise=rise(s)), condition=rise(l_) > 0 and rise(l_) > rise(s), paper_value='steep rise for SL only (figure)',
-                                  test='ClassMem(layer 8) − ClassMem(layer 1): SL > max(0, SSL)'),
+            'sl_class_rise': dict(ours=dict(SL_rise=rise(l_), SSL_rise=rise(s)), p_value=class_rise[0], p_against=class_rise[1], paper_value='steep rise for SL only (figure)',
+                                  test='ClassMem(layer 8) − ClassMem(layer 1) over the layers\' units: SL > 0 and SL > SSL, one-sided z-tests on the unit means (both must decide)'),
             'sl_class_overtakes': dict(ours=l_.loc[late, ['unitmem', 'classmem']].round(3).to_dict('index'), p_value=overtakes[0], p_against=overtakes[1],
                                        paper_value='ClassMem > UnitMem late (figure)',
                                        test='one-sided paired t-test over the units, ClassMem > UnitMem in at least one of layers 6–8 (Bonferroni over 3)'),
@@ -1460,8 +1476,16 @@ def measuring_augmentation_tests(F9: pd.DataFrame, units: dict) -> dict:
     clean = paired('SL', 'training', 'none (clean)')
     spread = {n: F9.loc[aug_rows, n].max() - F9.loc[aug_rows, n].min() for n in ['SSL', 'SL']}
     rel = {n: spread[n] / F9.loc[aug_rows, n].mean() for n in spread}
-    return {'ssl_less_sensitive': dict(ours=dict(relative_spread=rel), condition=rel['SSL'] < rel['SL'], paper_value='SSL nearly identical, SL larger differences (figure)',
-                                       test='(max − min)/mean over the 4 augmentation sets: SSL < SL'),
+    # bootstrap over the units (each encoder's units resampled together across the sets they are measured under)
+    rng, B = np.random.default_rng(0), 2000
+    def boot_rel(n):
+        u = torch.stack([units[n, r] for r in aug_rows]).double().numpy()            # sets × units
+        means = u[:, rng.integers(0, u.shape[1], (B, u.shape[1]))].mean(-1)         # sets × B
+        return (means.max(0) - means.min(0)) / means.mean(0)
+    diff = boot_rel('SSL') - boot_rel('SL')
+    return {'ssl_less_sensitive': dict(ours=dict(relative_spread=rel), p_value=float((diff >= 0).mean()), p_against=float((diff <= 0).mean()),
+                                       paper_value='SSL nearly identical, SL larger differences (figure)',
+                                       test='(max − min)/mean of the unit means over the 4 augmentation sets: SSL < SL, bootstrap over the units (2,000 draws)'),
             'training_best_ssl': dict(ours=F9['SSL'].round(3).to_dict(), p_value=best['SSL'][0], p_against=best['SSL'][1], paper_value='training set strongest (figure)',
                                       test='one-sided paired t-tests over the units: training set > each other set (all three; contradicted if any is reversed)'),
             'training_best_sl': dict(ours=F9['SL'].round(3).to_dict(), p_value=best['SL'][0], p_against=best['SL'][1], paper_value='training set best (figure)',
@@ -1469,7 +1493,7 @@ def measuring_augmentation_tests(F9: pd.DataFrame, units: dict) -> dict:
             'sl_clean_lower': dict(ours=F9.loc[['training', 'none (clean)'], 'SL'].round(3).to_dict(), p_value=clean[0], p_against=clean[1],
                                    paper_value='lower (figure 5)', test='one-sided paired t-test over the units of layer 8: clean < training augmentation')}
 
-# %% ../nbs/19_localizing.ipynb 49
+# %% ../nbs/19_localizing.ipynb 50
 AUGMENT_VARIANTS = {'weak': {'augment_kw': (('crop', {'scale': (0.7, 1.0)}), ('jitter', {'brightness': 0.2, 'contrast': 0.2, 'p': 0.5}))},
                     'normal': {},
                     'strong': {'augment_kw': (('crop', {'scale': (0.2, 1.0)}), ('jitter', {'brightness': 0.6, 'contrast': 0.6, 'p': 0.9}),
@@ -1550,7 +1574,7 @@ def plot_training_variants(LM: pd.DataFrame, UM: pd.DataFrame, variants: list, t
     ax[0].set_title(titles[0]); ax[1].set_title(titles[1]); ax[0].legend(fontsize=7)
     return fig
 
-# %% ../nbs/19_localizing.ipynb 51
+# %% ../nbs/19_localizing.ipynb 52
 PAPER_T10 = pd.DataFrame({'att_LM': [.006, .028, .046, .067, .092, .114, .140, .164, .191, .220, .249, .280],
                           'att_dLM': [np.nan, .006, .006, .006, .007, .008, .009, .008, .009, .009, .008, .009],
                           'fc_LM': [.020, .039, .060, .083, .105, .129, .155, .182, .210, .240, .271, .303],
@@ -1578,7 +1602,7 @@ def bn_similarity_test(T25: pd.DataFrame) -> dict:
     return dict(ours=dict(mean=T25.cosine.mean(), per_layer=T25.cosine.round(3).tolist()), p_value=mean_test(T25.cosine, 0.7)[1],
                 paper_value=dict(mean=0.823, per_layer=T25.paper_cosine.tolist()), test='one-sample t-test over the 8 layers: mean cosine > 0.7')
 
-# %% ../nbs/19_localizing.ipynb 55
+# %% ../nbs/19_localizing.ipynb 56
 def dataset_unitmem(scale: str, datasets, n_points: int, layer: str, n_views: int) -> dict:
     "UnitMem of `layer`'s units of the protocol's recipe trained on `n_points` random training points of each dataset."
     from memssl_nb.core import make_generator

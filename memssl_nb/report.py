@@ -16,7 +16,8 @@ from .registry import (SCALES, Artifact, artifact_status, constraints_hash, fail
 
 # %% auto 0
 __all__ = ['markdown_table', 'p_against_of', 'write_report', 'reference_outputs', 'Comparison', 'compare_outputs',
-           'comparison_path', 'verify', 'seed_run_root', 'stability', 'stability_markdown']
+           'comparison_path', 'verify', 'seed_run_root', 'stability', 'stability_markdown', 'budget_runs',
+           'budget_table', 'budget_markdown']
 
 # %% ../nbs/23_report.ipynb 4
 def _fmt(x) -> str:
@@ -95,6 +96,7 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
         try: md += [Comparison.from_json(saved.read_text()).markdown(), ""]
         except (ValueError, KeyError) as e: md += [f"*{saved.name} could not be read: {e}*", ""]
     md += stability_markdown(scale, out_root)
+    md += budget_markdown(scale, out_root)
 
     for p in papers:
         md += [f"## {p}", ""]
@@ -340,4 +342,48 @@ def stability_markdown(scale: str = 'cpu', out_root=FIGURES_DIR) -> list[str]:
                             reference_text=f"The same scale rerun with every seed shifted by {o} instead of {mine} "
                                            f"(`{folder}`; `memssl reproduce --seed-offset`): what an independent rerun would conclude.",
                             ref_name=f'offset {o}'), ""]
+    return md
+
+# %% ../nbs/23_report.ipynb 13
+def budget_runs(scale: str = 'cpu', out_root=FIGURES_DIR) -> dict[str, Path]:
+    "{label: folder} of the smaller-budget runs of `scale` kept beside this one (`<out_root>/budget-<label>/<scale>/`)."
+    return {p.name.removeprefix('budget-'): p/scale for p in sorted(Path(out_root).glob('budget-*')) if (p/scale).is_dir()}
+
+def _moved(p_now, p_then, against_now, against_then) -> str:
+    if p_then is None or against_then is None: return 'no test at the smaller budget'
+    if p_now < p_then and against_now >= against_then: return 'toward the paper'
+    if against_now < against_then and p_now >= p_then: return 'against the paper'
+    return 'no change' if (p_now, against_now) == (p_then, against_then) else 'mixed'
+
+def budget_table(scale: str = 'cpu', out_root=FIGURES_DIR) -> pd.DataFrame:
+    """Each claim of this run that does not hold (and is checkable), beside the same claim in each smaller-budget run:
+    verdicts, p and p against at both budgets, and where p moved as the budget grew."""
+    rows, now_dir = [], Path(out_root)/scale
+    for label, folder in budget_runs(scale, out_root).items():
+        for f in sorted(now_dir.glob('*.claims.json')):
+            then = {c.get('statement'): c for c in _claims_from((folder/f.name).read_bytes())} if (folder/f.name).exists() else {}
+            for c in _claims_from(f.read_bytes()):
+                if c.get('verdict') in ('holds', 'not checkable'): continue
+                t = then.get(c.get('statement'), {})
+                p, pa, tp, tpa = c.get('p_value'), p_against_of(c), t.get('p_value'), p_against_of(t) if t else None
+                rows.append(dict(output=f.name.removesuffix('.claims.json'), statement=c.get('statement'), budget=label,
+                                 verdict_then=t.get('verdict'), verdict_now=c.get('verdict'), p_then=tp, p_now=p, p_against_then=tpa,
+                                 p_against_now=pa, moved='no test now' if p is None or pa is None else _moved(p, tp, pa, tpa)))
+    return pd.DataFrame(rows, columns=['output', 'statement', 'budget', 'verdict_then', 'verdict_now', 'p_then', 'p_now',
+                                       'p_against_then', 'p_against_now', 'moved'])
+
+def budget_markdown(scale: str = 'cpu', out_root=FIGURES_DIR) -> list[str]:
+    "The report section of `budget_table` (nothing when no smaller-budget run is kept)."
+    bt = budget_table(scale, out_root)
+    if bt.empty: return []
+    md = []
+    for label, g in bt.groupby('budget', sort=False):
+        counts = ', '.join(f"{n} {k}" for k, n in g.moved.value_counts().items())
+        md += [f"## The effect at two budgets: `{label}` → this run", "",
+               f"The {len(g)} claims that do not hold here, beside the same claims in the smaller run `figures/budget-{label}/{scale}/`. "
+               f"Where p moved as the budget grew: {counts}.", "",
+               "| output | statement | verdict then → now | p then → now | p against then → now | moved |", "|---|---|---|---|---|---|"]
+        md += [f"| {r.output} | {_fmt(r.statement)} | {_fmt(r.verdict_then)} → {_fmt(r.verdict_now)} | {_fmt(r.p_then)} → {_fmt(r.p_now)} | "
+               f"{_fmt(r.p_against_then)} → {_fmt(r.p_against_now)} | {r.moved} |" for r in g.itertuples()]
+        md += [""]
     return md

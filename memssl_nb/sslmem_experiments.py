@@ -490,11 +490,17 @@ def set_tests(tests: pd.DataFrame, scores: dict, alpha: float) -> dict:
     margin = abs(eff_c) / 2         # "alike" relative to the memorization effect the sets are built to show
     diff, p_alike, p_apart = equivalent(scores['S_S'], scores['S_E'], margin)
     sk = stats.skewtest(scores['S_C'] - np.median(scores['S_E']), alternative='greater')
+    # "within a factor 2" as two linear contrasts of the set means, both > 0: eff_c − eff_i/2 and 2·eff_i − eff_c (z-tests)
+    m, v = ({k: f(scores[k]) for k in ('S_C', 'S_E', 'S_I')} for f in (np.mean, lambda x: x.var(ddof=1) / len(x)))
+    contrasts = [dict(S_C=1, S_E=-1.5, S_I=0.5), dict(S_C=-1, S_E=3, S_I=-2)]
+    z = [sum(w[k] * m[k] for k in w) / np.sqrt(sum(w[k] ** 2 * v[k] for k in w)) for w in contrasts]
+    p_sym = all_of(*[(stats.norm.sf(zi), stats.norm.cdf(zi)) for zi in z])
     return {'pairs': pairs,
             'centred': dict(ours=dict(mean_S_S=scores['S_S'].mean(), mean_S_E=scores['S_E'].mean(), margin=margin), p_value=p_alike, p_against=p_apart,
                             test='equivalence test (two one-sided Welch tests): |mean S_S − mean S_E| < half the S_C − S_E effect'),
-            'symmetric': dict(ours=dict(S_C_effect=eff_c, S_I_effect=eff_i), condition=bool(eff_c > 0 and eff_i > 0 and 0.5 <= eff_c / eff_i <= 2),
-                              test='ratio of mean differences'),
+            'symmetric': dict(ours=dict(S_C_effect=eff_c, S_I_effect=eff_i, ratio=eff_c / eff_i if eff_i else np.nan), p_value=p_sym[0], p_against=p_sym[1],
+                              test='S_C − S_E within a factor 2 of S_E − S_I: both contrasts (S_C − S_E) − ½(S_E − S_I) > 0 and '
+                                   '2(S_E − S_I) − (S_C − S_E) > 0, one-sided z-tests on the set means (holds when both decide, contradicted when either is reversed)'),
             'skewed': dict(ours=dict(skewness=stats.skew(scores['S_C'])),
                            test="D'Agostino skewness test one-sided (skew > 0), alpha 0.05", p_value=sk.pvalue)}
 

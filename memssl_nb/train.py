@@ -24,7 +24,8 @@ from .checkpoint import CheckpointError, save_checkpoint, read_checkpoint, apply
 from .privacy import check_dp_model, dp_gradients, dp_noise_multiplier, dp_epsilon
 
 # %% auto 0
-__all__ = ['CHECKPOINT_BUDGET', 'LossModel', 'TrainedEncoder', 'encoder_folder', 'train_encoder', 'cached_encoders', 'main']
+__all__ = ['CHECKPOINT_BUDGET', 'LossModel', 'TrainedEncoder', 'default_channels_last', 'encoder_folder', 'train_encoder',
+           'cached_encoders', 'main']
 
 # %% ../nbs/05d_train.ipynb 7
 class LossModel(nn.Module):
@@ -73,6 +74,10 @@ def _file_lock(path: Path):
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 CHECKPOINT_BUDGET = 0.02   # the share of training time resume checkpoints may take (one file write each)
+
+def default_channels_last(spec) -> bool:
+    "The loop's layout unless told otherwise: channels-last (NHWC) for the ResNets, except under DP-SGD."
+    return spec.arch.startswith('resnet') and spec.dp is None
 
 def _run_epochs(spec, key, model, encoder, objective, optimizer, data, augment, device, ckpt, start_epoch, history,
                 show_progress, on_epoch_end=None, rank=0, world=1, channels_last=False, checkpoint_budget=None):
@@ -140,7 +145,7 @@ def _train(spec, key, encoder, objective, data, augment, device, ckpt=None, resu
            on_epoch_end=None, rank=0, world=1, compile=False, channels_last=None, sync_bn=None,
            checkpoint_budget=None) -> list[dict]:
     "Train `encoder` and `objective` in place (from the verified checkpoint `resume_from` = (tensors, meta)); the loss history."
-    if channels_last is None: channels_last = device.type == 'cuda' and spec.arch.startswith('resnet')
+    if channels_last is None: channels_last = default_channels_last(spec)
     if sync_bn is None: sync_bn = objective.sync_bn
     enc, obj = encoder, objective
     if world > 1 and sync_bn:   # train synchronised copies (same parameter names), copy the result back at the end
@@ -171,7 +176,7 @@ def train_encoder(spec: TrainSpec, data: ImageSet | None = None, device=None, ca
     """Train (or fetch from the cache) the encoder described by `spec` on `data` (default: `spec.dataset`).
     Under `torchrun` (an initialised process group) the ranks share each global batch of `spec.batch_size` (DDP);
     rank 0 alone shows progress and writes checkpoints and the cache; `on_epoch_end(epoch)` runs on every rank.
-    `compile`: `torch.compile` the model (or a dict of its options); `channels_last` (default: on CUDA for ResNets);
+    `compile`: `torch.compile` the model (or a dict of its options); `channels_last` (default: for ResNets, except under DP-SGD);
     `sync_bn` (default: the objective's `sync_bn`). These change how, not what, is computed: not part of the cache key.
     `checkpoint_budget`: a resume checkpoint is written after an epoch once the training time since the last one is at
     least its cost / budget, so checkpoints take at most that share of the training time; None: after every epoch."""
