@@ -24,11 +24,11 @@ __all__ = ['LEVELS', 'LobachevaConfig', 'LobachevaStudy', 'lobacheva_study', 're
            'extreme_share', 's_shape_test', 'staircase_test', 'plot_curves', 'reference_epochs', 'view_epochs',
            'matched_curves', 'matched_difference', 'gap_tests', 'steepness_test', 'plot_matched', 'view_agreement',
            'view_averaging_test', 'end_agreement_test', 'plot_view_agreement', 'binomial_table', 'compare_levels',
-           'uniformity_tests', 'curve_departure_tests', 'plot_binomial_panels', 'averaged_binomial_table', 'mae_at',
-           'c2_statistic', 'averaged_uniformity_tests', 'averaging_tests', 'augmentation_epochs', 'augmentation_table',
-           'augmentation_tests', 'plot_augmentations', 'class_curves', 'class_spread_test', 'plot_class_curves',
-           'probe_features', 'probe_table', 'probe_test', 'class_separation', 'semantic_pair_test', 'tsne_class_knn',
-           'knn_test', 'plot_probe', 'plot_tsne', 'plot_class_kl']
+           'fixed_stat', 'boot_all', 'uniformity_tests', 'curve_departure_tests', 'plot_binomial_panels',
+           'averaged_binomial_table', 'mae_at', 'c2_statistic', 'averaged_uniformity_tests', 'averaging_tests',
+           'augmentation_epochs', 'augmentation_table', 'augmentation_tests', 'plot_augmentations', 'class_curves',
+           'class_spread_test', 'plot_class_curves', 'probe_features', 'probe_table', 'probe_test', 'class_separation',
+           'semantic_pair_test', 'tsne_class_knn', 'knn_test', 'plot_probe', 'plot_tsne', 'plot_class_kl']
 
 # %% ../nbs/14a_lobacheva.ipynb 5
 @dataclass(frozen=True)
@@ -275,37 +275,57 @@ def compare_levels(table: pd.DataFrame, col: str, a: str, b: str) -> dict:
     p = table.pivot_table(index='level', columns='regime', values=col)
     return {lv: (p.loc[lv, a], p.loc[lv, b]) for lv in p.index if a in p.columns and b in p.columns and p.loc[lv, [a, b]].notna().all()}
 
-def uniformity_tests(t1: pd.DataFrame, levels=LEVELS) -> dict:
-    "LOB-T1's three tests: χ² rejects uniformity everywhere; random labels is the closest to binomial; SimCLR as far as supervised."
+def fixed_stat(dd: dict, t1: pd.DataFrame, k: str, lv: float, col: str) -> float:
+    "Regime `k`'s `col` ('chi2_per_dof' or 'mae', one fixed augmentation) at the epoch `t1` lists for level `lv`, recomputed on `dd`."
+    d, t = dd[k], int(t1[(t1.regime == k) & (t1.level == lv)].epoch.iloc[0])
+    if col == 'mae': return binomial_mae(d.r_fixed()[t - 1], d.n_networks)[0]
+    c = binomial_chi2(d.counts_fixed(t), d.n_networks); return c['chi2'] / c['dof'] if c['dof'] else np.nan
+
+def boot_all(diffs: np.ndarray) -> tuple[float, float]:
+    "(p, p against) of 'every column of the bootstrap replicates `diffs` [replicates, parts] is > 0' (all must decide; any reversed contradicts)."
+    d = np.asarray(diffs, dtype=float).reshape(len(diffs), -1)
+    return all_of(*[(float((d[:, j] <= 0).mean()), float((d[:, j] >= 0).mean())) for j in range(d.shape[1])])
+
+def uniformity_tests(dyn: dict, t1: pd.DataFrame, n_boot: int, levels=LEVELS) -> dict:
+    """LOB-T1's three tests: χ² rejects uniformity everywhere; random labels is the closest to binomial; SimCLR as far as
+    supervised. The comparisons between regimes bootstrap over networks."""
     ok = t1.dropna(subset=['epoch'])
     alpha = 0.05 / max(1, len(ok))
     regimes = list(dict.fromkeys(t1.regime))
     cmp = {o: compare_levels(t1, 'chi2_per_dof', 'random', o) for o in regimes if o != 'random'}
     common = [lv for lv in levels if all(lv in cmp[o] for o in cmp)]
     sc = compare_levels(t1, 'chi2_per_dof', 'simclr', 'supervised')
+    chi = lambda dd, k, lv: fixed_stat(dd, t1, k, lv, 'chi2_per_dof')
+    closest = boot_all(bootstrap_stat(lambda dd: [chi(dd, o, lv) - chi(dd, 'random', lv) for o in cmp for lv in common], dyn, n_boot)) if common else (None, None)
+    as_far = boot_all(bootstrap_stat(lambda dd: [chi(dd, 'simclr', lv) - 0.5 * chi(dd, 'supervised', lv) for lv in sc], dyn, n_boot)) if sc else (None, None)
+    boot = f'bootstrap over networks ({n_boot})'
     return {
         'rejects': dict(ours={'tests': len(ok), 'largest p': ok.p_value.max(), 'regimes tested': sorted(ok.regime.unique())},
                         p_value=ok.p_value.max() if len(ok) else None, p_against=1.0 if len(ok) else None, condition=None if len(ok) else np.nan,
                         test=f'χ² goodness of fit per regime and level, ddof = 1; holds when all {len(ok)} reject (largest p); '
                              'a goodness-of-fit test cannot show the opposite, so this claim is never contradicted'),
         'random_closest': dict(ours={f'χ²/dof at {lv}': {k: t1[(t1.regime == k) & (t1.level == lv)].chi2_per_dof.iloc[0] for k in regimes} for lv in common},
-                               condition=all(cmp[o][lv][0] < cmp[o][lv][1] for o in cmp for lv in common) if common else None,
-                               test='χ² per dof (bins pooled to expected ≥ 5)', why=None if common else 'no level reached by all regimes at this scale'),
+                               p_value=closest[0], p_against=closest[1],
+                               test=f'χ² per dof (bins pooled to expected ≥ 5): random labels below every other regime at every common level; {boot}, all must decide',
+                               why=None if common else 'no level reached by all regimes at this scale'),
         'simclr_as_far': dict(ours={f'level {lv}': {'simclr': a, 'supervised': b} for lv, (a, b) in sc.items()},
-                              condition=all(a >= 0.5 * b for a, b in sc.values()) if sc else None, test='χ² per dof',
+                              p_value=as_far[0], p_against=as_far[1], test=f'χ² per dof: SimCLR ≥ ½ supervised at every common level; {boot}, all must decide',
                               why=None if sc else 'SimCLR and supervised share no tested level at this scale')}
 
-def curve_departure_tests(t1: pd.DataFrame) -> dict:
-    "LOB-F3's two tests: the MAE exceeds its null everywhere; SimCLR's MAE is about as large as supervised's."
+def curve_departure_tests(dyn: dict, t1: pd.DataFrame, n_boot: int) -> dict:
+    "LOB-F3's two tests: the MAE exceeds its null everywhere; SimCLR's MAE is about as large as supervised's (bootstrap over networks)."
     ok = t1.dropna(subset=['epoch'])
     sm = compare_levels(t1, 'mae', 'simclr', 'supervised')
+    mae = lambda dd, k: np.mean([fixed_stat(dd, t1, k, lv, 'mae') for lv in sm])
+    as_far = boot_all(bootstrap_stat(lambda dd: mae(dd, 'simclr') - 0.8 * mae(dd, 'supervised'), dyn, n_boot)) if sm else (None, None)
     return {
         'departs': dict(ours={'largest null p': ok.mae_null_p.max() if len(ok) else None, 'MAE range': [ok.mae.min(), ok.mae.max()] if len(ok) else None},
                         p_value=ok.mae_null_p.max() if len(ok) else None, p_against=1.0 if len(ok) else None, condition=None if len(ok) else np.nan,
                         test='parametric bootstrap: MAE of 200 true binomial samples (one-sided; cannot show the opposite)'),
         'simclr_as_far': dict(ours={f'level {lv}': {'simclr': a, 'supervised': b} for lv, (a, b) in sm.items()},
-                              condition=(np.mean([a for a, _ in sm.values()]) >= 0.8 * np.mean([b for _, b in sm.values()])) if sm else None,
-                              test='MAE vs a sorted Binomial(N, p̂₀)/N sample (10 draws)', why=None if sm else 'no common level at this scale')}
+                              p_value=as_far[0], p_against=as_far[1],
+                              test=f'MAE vs a sorted Binomial(N, p̂₀)/N sample (10 draws), mean over common levels: SimCLR ≥ 0.8× supervised; bootstrap over networks ({n_boot})',
+                              why=None if sm else 'no common level at this scale')}
 
 def plot_binomial_panels(dyn: dict, table: pd.DataFrame, fixed: bool, levels=LEVELS):
     "Sorted r̃ (or r) against a sorted Binomial(N, p̂₀)/N sample at each regime's level epochs (paper Fig. 4.3 / 4.4)."
@@ -357,26 +377,40 @@ def averaged_uniformity_tests(dyn: dict, t2: pd.DataFrame, n_boot: int, levels=L
     m = {k: {lv: mae_at(dyn, t2, k, lv) for lv in lv_ok} for k in ('simclr', 'supervised', 'random')}
     boot = bootstrap_stat(lambda dd: c2_statistic(dd, t2, lv_ok), dyn, n_boot)
     stat = c2_statistic(dyn, t2, lv_ok)
-    ratio = np.mean([m['supervised'][lv] for lv in lv_ok]) / np.mean([m['simclr'][lv] for lv in lv_ok])
+    ratio_of = lambda dd: np.mean([mae_at(dd, t2, 'supervised', lv) for lv in lv_ok]) / np.mean([mae_at(dd, t2, 'simclr', lv) for lv in lv_ok])
+    ratio, boot_ratio = ratio_of(dyn), bootstrap_stat(ratio_of, dyn, n_boot)
+    boot_max = bootstrap_stat(lambda dd: max(mae_at(dd, t2, 'simclr', lv) for lv in lv_ok), dyn, n_boot)
     return {
         'c2': dict(ours={'MAE': m, 'statistic': stat}, p_value=float((boot <= 0).mean()), p_against=float((boot >= 0).mean()),
                    test=f'(MAE_sup − MAE_SimCLR) − |MAE_SimCLR − MAE_random| > 0, mean over levels; bootstrap over networks ({n_boot})'),
-        'ratio': dict(ours={'MAE ratio supervised / SimCLR': ratio}, condition=ratio >= 2, test='ratio of mean MAEs over common levels'),
-        'simclr_small': dict(ours={'SimCLR MAE': m['simclr']}, condition=max(m['simclr'].values()) <= 0.06 + 0.02,
-                             test='max over common levels (tolerance 0.02)')}
+        'ratio': dict(ours={'MAE ratio supervised / SimCLR': ratio}, p_value=float((boot_ratio <= 2).mean()), p_against=float((boot_ratio >= 2).mean()),
+                      test=f'ratio of mean MAEs over common levels ≥ 2; bootstrap over networks ({n_boot})'),
+        'simclr_small': dict(ours={'SimCLR MAE': m['simclr']}, p_value=float((boot_max > 0.08).mean()), p_against=float((boot_max <= 0.08).mean()),
+                             test=f'max over common levels ≤ 0.08 (the paper\'s 0.06 + a tolerance of 0.02); bootstrap over networks ({n_boot})')}
 
-def averaging_tests(t2: pd.DataFrame) -> dict:
-    "LOB-F4's two tests: averaging brings SimCLR closer to binomial, and helps SimCLR more than supervised."
+def averaging_tests(dyn: dict, t2: pd.DataFrame, n_boot: int) -> dict:
+    """LOB-F4's two tests: averaging brings SimCLR closer to binomial (every level it reaches), and helps SimCLR more than
+    supervised (the mean ratio MAE averaged / MAE one augmentation is smaller); bootstraps over networks."""
     s = t2[(t2.regime == 'simclr') & t2.epoch.notna()]
     both = t2[t2.regime.isin(['simclr', 'supervised']) & t2.epoch.notna()].copy()
     both['reduction'] = both.mae / both.mae_single_aug
     red = both.groupby('regime').reduction.mean()
+    def maes(dd, k, t): return binomial_mae(dd[k].r()[t - 1], dd[k].n_networks)[0], binomial_mae(dd[k].r_fixed()[t - 1], dd[k].n_networks)[0]
+    def gap(dd, t): a, f = maes(dd, 'simclr', t); return a - f                                   # < 0: averaging is closer
+    def reduction(dd, k): return np.mean([np.divide(*maes(dd, k, int(t))) for t in both[both.regime == k].epoch])
+    evens = all_of(*[(float((b >= 0).mean()), float((b <= 0).mean()))
+                     for b in (bootstrap_stat(lambda dd: gap(dd, int(t)), dyn, n_boot) for t in s.epoch)]) if len(s) else (None, None)
+    more = bootstrap_stat(lambda dd: reduction(dd, 'simclr') - reduction(dd, 'supervised'), dyn, n_boot) if len(red) == 2 else None
+    boot = f'bootstrap over networks ({n_boot})'
     return {
         'evens_out': dict(ours={'MAE averaged': s.mae.round(4).tolist(), 'MAE one augmentation': s.mae_single_aug.round(4).tolist()},
-                          condition=bool((s.mae < s.mae_single_aug).all()) if len(s) else None, test='MAE vs a Binomial(N, p̂₀)/N sample',
+                          p_value=evens[0], p_against=evens[1],
+                          test=f'MAE vs a Binomial(N, p̂₀)/N sample, averaged < one augmentation at every level SimCLR reaches; {boot} (all levels must decide)',
                           why=None if len(s) else 'SimCLR never reaches mean r ≥ 0.25 at this scale'),
-        'helps_simclr_more': dict(ours=red.round(3).to_dict(), condition=(red['simclr'] < red['supervised']) if len(red) == 2 else None,
-                                  test='mean ratio over levels reached', why=None if len(red) == 2 else 'one of the regimes reaches no level at this scale')}
+        'helps_simclr_more': dict(ours=red.round(3).to_dict(), p_value=None if more is None else float((more >= 0).mean()),
+                                  p_against=None if more is None else float((more <= 0).mean()),
+                                  test=f'mean ratio (MAE averaged / MAE one augmentation) over the levels reached: SimCLR < supervised; {boot}',
+                                  why=None if len(red) == 2 else 'one of the regimes reaches no level at this scale')}
 
 # %% ../nbs/14a_lobacheva.ipynb 27
 def augmentation_epochs(dyn: dict) -> dict:
