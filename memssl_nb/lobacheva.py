@@ -14,7 +14,7 @@ from .data import ImageSet, load_dataset
 from .spec import build_model, build_clean
 from .train import train_encoder
 from .evaluate import embed, linear_probe
-from .stats import mcnemar, all_of, correlation_vs
+from .stats import mcnemar, all_of, correlation_vs, bootstrap_greater
 from .dynamics import (Dynamics, Regime, lobacheva_regimes, learning_dynamics, binomial_chi2, binomial_mae,
                                 binomial_mae_null, sorted_gap, match_epoch, augmentation_spread, bootstrap_stat,
                                 class_kl, plot_sorted_curves)
@@ -24,11 +24,11 @@ __all__ = ['LEVELS', 'LobachevaConfig', 'LobachevaStudy', 'lobacheva_study', 're
            'extreme_share', 's_shape_test', 'staircase_test', 'plot_curves', 'reference_epochs', 'view_epochs',
            'matched_curves', 'matched_difference', 'gap_tests', 'steepness_test', 'plot_matched', 'view_agreement',
            'view_averaging_test', 'end_agreement_test', 'plot_view_agreement', 'binomial_table', 'compare_levels',
-           'fixed_stat', 'boot_all', 'uniformity_tests', 'curve_departure_tests', 'plot_binomial_panels',
-           'averaged_binomial_table', 'mae_at', 'c2_statistic', 'averaged_uniformity_tests', 'averaging_tests',
-           'augmentation_epochs', 'augmentation_table', 'augmentation_tests', 'plot_augmentations', 'class_curves',
-           'class_spread_test', 'plot_class_curves', 'probe_features', 'probe_table', 'probe_test', 'class_separation',
-           'semantic_pair_test', 'tsne_class_knn', 'knn_test', 'plot_probe', 'plot_tsne', 'plot_class_kl']
+           'fixed_stat', 'uniformity_tests', 'curve_departure_tests', 'plot_binomial_panels', 'averaged_binomial_table',
+           'mae_at', 'c2_statistic', 'averaged_uniformity_tests', 'averaging_tests', 'augmentation_epochs',
+           'augmentation_table', 'augmentation_tests', 'plot_augmentations', 'class_curves', 'class_spread_test',
+           'plot_class_curves', 'probe_features', 'probe_table', 'probe_test', 'class_separation', 'semantic_pair_test',
+           'tsne_class_knn', 'knn_test', 'plot_probe', 'plot_tsne', 'plot_class_kl']
 
 # %% ../nbs/14a_lobacheva.ipynb 5
 @dataclass(frozen=True)
@@ -111,8 +111,8 @@ def rise_test(dyn: dict) -> dict:
         r = d.r(); ends[k] = [round(float(r[0].mean()), 3), round(float(r[-1].mean()), 3)]
         moved = (r[-1] != r[0]).any()
         ps[k], p_fall[k] = (stats.wilcoxon(r[-1], r[0], alternative=alt).pvalue if moved else 1.0 for alt in ('greater', 'less'))
-    p = max(ps.values())
-    return dict(ours={'mean r first → last': ends}, p_value=p, p_against=min(1.0, len(p_fall) * min(p_fall.values())),
+    p, p_against = all_of(*zip(ps.values(), p_fall.values()))
+    return dict(ours={'mean r first → last': ends}, p_value=p, p_against=p_against,
                 test='Wilcoxon signed-rank test per object, last vs first epoch, one-sided; the largest p over regimes')
 
 def extreme_share(dd: dict, k: str, epoch: int) -> float:
@@ -129,7 +129,8 @@ def s_shape_test(dyn: dict, n_boot: int) -> dict:
     ext = {k: extreme_share(dyn, k, t_mid[k]) for k in ['supervised'] + others}
     boot = bootstrap_stat(lambda dd: extreme_share(dd, 'supervised', t_mid['supervised'])
                           - max(extreme_share(dd, k, t_mid[k]) for k in others), dyn, n_boot)
-    return dict(ours={'share of extreme objects': ext, 'epochs': {k: t_mid[k] for k in ext}}, p_value=float((boot <= 0).mean()), p_against=float((boot >= 0).mean()),
+    p, p_against = bootstrap_greater(boot)
+    return dict(ours={'share of extreme objects': ext, 'epochs': {k: t_mid[k] for k in ext}}, p_value=p, p_against=p_against,
                 condition=ext['supervised'] > max(ext[k] for k in others),
                 test=f'bootstrap over networks ({n_boot} replicates): share of replicates where supervised is not the most extreme')
 
@@ -184,17 +185,17 @@ def gap_tests(dyn: dict, f2: pd.DataFrame, ref_epochs: list[int], n_boot: int) -
             out[rl] = dict(ours=None, condition=None, why=f'no reference epoch where both supervised and {rl} come within 0.05 of SimCLR\'s mean r at this scale')
             continue
         boot = bootstrap_stat(lambda dd: matched_difference(dd, f2, ref_epochs, 'supervised', rl, 'gap'), dyn, n_boot)
-        g = f2[f2.matched].groupby('regime').gap.mean()
+        g, (p, p_against) = f2[f2.matched].groupby('regime').gap.mean(), bootstrap_greater(boot)
         out[rl] = dict(ours={'mean gap to SimCLR': g.round(4).to_dict(), 'gap(sup) − gap(' + rl + ')': d0},
-                       p_value=float((boot <= 0).mean()), p_against=float((boot >= 0).mean()), test=f'bootstrap over networks ({n_boot} replicates), matched epochs fixed')
+                       p_value=p, p_against=p_against, test=f'bootstrap over networks ({n_boot} replicates), matched epochs fixed')
     return out
 
 def steepness_test(dyn: dict, f2: pd.DataFrame, ref_epochs: list[int], n_boot: int) -> dict:
     "Is the supervised curve steeper (larger spread of r) than SimCLR's at matched mean r?"
     d0 = matched_difference(dyn, f2, ref_epochs, 'supervised', 'simclr', 'std_r')
     if d0 is None: return dict(ours=None, condition=None, why='supervised never comes within 0.05 of SimCLR\'s mean r')
-    boot = bootstrap_stat(lambda dd: matched_difference(dd, f2, ref_epochs, 'supervised', 'simclr', 'std_r'), dyn, n_boot)
-    return dict(ours={'std(sup) − std(SimCLR)': d0}, p_value=float((boot <= 0).mean()), p_against=float((boot >= 0).mean()),
+    p, p_against = bootstrap_greater(bootstrap_stat(lambda dd: matched_difference(dd, f2, ref_epochs, 'supervised', 'simclr', 'std_r'), dyn, n_boot))
+    return dict(ours={'std(sup) − std(SimCLR)': d0}, p_value=p, p_against=p_against,
                 test=f'bootstrap over networks ({n_boot} replicates)')
 
 def plot_matched(dyn: dict, f2: pd.DataFrame, ref_epochs: list[int]):
@@ -281,11 +282,6 @@ def fixed_stat(dd: dict, t1: pd.DataFrame, k: str, lv: float, col: str) -> float
     if col == 'mae': return binomial_mae(d.r_fixed()[t - 1], d.n_networks)[0]
     c = binomial_chi2(d.counts_fixed(t), d.n_networks); return c['chi2'] / c['dof'] if c['dof'] else np.nan
 
-def boot_all(diffs: np.ndarray) -> tuple[float, float]:
-    "(p, p against) of 'every column of the bootstrap replicates `diffs` [replicates, parts] is > 0' (all must decide; any reversed contradicts)."
-    d = np.asarray(diffs, dtype=float).reshape(len(diffs), -1)
-    return all_of(*[(float((d[:, j] <= 0).mean()), float((d[:, j] >= 0).mean())) for j in range(d.shape[1])])
-
 def uniformity_tests(dyn: dict, t1: pd.DataFrame, n_boot: int, levels=LEVELS) -> dict:
     """LOB-T1's three tests: χ² rejects uniformity everywhere; random labels is the closest to binomial; SimCLR as far as
     supervised. The comparisons between regimes bootstrap over networks."""
@@ -296,8 +292,8 @@ def uniformity_tests(dyn: dict, t1: pd.DataFrame, n_boot: int, levels=LEVELS) ->
     common = [lv for lv in levels if all(lv in cmp[o] for o in cmp)]
     sc = compare_levels(t1, 'chi2_per_dof', 'simclr', 'supervised')
     chi = lambda dd, k, lv: fixed_stat(dd, t1, k, lv, 'chi2_per_dof')
-    closest = boot_all(bootstrap_stat(lambda dd: [chi(dd, o, lv) - chi(dd, 'random', lv) for o in cmp for lv in common], dyn, n_boot)) if common else (None, None)
-    as_far = boot_all(bootstrap_stat(lambda dd: [chi(dd, 'simclr', lv) - 0.5 * chi(dd, 'supervised', lv) for lv in sc], dyn, n_boot)) if sc else (None, None)
+    closest = bootstrap_greater(bootstrap_stat(lambda dd: [chi(dd, o, lv) - chi(dd, 'random', lv) for o in cmp for lv in common], dyn, n_boot)) if common else (None, None)
+    as_far = bootstrap_greater(bootstrap_stat(lambda dd: [chi(dd, 'simclr', lv) - 0.5 * chi(dd, 'supervised', lv) for lv in sc], dyn, n_boot)) if sc else (None, None)
     boot = f'bootstrap over networks ({n_boot})'
     return {
         'rejects': dict(ours={'tests': len(ok), 'largest p': ok.p_value.max(), 'regimes tested': sorted(ok.regime.unique())},
@@ -317,7 +313,7 @@ def curve_departure_tests(dyn: dict, t1: pd.DataFrame, n_boot: int) -> dict:
     ok = t1.dropna(subset=['epoch'])
     sm = compare_levels(t1, 'mae', 'simclr', 'supervised')
     mae = lambda dd, k: np.mean([fixed_stat(dd, t1, k, lv, 'mae') for lv in sm])
-    as_far = boot_all(bootstrap_stat(lambda dd: mae(dd, 'simclr') - 0.8 * mae(dd, 'supervised'), dyn, n_boot)) if sm else (None, None)
+    as_far = bootstrap_greater(bootstrap_stat(lambda dd: mae(dd, 'simclr') - 0.8 * mae(dd, 'supervised'), dyn, n_boot)) if sm else (None, None)
     return {
         'departs': dict(ours={'largest null p': ok.mae_null_p.max() if len(ok) else None, 'MAE range': [ok.mae.min(), ok.mae.max()] if len(ok) else None},
                         p_value=ok.mae_null_p.max() if len(ok) else None, p_against=1.0 if len(ok) else None, condition=None if len(ok) else np.nan,
@@ -375,17 +371,17 @@ def averaged_uniformity_tests(dyn: dict, t2: pd.DataFrame, n_boot: int, levels=L
         why = 'SimCLR, supervised and random labels never reach a common mean-r level at this scale'
         return {k: dict(ours=None, condition=None, why=why) for k in ('c2', 'ratio', 'simclr_small')}
     m = {k: {lv: mae_at(dyn, t2, k, lv) for lv in lv_ok} for k in ('simclr', 'supervised', 'random')}
-    boot = bootstrap_stat(lambda dd: c2_statistic(dd, t2, lv_ok), dyn, n_boot)
-    stat = c2_statistic(dyn, t2, lv_ok)
     ratio_of = lambda dd: np.mean([mae_at(dd, t2, 'supervised', lv) for lv in lv_ok]) / np.mean([mae_at(dd, t2, 'simclr', lv) for lv in lv_ok])
-    ratio, boot_ratio = ratio_of(dyn), bootstrap_stat(ratio_of, dyn, n_boot)
-    boot_max = bootstrap_stat(lambda dd: max(mae_at(dd, t2, 'simclr', lv) for lv in lv_ok), dyn, n_boot)
+    # one pass of replicates for the three statements, each as a statistic that the paper says is > 0
+    boot = bootstrap_stat(lambda dd: [c2_statistic(dd, t2, lv_ok), ratio_of(dd) - 2, 0.08 - max(mae_at(dd, t2, 'simclr', lv) for lv in lv_ok)], dyn, n_boot)
+    (c2, c2_against), (big, big_against), (small, small_against) = (bootstrap_greater(boot[:, j]) for j in range(3))
+    stat, ratio = c2_statistic(dyn, t2, lv_ok), ratio_of(dyn)
     return {
-        'c2': dict(ours={'MAE': m, 'statistic': stat}, p_value=float((boot <= 0).mean()), p_against=float((boot >= 0).mean()),
+        'c2': dict(ours={'MAE': m, 'statistic': stat}, p_value=c2, p_against=c2_against,
                    test=f'(MAE_sup − MAE_SimCLR) − |MAE_SimCLR − MAE_random| > 0, mean over levels; bootstrap over networks ({n_boot})'),
-        'ratio': dict(ours={'MAE ratio supervised / SimCLR': ratio}, p_value=float((boot_ratio <= 2).mean()), p_against=float((boot_ratio >= 2).mean()),
+        'ratio': dict(ours={'MAE ratio supervised / SimCLR': ratio}, p_value=big, p_against=big_against,
                       test=f'ratio of mean MAEs over common levels ≥ 2; bootstrap over networks ({n_boot})'),
-        'simclr_small': dict(ours={'SimCLR MAE': m['simclr']}, p_value=float((boot_max > 0.08).mean()), p_against=float((boot_max <= 0.08).mean()),
+        'simclr_small': dict(ours={'SimCLR MAE': m['simclr']}, p_value=small, p_against=small_against,
                              test=f'max over common levels ≤ 0.08 (the paper\'s 0.06 + a tolerance of 0.02); bootstrap over networks ({n_boot})')}
 
 def averaging_tests(dyn: dict, t2: pd.DataFrame, n_boot: int) -> dict:
@@ -398,17 +394,15 @@ def averaging_tests(dyn: dict, t2: pd.DataFrame, n_boot: int) -> dict:
     def maes(dd, k, t): return binomial_mae(dd[k].r()[t - 1], dd[k].n_networks)[0], binomial_mae(dd[k].r_fixed()[t - 1], dd[k].n_networks)[0]
     def gap(dd, t): a, f = maes(dd, 'simclr', t); return a - f                                   # < 0: averaging is closer
     def reduction(dd, k): return np.mean([np.divide(*maes(dd, k, int(t))) for t in both[both.regime == k].epoch])
-    evens = all_of(*[(float((b >= 0).mean()), float((b <= 0).mean()))
-                     for b in (bootstrap_stat(lambda dd: gap(dd, int(t)), dyn, n_boot) for t in s.epoch)]) if len(s) else (None, None)
-    more = bootstrap_stat(lambda dd: reduction(dd, 'simclr') - reduction(dd, 'supervised'), dyn, n_boot) if len(red) == 2 else None
+    evens = bootstrap_greater(bootstrap_stat(lambda dd: [-gap(dd, int(t)) for t in s.epoch], dyn, n_boot)) if len(s) else (None, None)
+    more = bootstrap_greater(bootstrap_stat(lambda dd: reduction(dd, 'supervised') - reduction(dd, 'simclr'), dyn, n_boot)) if len(red) == 2 else (None, None)
     boot = f'bootstrap over networks ({n_boot})'
     return {
         'evens_out': dict(ours={'MAE averaged': s.mae.round(4).tolist(), 'MAE one augmentation': s.mae_single_aug.round(4).tolist()},
                           p_value=evens[0], p_against=evens[1],
                           test=f'MAE vs a Binomial(N, p̂₀)/N sample, averaged < one augmentation at every level SimCLR reaches; {boot} (all levels must decide)',
                           why=None if len(s) else 'SimCLR never reaches mean r ≥ 0.25 at this scale'),
-        'helps_simclr_more': dict(ours=red.round(3).to_dict(), p_value=None if more is None else float((more >= 0).mean()),
-                                  p_against=None if more is None else float((more <= 0).mean()),
+        'helps_simclr_more': dict(ours=red.round(3).to_dict(), p_value=more[0], p_against=more[1],
                                   test=f'mean ratio (MAE averaged / MAE one augmentation) over the levels reached: SimCLR < supervised; {boot}',
                                   why=None if len(red) == 2 else 'one of the regimes reaches no level at this scale')}
 

@@ -8,7 +8,7 @@ import numpy as np
 
 # %% auto 0
 __all__ = ['welch_greater', 'paired_greater', 'depth_trend', 'monotone', 'top_mean', 'rank_trend', 'mean_test', 'all_of',
-           'equivalent', 'detectable', 'correlation_vs', 'ordered', 'mcnemar']
+           'equivalent', 'detectable', 'correlation_vs', 'bootstrap_greater', 'ordered', 'mcnemar']
 
 # %% ../nbs/00b_stats.ipynb 5
 def welch_greater(a, b) -> tuple[float, float]:
@@ -103,6 +103,13 @@ def correlation_vs(r: float, n: int, level: float, spearman: bool = False) -> tu
     return float(norm.sf(z)), float(norm.cdf(z))
 
 # %% ../nbs/00b_stats.ipynb 17
+def bootstrap_greater(replicates) -> tuple[float, float]:
+    """(p for, p against) of "the statistic is > 0" from its bootstrap `replicates` (one value per replicate, or
+    replicates × parts for "every part is > 0", combined by `all_of`)."""
+    d = np.asarray(replicates, dtype=float).reshape(len(replicates), -1)
+    return all_of(*[(float((d[:, j] <= 0).mean()), float((d[:, j] >= 0).mean())) for j in range(d.shape[1])])
+
+# %% ../nbs/00b_stats.ipynb 20
 def ordered(table, decreasing: bool = False) -> tuple[float, float, float]:
     """(Page's L, p that the columns of `table` (blocks × settings, in the claimed order) rise (fall, `decreasing`) within
     the blocks, p for the opposite order): Page's trend test over blocks such as layers or seeds."""
@@ -114,7 +121,7 @@ def ordered(table, decreasing: bool = False) -> tuple[float, float, float]:
     up, down = page_trend_test(x), page_trend_test(x[:, ::-1])
     return float(up.statistic), float(up.pvalue), float(down.pvalue)
 
-# %% ../nbs/00b_stats.ipynb 20
+# %% ../nbs/00b_stats.ipynb 23
 def mcnemar(correct_a, correct_b) -> float:
     "One-sided exact McNemar p-value that predictor a (per-point correctness `correct_a`) beats b on the same points."
     from scipy import stats

@@ -245,7 +245,7 @@ def early_stopping_tests(es: pd.DataFrame, short_steps: int, long_steps: int) ->
     runs = es.set_index(['pre_steps', 'seed'])
     short, long_ = runs.loc[short_steps], runs.loc[long_steps].loc[runs.loc[short_steps].index]   # paired by seed
     fails = [mean_test(long_.test_error, 0.25)[1:], mean_test(short.test_error, 0.05, greater=False)[1:]]
-    p_fails = (max(p for p, _ in fails), min(1.0, 2 * min(pa for _, pa in fails)))
+    p_fails = all_of(*fails)
     return {'collapse': dict(ours={'alignment early-stopped': short.alignment.mean(), 'alignment long': long_.alignment.mean(), 'seeds': len(short)},
                              condition=long_.alignment.mean() <= 0.5 * short.alignment.mean(),
                              **threshold_p(long_.alignment.values - 0.5 * short.alignment.values, 0.0),
