@@ -63,6 +63,14 @@ def cpu_clock(*modules, enabled: bool = True):
     finally:
         for m, t in saved: m.time = t
 
+def _timer(device) -> tuple:
+    "(sync, clock) for timing on `device`: wall time after a synchronize on CUDA; on CPU the process's CPU time, blind to other processes."
+    return (torch.cuda.synchronize, time.perf_counter) if device.type == 'cuda' else ((lambda: None), time.process_time)
+
+def _loop_format(spec: TrainSpec) -> torch.memory_format:
+    "The memory format the training loop uses for `spec` (chapter 05d's `default_channels_last`)."
+    return torch.channels_last if default_channels_last(spec) else torch.contiguous_format
+
 def _training_step(spec: TrainSpec, data: ImageSet, steps: int, device, fmt) -> types.SimpleNamespace:
     """Chapter 05d's training step of `spec` on `data`, taken apart for timing: `views_of(idx)` augments a batch as the
     loop does, `step(views, idx)` runs the `LossModel` forward, backward and optimiser; `batches` are `steps` seeded
@@ -95,8 +103,8 @@ def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device
     views), each timed directly; `overhead_by_difference` = (step with - step without) / step with, the same fraction.
     `memory_format` replaces the loop's layout (`default_channels_last`, chapter 05d): a lever to measure."""
     device = get_device(device)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    fmt = memory_format or (torch.channels_last if default_channels_last(spec) else torch.contiguous_format)
+    sync, clock = _timer(device)
+    fmt = memory_format or _loop_format(spec)
     t = _training_step(spec, data, steps, device, fmt)
     views_of, step, batches = t.views_of, t.step, t.batches
     h = t.images.shape[-1]
@@ -107,7 +115,6 @@ def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as flops: kinds['preaugmented'](0)  # forward and backward FLOPs of one step
     times = {k: [] for k in kinds}
-    clock = time.perf_counter if device.type == 'cuda' else time.process_time   # CPU: CPU time, blind to other processes
     for _ in range(repeats):          # step by step, alternating the kinds; the fastest of each
         for i in range(steps):
             for k, fn in kinds.items():
@@ -125,8 +132,7 @@ def conv_peak_gflops(channels: int = 64, batch: int = 256, size: int = 16, repea
     (`channels` → `channels`, `batch` × `size`², no bias) forward, in NCHW and in NHWC, the fastest of `repeats`
     (CPU time on CPU, wall time on CUDA), at the current thread count."""
     device = get_device(device)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    clock = time.perf_counter if device.type == 'cuda' else time.process_time
+    sync, clock = _timer(device)
     flop = 2 * channels * channels * 9 * batch * size * size
     out = {}
     for name, fmt in (('nchw', torch.contiguous_format), ('nhwc', torch.channels_last)):
@@ -153,8 +159,7 @@ def benchmark_peer_lightly(spec: TrainSpec, data: ImageSet, steps: int = 4, repe
     from PIL import Image
     if spec.objective != 'simclr': raise ValueError(f"the peer benchmark compares SimCLR steps, got objective {spec.objective!r}")
     rgb = data if data.images.shape[1] == 3 else ImageSet(data.images.expand(-1, 3, -1, -1).contiguous(), data.labels, data.classes, data.name)
-    fmt = torch.channels_last if default_channels_last(spec) else torch.contiguous_format
-    ours = _training_step(spec, rgb, steps, torch.device('cpu'), fmt)   # the step benchmark_train_step times (lightly: NCHW, its default)
+    ours = _training_step(spec, rgb, steps, torch.device('cpu'), _loop_format(spec))   # the step benchmark_train_step times (lightly: NCHW, its default)
     peer_encoder, peer_objective = copy.deepcopy(ours.encoder).train(), copy.deepcopy(ours.objective).train()  # same initial weights
     opt_peer = make_optimizer(spec, list(peer_encoder.parameters()) + list(peer_objective.parameters()))
     images, h = ours.images, ours.images.shape[-1]
