@@ -162,6 +162,8 @@ def _train(spec, key, encoder, objective, data, augment, device, ckpt=None, resu
     if compile: model = torch.compile(model, **(compile if isinstance(compile, dict) else {}))
     history = _run_epochs(spec, key, model, enc, obj, optimizer, data, augment, device, ckpt, start, history,
                           progress_bar, on_epoch_end, rank, world, channels_last, checkpoint_budget)
+    # back to the layout a cached encoder loads in, so a freshly trained encoder computes exactly what its cached copy does
+    if channels_last: enc.to(memory_format=torch.contiguous_format)
     if enc is not encoder: encoder.load_state_dict(enc.state_dict()); objective.load_state_dict(obj.state_dict())
     return history
 
