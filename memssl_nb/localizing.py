@@ -17,14 +17,14 @@ from .train import TrainedEncoder, train_encoder
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .sslmem import sslmem
 from .core import Preset, seed_offset
-from .stats import welch_greater, paired_greater, depth_trend, top_mean, mcnemar, rank_trend, mean_test, all_of, detectable, ordered, correlation_vs, bootstrap_greater
+from .stats import welch_greater, paired_greater, excess_trend, excess_greater, depth_trend, top_mean, mcnemar, rank_trend, mean_test, all_of, detectable, ordered, correlation_vs, bootstrap_greater
 
 # %% auto 0
 __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_ID', 'LOC_GLOSSARY', 'PAPER_RESNET9_PARAMS',
            'RESNET9_BREAKDOWN', 'PRUNING_SETTINGS', 'PAPER_T6', 'PAPER_T1', 'PAPER_T18', 'PAPER_T3', 'PAPER_T28',
-           'T1_READINGS', 'T15_ARTIFACT', 'PAPER_T15_STEM', 'PAPER_T15_CONVS', 'PAPER_T15_TAIL', 'PAPER_T24',
-           'PAPER_T24_SETS', 'PAPER_T11', 'PAPER_T12', 'PAPER_T34_AVG_ALL', 'PAPER_T21', 'T21_SETS', 'PAPER_T30',
-           'T23_LAYERS', 'PAPER_T23', 'PAPER_T25', 'T5_SETTINGS', 'PAPER_T5', 'PAPER_T13', 'PAPER_T14A',
+           'POINT_SETS', 'T1_READINGS', 'T15_ARTIFACT', 'PAPER_T15_STEM', 'PAPER_T15_CONVS', 'PAPER_T15_TAIL',
+           'PAPER_T24', 'PAPER_T24_SETS', 'PAPER_T11', 'PAPER_T12', 'PAPER_T34_AVG_ALL', 'PAPER_T21', 'T21_SETS',
+           'PAPER_T30', 'T23_LAYERS', 'PAPER_T23', 'PAPER_T25', 'T5_SETTINGS', 'PAPER_T5', 'PAPER_T13', 'PAPER_T14A',
            'AUGMENT_VARIANTS', 'TRAINING_VARIANTS', 'PAPER_T27', 'PAPER_T10', 'paper_layers', 'paper_block_name',
            'block_of_paper_name', 'loc_hyperparameters', 'resnet9_architecture', 'EncoderWithHead', 'second_dataset',
            'train_on', 'loc_protocol', 'candidate_sslmem', 'LocF1Config', 'LocF2Config', 'LocF4Config', 'LocT1Config',
@@ -441,12 +441,16 @@ PAPER_T18 = [.091, .091, .097, .123, .124, .128, .154, .183, .185, .212, .211, .
 PAPER_T3 = {(1, 2): (79, .607), (1, 8): (16, .104), (7, 8): (94, .837), (6, 7): (84, .657), (3, 4): (82, .665)}
 PAPER_T28 = [73, 69, 75, 89, 85, 88, 86, 90]
 
-def depth_layermem(run: ProtocolRun, n_pairs: int):
-    "LayerMem of the candidates over Table 1's and Table 18's taps, the SimCLR head's hidden layer and its output."
+POINT_SETS = ('candidates', 'extra')
+
+def depth_layermem(run: ProtocolRun, n_pairs: int, points: str = 'candidates'):
+    """LayerMem over Table 1's and Table 18's taps, the SimCLR head's hidden layer and its output, of the candidates
+    (or of the held-out points S_E, `points='extra'`: the f/g pair's own differences, the yardstick of the profile tests)."""
     from memssl_nb.layermem import layermem
+    if points not in POINT_SETS: raise ValueError(f"points must be one of {POINT_SETS}, got {points!r}")
     layers = list(dict.fromkeys(RESNET9_T1_LAYERS + ['embedding'] + RESNET9_BREAKDOWN + ['head.hidden', 'head.out']))
     wrap = lambda t: EncoderWithHead(t.encoder, t.objective.head, layers[:-2]).eval()
-    images = run.data.images[run.split.candidates]
+    images = run.data.images[getattr(run.split, points)]
     return layermem([wrap(t) for t in run.f], [wrap(t) for t in run.g], images, run.augment, layers=layers,
                     parents=run.f[0].encoder.tap_parents, n_pairs=n_pairs, progress=False)
 
@@ -472,15 +476,23 @@ def layer_profile(res, top_k: int, reading: str = 'conv') -> tuple[pd.DataFrame,
                        f'LM_{top}': lm[top], f'dLM_{top}': dlm[top], f'LM_{least}': lm[least]}).join(PAPER_T1.add_prefix('paper_'))
     return T1, lm, dlm, sem
 
-def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int, reading: str = 'conv') -> dict:
-    "Table 1's four statements: the rise with depth, ΔLM > 0 at every conv, ΔLM ≈ 0 at the residual sums, Top ≫ Least."
+def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int, reading: str = 'conv', held=None) -> dict:
+    """Table 1's four statements: the rise with depth, ΔLM > 0 at every conv, ΔLM ≈ 0 at the residual sums, Top ≫ Least.
+    With `held` (the held-out points' LayerMem, `depth_layermem(run, n, 'extra')`) the rise and the per-conv steps are
+    the candidates' excess over the held-out points (`excess_trend`, `excess_greater`), the f/g pair's own drift removed."""
     conv_lm = lm.loc[RESNET9_CONVS, 'all'].values
-    rho, p_up, p_down = rank_trend(conv_lm)
-    conv_d, res_d = dlm.loc[RESNET9_CONVS[1:], 'all'], dlm.loc[['res2', 'res6'], 'all']
     taps = dict(zip(RESNET9_T1_LAYERS, table1_taps(reading)))
-    score = lambda l: res.layer(taps[l]).score.double().numpy()
-    step = {l: score(l) - score(prev) for prev, l in zip(RESNET9_CONVS, RESNET9_CONVS[1:])}     # per candidate: ΔLM's summands
-    step_tests = {l: mean_test(d) for l, d in step.items()}
+    score_of = lambda r, l: r.layer(taps[l]).score.double().numpy()
+    conv_scores = lambda r: np.stack([score_of(r, l) for l in RESNET9_CONVS], 1)
+    if held is None: rho, p_up, p_down = rank_trend(conv_lm)
+    else: rho, p_up, p_down = excess_trend(conv_scores(res), conv_scores(held))
+    conv_d, res_d = dlm.loc[RESNET9_CONVS[1:], 'all'], dlm.loc[['res2', 'res6'], 'all']
+    step = {l: score_of(res, l) - score_of(res, prev) for prev, l in zip(RESNET9_CONVS, RESNET9_CONVS[1:])}     # per candidate: ΔLM's summands
+    excess_p = lambda p: (np.nan, p, 1 - p)
+    step_tests = ({l: mean_test(d) for l, d in step.items()} if held is None else
+                  {l: excess_p(excess_greater(score_of(res, l), score_of(res, prev), score_of(held, l), score_of(held, prev))[1])
+                   for prev, l in zip(RESNET9_CONVS, RESNET9_CONVS[1:])})
+    score = lambda l: score_of(res, l)
     margin = float(conv_d.mean())
     res_step = {r: score(r) - score(RESNET9_T1_LAYERS[RESNET9_T1_LAYERS.index(r) - 1]) for r in ['res2', 'res6']}
     flat = {r: (max(mean_test(d, margin, greater=False)[1], mean_test(d, -margin)[1]),
@@ -491,12 +503,16 @@ def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int, re
     p_step = all_of(*[t[1:] for t in step_tests.values()])
     p_flat = all_of(*flat.values()) if margin > 0 else (1.0, 1.0)   # no rise at the convs: no yardstick for "≈ 0"
     p_tl = all_of(*[(p, 1 - p) for _, p in pt.values()])
-    return {'rise': dict(ours=dict(spearman_rho=rho, LM=conv_lm.round(4)), paper_value=PAPER_T1.LM.values, p_value=p_up, p_against=p_down,
-                         test='Spearman of LM with the conv index, one-sided, exact over the 8! orderings'),
+    return {'rise': dict(ours=dict(spearman_rho=rho, LM=conv_lm.round(4), **({} if held is None else {'LM_held_out': conv_scores(held).mean(0).round(4)})),
+                         paper_value=PAPER_T1.LM.values, p_value=p_up, p_against=p_down,
+                         test=('Spearman of LM with the conv index, one-sided, exact over the 8! orderings' if held is None else
+                               'Spearman of the excess profile LM(candidates) − LM(held out) with the conv index, one-sided, '
+                               'by 2,000 permutations of the points between the two sets (excess_trend)')),
             'delta_positive': dict(ours=conv_d.round(4).to_dict(), paper_value=PAPER_T1.dLM.dropna().to_dict(), p_value=p_step[0], p_against=p_step[1],
                                    detectable=round(max(detectable(d.std() / np.sqrt(len(d))) for d in step.values()), 4),
-                                   test='per conv, a one-sided paired t-test over the candidates (score at the conv − at the conv before); '
-                                        'holds when every conv rises, contradicted when any falls (Bonferroni over 7)'),
+                                   test=('per conv, a one-sided paired t-test over the candidates (score at the conv − at the conv before)' if held is None else
+                                         'per conv, a one-sided Welch t-test of the candidates\' step (score at the conv − at the conv before) against the held-out points\' step') +
+                                        '; holds when every conv rises, contradicted when any falls (Bonferroni over 7)'),
             'residual_flat': dict(ours=res_d.round(4).to_dict(), paper_value={'res2': .002, 'res6': .003}, p_value=p_flat[0], p_against=p_flat[1],
                                   test=f'paired equivalence test (TOST) over the candidates per residual sum: |ΔLM| < the mean conv ΔLM ({margin:.4f}); '
                                        'contradicted when a residual sum is decidedly outside that margin',
@@ -762,46 +778,55 @@ def architecture_rows(enc, arch: str) -> list[tuple]:
     return rows
 
 def architecture_layermem(scale: str, preset, arch: str):
-    "(protocol run, LayerMem result, table of LM per row with its spread over seeds and points beside the paper's) of one architecture."
+    """(protocol run, LayerMem of the candidates, LayerMem of the held-out points S_E, table of LM per row with its spread
+    over seeds and points and the held-out points' LM, beside the paper's) of one architecture."""
     from memssl_nb.layermem import layermem
     from memssl_nb.sslmem import normalize_scores
     run = loc_protocol(scale, architecture_changes(preset, arch))
     rows = architecture_rows(run.f[0].encoder, arch)
     taps = [t for _, _, t, _ in rows]
     wrap = lambda t: EncoderWithHead(t.encoder, t.objective.head, taps[:-2]).eval()
+    measure = lambda idx: layermem([wrap(t) for t in run.f], [wrap(t) for t in run.g], run.data.images[idx], run.augment, layers=taps,
+                                   n_pairs=preset.n_pairs, progress=False)
+    res, held = measure(run.split.candidates), measure(run.split.extra)
     images = run.data.images[run.split.candidates]
-    res = layermem([wrap(t) for t in run.f], [wrap(t) for t in run.g], images, run.augment, layers=taps, n_pairs=preset.n_pairs, progress=False)
     per_seed = torch.stack([normalize_scores(res.dist_f_all[s].double(), res.dist_g_all[s].double(), 'relative').mean(0)
                             for s in range(res.dist_f_all.shape[0])])
     cols = [res.layers.index(t) for t in taps]
     T = pd.DataFrame({'row': [r[0] for r in rows], 'kind': [r[1] for r in rows], 'tap': taps, 'LM': res.score[:, cols].double().mean(0).numpy(),
                       'std_seeds': per_seed[:, cols].std(0).numpy() if len(per_seed) > 1 else np.nan,
                       'sem_points': (res.score[:, cols].double().std(0) / np.sqrt(len(images))).numpy(),
+                      'LM_held_out': held.score[:, cols].double().mean(0).numpy(),
                       'paper_LM': [r[3][0] for r in rows], 'paper_std': [r[3][1] for r in rows]})
-    return run, res, T
+    return run, res, held, T
 
-def architecture_tests(T: pd.DataFrame, res, arch: str) -> dict:
-    "Tables 15–17's statements: LM rises through the convs and the blocks, drops after avg-pool and lower still in the head."
-    s = lambda tap: res.layer(tap).score
+def architecture_tests(T: pd.DataFrame, res, held, arch: str) -> dict:
+    """Tables 15–17's statements: LM rises through the convs and the blocks, drops after avg-pool and lower still in the
+    head; each as the candidates' excess over the held-out points `held` (one f/g pair: its own drift removed)."""
+    s, h = (lambda tap: res.layer(tap).score.double().numpy()), (lambda tap: held.layer(tap).score.double().numpy())
     lm = T.set_index('tap').LM
     conv, blocks = T[T.kind == 'conv'], T[T.kind.isin(['stem', 'block'])]
     last = T[T.kind == 'block'].tap.iloc[-1]
     paper_conv = np.r_[PAPER_T15_STEM[arch][0][0], [v for v, _ in PAPER_T15_CONVS[arch]]]
-    rho_c, p_c, pa_c = rank_trend(conv.LM.values); rho_b, p_b, pa_b = rank_trend(blocks.LM.values)
-    t_pool, p_pool = paired_greater(s(last), s('avgpool'))
-    head = {t: paired_greater(s('avgpool'), s(t)) for t in ['head.hidden', 'head.out']}
+    profile = lambda r, rows: np.stack([r.layer(t).score.double().numpy() for t in rows.tap], 1)
+    rho_c, p_c, pa_c = excess_trend(profile(res, conv), profile(held, conv))
+    rho_b, p_b, pa_b = excess_trend(profile(res, blocks), profile(held, blocks))
+    t_pool, p_pool = excess_greater(s(last), s('avgpool'), h(last), h('avgpool'))
+    head = {t: excess_greater(s('avgpool'), s(t), h('avgpool'), h(t)) for t in ['head.hidden', 'head.out']}
     p_head = all_of(*[(p, 1 - p) for _, p in head.values()])
     return {'convs': dict(ours=dict(spearman_rho=rho_c, first=conv.LM.iloc[0], last=conv.LM.iloc[-1], n_convs=len(conv)),
                           paper_value=dict(spearman_rho=depth_trend(paper_conv)[0], first=paper_conv[0], last=paper_conv[-1]),
-                          test='Spearman of LM with the conv index, one-sided', p_value=p_c, p_against=pa_c),
-            'blocks': dict(ours=dict(spearman_rho=rho_b, LM=blocks.LM.round(4).tolist()), p_value=p_b, p_against=pa_b,
-                           paper_value='not reported per block; the convs rise near-monotonically', test='Spearman of LM with the block index, one-sided (exact up to 8 blocks)'),
+                          test=f'Spearman of the excess profile LM(candidates) − LM({len(held)} held out) with the conv index, one-sided, by permutations of the points (excess_trend)',
+                          p_value=p_c, p_against=pa_c),
+            'blocks': dict(ours=dict(spearman_rho=rho_b, LM=blocks.LM.round(4).tolist(), LM_held_out=blocks.LM_held_out.round(4).tolist()), p_value=p_b, p_against=pa_b,
+                           paper_value='not reported per block; the convs rise near-monotonically',
+                           test='Spearman of the excess profile over the stem and block outputs with the block index, one-sided, by permutations of the points (excess_trend)'),
             'avg_pool': dict(ours=dict(last_block=lm[last], avg_pool=lm['avgpool'], t=t_pool),
                              paper_value=dict(last_conv=PAPER_T15_CONVS[arch][-1][0], avg_pool=PAPER_T15_TAIL[arch][0][0]),
-                             test='one-sided paired t-test over the candidates, LM(last block output) > LM(avg-pool)', p_value=p_pool),
+                             test='one-sided Welch t-test: the candidates\' drop LM(last block output) − LM(avg-pool) exceeds the held-out points\' (excess_greater)', p_value=p_pool),
             'head': dict(ours=dict(avg_pool=lm['avgpool'], fc=lm['head.hidden'], softmax=lm['head.out']),
                          paper_value=dict(avg_pool=PAPER_T15_TAIL[arch][0][0], fc=PAPER_T15_TAIL[arch][1][0], softmax=PAPER_T15_TAIL[arch][2][0]),
-                         test='one-sided paired t-tests over the candidates, LM(avg-pool) > LM(head row), both rows (contradicted if either is reversed, Bonferroni)',
+                         test='one-sided Welch t-tests: the candidates\' drop LM(avg-pool) − LM(head row) exceeds the held-out points\', both rows (contradicted if either is reversed, Bonferroni)',
                          p_value=p_head[0], p_against=p_head[1])}
 
 def plot_architecture(T: pd.DataFrame, arch: str):
@@ -814,6 +839,7 @@ def plot_architecture(T: pd.DataFrame, arch: str):
                      'head': dict(color='tab:purple', marker='D', ls='')}.items():
         m = (T.kind == kind).values
         ax.errorbar(x[m], T.LM[m], yerr=T.sem_points[m], ms=4, lw=.8, label=f'ours: {kind}', **st)
+    ax.plot(x, T.LM_held_out, color='tab:grey', lw=.8, ls=':', label='held-out points (the f/g pair alone)')
     ax.axhline(0, color='k', lw=.4); ax.set_ylabel('LayerMem (ours)')
     ax2 = ax.twinx(); p = T.paper_LM.values
     ax2.plot(x[~np.isnan(p)], p[~np.isnan(p)], 'k--', lw=.8, label='paper (CIFAR-10, right axis)'); ax2.set_ylabel('LayerMem (paper)')

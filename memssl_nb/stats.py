@@ -8,7 +8,8 @@ import numpy as np
 
 # %% auto 0
 __all__ = ['welch_greater', 'paired_greater', 'depth_trend', 'monotone', 'top_mean', 'rank_trend', 'mean_test', 'all_of',
-           'equivalent', 'detectable', 'correlation_vs', 'bootstrap_greater', 'ordered', 'mcnemar']
+           'equivalent', 'detectable', 'correlation_vs', 'bootstrap_greater', 'excess_trend', 'excess_greater',
+           'ordered', 'mcnemar']
 
 # %% ../nbs/00b_stats.ipynb 5
 def welch_greater(a, b) -> tuple[float, float]:
@@ -110,6 +111,32 @@ def bootstrap_greater(replicates) -> tuple[float, float]:
     return all_of(*[(float((d[:, j] <= 0).mean()), float((d[:, j] >= 0).mean())) for j in range(d.shape[1])])
 
 # %% ../nbs/00b_stats.ipynb 20
+def excess_trend(scores, held, x=None, n_perm: int = 2000, increasing: bool = True, seed: int = 0) -> tuple[float, float, float]:
+    """(Spearman ρ of the excess profile mean(`scores`) − mean(`held`) (points × layers each) against `x` (default: the
+    layer position), one-sided p for a rising (falling) trend, p for the opposite), by `n_perm` permutations of the
+    points between the two sets."""
+    from scipy.stats import rankdata
+    a, b = np.asarray(scores, dtype=float), np.asarray(held, dtype=float)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] < 3 or min(len(a), len(b)) < 2:
+        raise ValueError(f"need points × layers arrays with the same ≥ 3 layers and ≥ 2 points each; got {a.shape} and {b.shape}")
+    x = np.arange(a.shape[1], dtype=float) if x is None else np.asarray(x, dtype=float)
+    pooled, n = np.r_[a, b], len(a)
+    rng = np.random.default_rng(seed)
+    idx = np.vstack([np.arange(len(pooled))] + [rng.permutation(len(pooled)) for _ in range(n_perm)])
+    member = np.zeros(idx.shape, dtype=bool); np.put_along_axis(member, idx[:, :n], True, axis=1)
+    prof = member @ pooled / n - ~member @ pooled / (len(pooled) - n)          # row 0: the observed split
+    rx = rankdata(x) - rankdata(x).mean()
+    r = rankdata(prof, axis=1); r -= r.mean(1, keepdims=True)
+    rho = r @ rx / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(rx), 1e-300)
+    up, down = float(np.mean(rho >= rho[0] - 1e-12)), float(np.mean(rho <= rho[0] + 1e-12))   # the observed split counts once
+    return (float(rho[0]), up, down) if increasing else (float(rho[0]), down, up)
+
+def excess_greater(scores_a, scores_b, held_a, held_b) -> tuple[float, float]:
+    """(t, one-sided p) that the candidates' step `scores_a − scores_b` (e.g. a layer minus the next) exceeds the held-out
+    points' same step (Welch): a drop between two layers that is memorization's, not the f/g pair's."""
+    return welch_greater(np.asarray(scores_a, float) - np.asarray(scores_b, float), np.asarray(held_a, float) - np.asarray(held_b, float))
+
+# %% ../nbs/00b_stats.ipynb 23
 def ordered(table, decreasing: bool = False) -> tuple[float, float, float]:
     """(Page's L, p that the columns of `table` (blocks × settings, in the claimed order) rise (fall, `decreasing`) within
     the blocks, p for the opposite order): Page's trend test over blocks such as layers or seeds."""
@@ -121,7 +148,7 @@ def ordered(table, decreasing: bool = False) -> tuple[float, float, float]:
     up, down = page_trend_test(x), page_trend_test(x[:, ::-1])
     return float(up.statistic), float(up.pvalue), float(down.pvalue)
 
-# %% ../nbs/00b_stats.ipynb 23
+# %% ../nbs/00b_stats.ipynb 26
 def mcnemar(correct_a, correct_b) -> float:
     "One-sided exact McNemar p-value that predictor a (per-point correctness `correct_a`) beats b on the same points."
     from scipy import stats
