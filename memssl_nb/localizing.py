@@ -17,7 +17,7 @@ from .train import TrainedEncoder, train_encoder
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .sslmem import sslmem
 from .core import Preset, seed_offset
-from .stats import welch_greater, paired_greater, excess_trend, excess_greater, depth_trend, top_mean, mcnemar, rank_trend, mean_test, all_of, detectable, ordered, correlation_vs, bootstrap_greater
+from .stats import welch_greater, paired_greater, excess_trend, excess_greater, one_training_per_setting, depth_trend, top_mean, mcnemar, rank_trend, mean_test, all_of, detectable, ordered, correlation_vs, bootstrap_greater
 
 # %% auto 0
 __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_ID', 'LOC_GLOSSARY', 'PAPER_RESNET9_PARAMS',
@@ -1530,12 +1530,13 @@ PAPER_T27 = pd.DataFrame({'paper_weak': [.092, .123, .154, .184, .187, .215, .24
                           'paper_strong': [.089, .120, .150, .178, .181, .208, .241, .269, .300, .302]}, index=RESNET9_T1_LAYERS)
 
 def training_variants(scale: str, base_changes: dict, n_pairs: int, n_views: int, variants: dict = TRAINING_VARIANTS) -> tuple:
-    "(LayerMem per Table 1 layer × variant, mean UnitMem per conv × variant, UnitMem of the last conv's units per variant, probe accuracy (%) per variant)."
+    """(LayerMem per Table 1 layer × variant, mean UnitMem per conv × variant, UnitMem of the last conv's units per variant,
+    probe accuracy (%) per variant, the number of trainings (f encoders) per variant)."""
     from memssl_nb.layermem import layermem
     from memssl_nb.unitmem import unitmem
     from memssl_nb.evaluate import probe_accuracy
     probe_tr = probe_te = None
-    rows_lm, rows_um, um_last, acc = [], [], {}, {}
+    rows_lm, rows_um, um_last, acc, n_trainings = [], [], {}, {}, None
     for name, ch in variants.items():
         run = loc_protocol(scale, {**base_changes, **ch})
         if probe_tr is None: probe_tr, probe_te = (load_dataset(run.config.dataset, s, size=run.config.image_size) for s in ('train', 'test'))
@@ -1546,21 +1547,23 @@ def training_variants(scale: str, base_changes: dict, n_pairs: int, n_views: int
         um_last[name] = torch.cat([u.score['conv4_2'] for u in us])
         rows_um += [dict(variant=name, layer=l, unitmem=torch.cat([u.score[l] for u in us]).mean().item()) for l in RESNET9_CONVS]
         acc[name] = 100 * np.mean([probe_accuracy(t.encoder, probe_tr, probe_te, clean=t.clean) for t in run.f])
+        n_trainings = len(run.f) if n_trainings is None else min(n_trainings, len(run.f))
     LM = pd.DataFrame(rows_lm).pivot(index='layer', columns='variant', values='LM').loc[RESNET9_T1_LAYERS, list(variants)]
     UM = pd.DataFrame(rows_um).pivot(index='layer', columns='variant', values='unitmem').loc[RESNET9_CONVS, list(variants)]
-    return LM, UM, um_last, acc
+    return LM, UM, um_last, acc, n_trainings
 
-def augmentation_strength_tests(LM: pd.DataFrame, UM: pd.DataFrame) -> dict:
-    "Table 27's and Figure 10's statements: stronger augmentation gives (slightly) lower LayerMem and lower UnitMem."
+def augmentation_strength_tests(LM: pd.DataFrame, UM: pd.DataFrame, n_trainings: int) -> dict:
+    """Table 27's and Figure 10's statements: stronger augmentation gives (slightly) lower LayerMem and lower UnitMem
+    (inconclusive with one training per strength: `one_training_per_setting`)."""
     augs = ['aug weak', 'aug normal', 'aug strong']
     m, u = LM[augs].mean(), UM[augs].mean()
     _, p_lm, pa_lm = ordered(LM[augs].values, decreasing=True); _, p_um, pa_um = ordered(UM[augs].values, decreasing=True)
-    return {'layermem': dict(ours=m.round(4).to_dict(), p_value=p_lm, p_against=pa_lm, paper_value=PAPER_T27.mean().round(4).to_dict(),
-                             test="Page's trend test over the 10 layers: weak > normal > strong within each layer"),
+    return {'layermem': one_training_per_setting(dict(ours=m.round(4).to_dict(), p_value=p_lm, p_against=pa_lm, paper_value=PAPER_T27.mean().round(4).to_dict(),
+                                                      test="Page's trend test over the 10 layers: weak > normal > strong within each layer"), n_trainings),
             'small': dict(ours=dict(relative_drop_strong_vs_normal=1 - m['aug strong'] / m['aug normal']), condition=abs(1 - m['aug strong'] / m['aug normal']) < 0.1,
                           paper_value=dict(relative_drop_strong_vs_normal=0.026), test='|relative change| < 10 %'),
-            'unitmem': dict(ours=u.round(4).to_dict(), p_value=p_um, p_against=pa_um, paper_value='weak > normal > strong (figure)',
-                            test="Page's trend test over the 8 convs: mean UnitMem weak > normal > strong within each conv")}
+            'unitmem': one_training_per_setting(dict(ours=u.round(4).to_dict(), p_value=p_um, p_against=pa_um, paper_value='weak > normal > strong (figure)',
+                                                     test="Page's trend test over the 8 convs: mean UnitMem weak > normal > strong within each conv"), n_trainings)}
 
 def weight_decay_table(UM: pd.DataFrame, acc: dict) -> pd.DataFrame:
     "Figure 11: UnitMem per conv, its mean and the probe accuracy for weight decay 1e-6 (the base), 5e-4 and 5e-3."
@@ -1569,11 +1572,12 @@ def weight_decay_table(UM: pd.DataFrame, acc: dict) -> pd.DataFrame:
     F11.index = ['wd 1e-6 (base)', 'wd 5e-4', 'wd 5e-3']
     return F11
 
-def weight_decay_tests(F11: pd.DataFrame) -> dict:
-    "Figure 11's statements: stronger weight decay gives lower UnitMem and lower probe accuracy."
+def weight_decay_tests(F11: pd.DataFrame, n_trainings: int) -> dict:
+    """Figure 11's statements: stronger weight decay gives lower UnitMem and lower probe accuracy (the UnitMem trend is
+    inconclusive with one training per weight decay: `one_training_per_setting`)."""
     _, p, p_against = ordered(F11[RESNET9_CONVS].T.values, decreasing=True)
-    return {'unitmem': dict(ours=F11.mean_unitmem.round(4).to_dict(), p_value=p, p_against=p_against, paper_value='decreasing (figure; values not given)',
-                            test="Page's trend test over the 8 convs: UnitMem falls with the weight decay within each conv"),
+    return {'unitmem': one_training_per_setting(dict(ours=F11.mean_unitmem.round(4).to_dict(), p_value=p, p_against=p_against, paper_value='decreasing (figure; values not given)',
+                                                     test="Page's trend test over the 8 convs: UnitMem falls with the weight decay within each conv"), n_trainings),
             'accuracy': dict(ours=F11.probe_acc.round(2).to_dict(), condition=bool(np.all(np.diff(F11.probe_acc) < 0)), paper_value='decreasing (figure)',
                              test='probe accuracy strictly decreasing')}
 
@@ -1657,10 +1661,11 @@ def dataset_tests(units: dict, F1a: pd.DataFrame, high: float, alpha: float) -> 
     p_fewest = all_of(*[(p, 1 - p) for p in mw.values()])
     return {'exist': dict(ours=F1a.n_high.to_dict(), condition=bool((F1a.n_high > 0).all()), paper_value='present for SVHN, CIFAR-10, STL-10 (histogram only)',
                           test=f'count of units with UnitMem ≥ {high} > 0 per dataset (exact: a count in the measured encoders)', exact=True),
-            'simplest_fewest': dict(ours=dict(frac_high=F1a.frac_high.round(3).to_dict(), mannwhitney_p={n: float(f'{p:.2g}') for n, p in mw.items()}),
+            'simplest_fewest': one_training_per_setting(dict(ours=dict(frac_high=F1a.frac_high.round(3).to_dict(), mannwhitney_p={n: float(f'{p:.2g}') for n, p in mw.items()}),
                                     condition=bool(all(F1a.frac_high[simple] < F1a.frac_high[n] for n in rest)),
                                     paper_value='SVHN has the fewest', p_value=p_fewest[0], p_against=p_fewest[1],
-                                    test=f'fraction of units ≥ {high} smallest for {simple}, and one-sided Mann–Whitney U on unit UnitMem ({simple} < each other), alpha {alpha}')}
+                                    test=f'fraction of units ≥ {high} smallest for {simple}, and one-sided Mann–Whitney U on unit UnitMem ({simple} < each other), alpha {alpha}'),
+                                                        n_trainings=1)}   # dataset_unitmem trains one encoder per dataset
 
 def dp_unitmem(base: ProtocolConfig, epsilons, dp_changes: dict, dp_norm, layer: str, n_views: int) -> tuple[dict, dict]:
     "(UnitMem of `layer` of the first f of each DP-SGD variant on its training points, the ε each reached)."
@@ -1679,7 +1684,8 @@ def dp_unit_tests(units: dict, F1c: pd.DataFrame, high: float, alpha: float) -> 
     from scipy import stats
     names = list(units); means = [units[n].mean().item() for n in names]
     p = stats.mannwhitneyu(units[names[0]].numpy(), units[names[-1]].numpy(), alternative='greater').pvalue
-    return {'falls': dict(ours=dict(zip(names, np.round(means, 4))), condition=bool(np.all(np.diff(means) < 0)), paper_value='∞ > 20 > 8 (histogram only)',
+    return {'falls': one_training_per_setting(dict(ours=dict(zip(names, np.round(means, 4))), condition=bool(np.all(np.diff(means) < 0)), paper_value='∞ > 20 > 8 (histogram only)',
                           p_value=p, test=f'monotone decrease of the mean + one-sided Mann–Whitney U (ε = {names[0]} > ε = {names[-1]}), alpha {alpha}'),
+                                              n_trainings=1),   # dp_unitmem measures the first f of each privacy level
             'some_remain': dict(ours=dict(n_high=int(F1c.n_high.iloc[-1]), max=round(float(F1c['max'].iloc[-1]), 3)), condition=bool(F1c.n_high.iloc[-1] > 0), exact=True,
                                 paper_value='some units remain highly memorizing', test=f'count of units with UnitMem ≥ {high} > 0 at ε = {names[-1]} (exact: a count in the measured encoder)')}

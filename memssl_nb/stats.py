@@ -9,7 +9,7 @@ import numpy as np
 # %% auto 0
 __all__ = ['welch_greater', 'paired_greater', 'depth_trend', 'monotone', 'top_mean', 'rank_trend', 'mean_test', 'all_of',
            'equivalent', 'detectable', 'correlation_vs', 'bootstrap_greater', 'excess_trend', 'excess_greater',
-           'ordered', 'mcnemar']
+           'one_training_per_setting', 'ordered', 'mcnemar']
 
 # %% ../nbs/00b_stats.ipynb 5
 def welch_greater(a, b) -> tuple[float, float]:
@@ -137,6 +137,22 @@ def excess_greater(scores_a, scores_b, held_a, held_b) -> tuple[float, float]:
     return welch_greater(np.asarray(scores_a, float) - np.asarray(scores_b, float), np.asarray(held_a, float) - np.asarray(held_b, float))
 
 # %% ../nbs/00b_stats.ipynb 23
+def one_training_per_setting(test: dict, n_trainings: int) -> dict:
+    """The claim fields `test` of a comparison between training settings measured on `n_trainings` encoders per setting:
+    unchanged with ≥ 2; with one, inconclusive (its p-values move into `ours` as the within-encoder test, and the point
+    estimate's direction becomes its `condition`)."""
+    if n_trainings >= 2: return test
+    p, pa = test.get('p_value'), test.get('p_against')
+    if pa is None and p is not None: pa = 1 - p
+    ours = dict(test['ours']) if isinstance(test.get('ours'), dict) else {'measured': test.get('ours')}
+    ours.update(p_within_one_training=p, p_against_within_one_training=pa)
+    condition = test.get('condition', None if p is None else bool(p < pa))
+    why = ('one training per setting: the test over its units or layers separates these encoders, not the settings '
+           '(another training of the same setting can differ as much); it needs ≥ 2 trainings per setting')
+    return {**test, 'ours': ours, 'condition': condition, 'p_value': None, 'p_against': None,
+            'why': why if not test.get('why') else f"{test['why']}; {why}"}
+
+# %% ../nbs/00b_stats.ipynb 26
 def ordered(table, decreasing: bool = False) -> tuple[float, float, float]:
     """(Page's L, p that the columns of `table` (blocks × settings, in the claimed order) rise (fall, `decreasing`) within
     the blocks, p for the opposite order): Page's trend test over blocks such as layers or seeds."""
@@ -148,7 +164,7 @@ def ordered(table, decreasing: bool = False) -> tuple[float, float, float]:
     up, down = page_trend_test(x), page_trend_test(x[:, ::-1])
     return float(up.statistic), float(up.pvalue), float(down.pvalue)
 
-# %% ../nbs/00b_stats.ipynb 26
+# %% ../nbs/00b_stats.ipynb 29
 def mcnemar(correct_a, correct_b) -> float:
     "One-sided exact McNemar p-value that predictor a (per-point correctness `correct_a`) beats b on the same points."
     from scipy import stats
