@@ -263,7 +263,7 @@ def layer_shapes(model: nn.Module, images: torch.Tensor, layers: Sequence[str] |
     "One row per layer in forward order: module type, output shape of one image, number of units (channels or features)."
     from memssl_nb.models import LayerTaps
     from memssl_nb.core import to_float01
-    from memssl_nb.sslmem import measuring
+    from memssl_nb.evaluate import measuring
     layers = list(layers or default_layers(model))
     try: taps = LayerTaps(model, layers)
     except ValueError as e: raise AuditError(f"{e}\nlayers an audit measures by default: {', '.join(default_layers(model))}") from e

@@ -18,8 +18,8 @@ from .train import LossModel, default_channels_last, train_encoder
 from .sslmem import benchmark_sslmem, official_style_sslmem, sslmem
 
 # %% auto 0
-__all__ = ['peak_memory', 'cpu_clock', 'benchmark_train_step', 'conv_peak_gflops', 'benchmark_peer_lightly',
-           'benchmark_checkpointing']
+__all__ = ['peak_memory', 'cpu_clock', 'native_bf16', 'benchmark_train_step', 'conv_peak_gflops', 'benchmark_levers',
+           'benchmark_peer_lightly', 'benchmark_checkpointing']
 
 # %% ../nbs/90_benchmarks.ipynb 5
 def _rss() -> int:
@@ -63,6 +63,15 @@ def cpu_clock(*modules, enabled: bool = True):
     finally:
         for m, t in saved: m.time = t
 
+def native_bf16(device=None) -> bool:
+    """Does `device` compute bfloat16 natively? CUDA: `torch.cuda.is_bf16_supported()`; CPU: the AVX512-BF16 or AMX-BF16
+    instructions in `/proc/cpuinfo` (elsewhere unknown, so False: emulated bf16 is 15-50x slower than fp32)."""
+    device = get_device(device)
+    if device.type == 'cuda': return torch.cuda.is_bf16_supported()
+    try: flags = set(open('/proc/cpuinfo').read().split())
+    except OSError: return False
+    return bool(flags & {'avx512_bf16', 'amx_bf16'})
+
 def _timer(device) -> tuple:
     "(sync, clock) for timing on `device`: wall time after a synchronize on CUDA; on CPU the process's CPU time, blind to other processes."
     return (torch.cuda.synchronize, time.perf_counter) if device.type == 'cuda' else ((lambda: None), time.process_time)
@@ -71,16 +80,20 @@ def _loop_format(spec: TrainSpec) -> torch.memory_format:
     "The memory format the training loop uses for `spec` (chapter 05d's `default_channels_last`)."
     return torch.channels_last if default_channels_last(spec) else torch.contiguous_format
 
-def _training_step(spec: TrainSpec, data: ImageSet, steps: int, device, fmt) -> types.SimpleNamespace:
+def _training_step(spec: TrainSpec, data: ImageSet, steps: int, device, fmt, bf16: bool | None = None,
+                   compile: bool = False) -> types.SimpleNamespace:
     """Chapter 05d's training step of `spec` on `data`, taken apart for timing: `views_of(idx)` augments a batch as the
-    loop does, `step(views, idx)` runs the `LossModel` forward, backward and optimiser; `batches` are `steps` seeded
-    batches; the encoder and objective are returned before any step, at their initial weights."""
+    loop does, `step(views, idx)` runs the `LossModel` forward, backward and optimiser and returns the loss; `batches`
+    are `steps` seeded batches; the encoder and objective are returned before any step, at their initial weights.
+    `bf16`: autocast to bfloat16 (default: on CUDA only, as the loop); `compile`: `torch.compile` the `LossModel`."""
     train_data = training_data(spec, data)
     augment = build_augment(spec, train_data)
     encoder, objective = build_model(spec, train_data)
     encoder.to(device); objective.to(device); encoder.to(memory_format=fmt)
     model = LossModel(encoder, objective).train()
     optimizer = make_optimizer(spec, list(encoder.parameters()) + list(objective.parameters()))
+    run = torch.compile(model) if compile else model
+    bf16 = device.type == 'cuda' if bf16 is None else bf16
     images, labels = train_data.images.to(device), objective.prepare_labels(train_data.labels, spec.seed).to(device)
     (h, w), gen = images.shape[-2:], make_generator(spec.seed, device)
     batches = [torch.randperm(len(images), generator=make_generator(s))[:spec.batch_size].to(device) for s in range(steps)]
@@ -89,9 +102,10 @@ def _training_step(spec: TrainSpec, data: ImageSet, steps: int, device, fmt) -> 
         return [augment.apply(x, augment.sample_params(len(idx), h, w, gen)).contiguous(memory_format=fmt)
                 for _ in range(objective.n_views)]
     def step(views, idx):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
-            loss = model(views, labels[idx])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = run(views, labels[idx])
         optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
+        return loss.detach()
     return types.SimpleNamespace(views_of=views_of, step=step, batches=batches, images=train_data.images,
                                  encoder=encoder, objective=objective)
 
@@ -130,14 +144,17 @@ def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device
 def conv_peak_gflops(channels: int = 64, batch: int = 256, size: int = 16, repeats: int = 5, device=None) -> dict:
     """This machine's convolution peak, the yardstick for the training step: GFLOP/s of one 3×3 convolution
     (`channels` → `channels`, `batch` × `size`², no bias) forward, in NCHW and in NHWC, the fastest of `repeats`
-    (CPU time on CPU, wall time on CUDA), at the current thread count."""
+    (CPU time on CPU, wall time on CUDA), at the current thread count; also NHWC in bfloat16 (`nhwc_bf16`) where the
+    device computes it natively (`native_bf16`)."""
     device = get_device(device)
     sync, clock = _timer(device)
     flop = 2 * channels * channels * 9 * batch * size * size
     out = {}
-    for name, fmt in (('nchw', torch.contiguous_format), ('nhwc', torch.channels_last)):
-        conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device).to(memory_format=fmt)
-        x = torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=fmt)
+    kinds = [('nchw', torch.contiguous_format, torch.float32), ('nhwc', torch.channels_last, torch.float32)]
+    if native_bf16(device): kinds.append(('nhwc_bf16', torch.channels_last, torch.bfloat16))
+    for name, fmt, dtype in kinds:
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device, dtype).to(memory_format=fmt)
+        x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
         times = []
         with torch.no_grad():
             conv(x); sync()
@@ -146,6 +163,75 @@ def conv_peak_gflops(channels: int = 64, batch: int = 256, size: int = 16, repea
     return out
 
 # %% ../nbs/90_benchmarks.ipynb 19
+def benchmark_levers(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: int = 3, compile: bool = True,
+                     loss_steps: int = 10, device=None) -> pd.DataFrame:
+    """The training step on ready views (chapter 05d's step in the loop's layout and precision) against the same step with
+    one lever changed, built and timed in the same run, steps interleaved, the fastest of each (CPU time on CPU): NCHW,
+    twice the batch, `torch.compile` (its compile time and the steps that pay it back), the other precision (bf16
+    autocast on a CPU with `native_bf16`, fp32 on CUDA; with the largest relative difference of the loss from the
+    loop's over `loss_steps` steps from the same weights on the same views); on a CPU with >= 2 cores, two threads for
+    one job against one thread (wall clock, so on an idle machine). One row per lever, `speed` = images/s ÷ the loop's."""
+    device = get_device(device)
+    sync, clock = _timer(device)
+    fmt, loop_bf16 = _loop_format(spec), device.type == 'cuda'
+    variants = {'loop (as trained)': dict(spec=spec),
+                'NCHW layout': dict(spec=spec, fmt=torch.contiguous_format),
+                f'batch {2 * spec.batch_size}': dict(spec=spec.replace(batch_size=2 * spec.batch_size))}
+    if compile: variants['torch.compile'] = dict(spec=spec, compile=True)
+    other = 'fp32' if loop_bf16 else 'bf16 autocast'
+    if loop_bf16 or native_bf16(device): variants[other] = dict(spec=spec, bf16=not loop_bf16)
+    runs = {}
+    for name, v in variants.items():
+        t = _training_step(v['spec'], data, steps, device, v.get('fmt', fmt), bf16=v.get('bf16', loop_bf16),
+                           compile=v.get('compile', False))
+        pre = [t.views_of(b) for b in t.batches]
+        sync(); t0 = time.perf_counter(); t.step(pre[0], t.batches[0]); sync()
+        runs[name] = (t, pre, time.perf_counter() - t0, [])             # the first step's wall time: compile included
+    for _ in range(repeats):
+        for i in range(steps):
+            for name, (t, pre, _, times) in runs.items():
+                sync(); t0 = clock(); t.step(pre[i], t.batches[i]); sync(); times.append(clock() - t0)
+    rows = []
+    for name, (t, pre, first, times) in runs.items():
+        step = min(times)
+        rows.append(dict(lever=name, batch=len(t.batches[0]), step_s=step, images_per_s=len(t.batches[0]) / step,
+                         clock=clock.__name__, note=''))
+    for r in rows: r['speed'] = r['images_per_s'] / rows[0]['images_per_s']
+    if 'torch.compile' in runs:
+        first, step = runs['torch.compile'][2], rows[list(runs).index('torch.compile')]['step_s']
+        saved = rows[0]['step_s'] - step
+        rows[list(runs).index('torch.compile')]['note'] = (f"compile {first - step:.0f} s; " + (
+            f"paid back after {(first - step) / saved:,.0f} steps" if saved > 0 else "never paid back (no faster step)"))
+    if other in runs:   # the loss of the other precision, step by step, from the loop's weights on the loop's views
+        a = _training_step(spec, data, loss_steps, device, fmt, bf16=loop_bf16)
+        b = _training_step(spec, data, loss_steps, device, fmt, bf16=not loop_bf16)
+        b.encoder.load_state_dict(a.encoder.state_dict()); b.objective.load_state_dict(a.objective.state_dict())
+        views = [a.views_of(i) for i in a.batches]
+        la = torch.stack([a.step(v, i) for v, i in zip(views, a.batches)]).float()
+        lb = torch.stack([b.step(v, i) for v, i in zip(views, b.batches)]).float()
+        rel = float(((lb - la).abs() / la.abs()).max())
+        rows[list(runs).index(other)]['note'] = f"loss within {rel:.1%} of the loop's over {loss_steps} steps"
+        rows[list(runs).index(other)]['loss_rel_diff'] = rel
+    if device.type == 'cpu' and (os.cpu_count() or 1) >= 2:
+        t, pre = runs['loop (as trained)'][:2]
+        threads, walls = torch.get_num_threads(), {1: [], 2: []}
+        try:
+            for _ in range(repeats):
+                for n in (1, 2):
+                    torch.set_num_threads(n)
+                    t0 = time.perf_counter(); t.step(pre[0], t.batches[0]); walls[n].append(time.perf_counter() - t0)
+        finally: torch.set_num_threads(threads)
+        one, two = (len(t.batches[0]) / min(walls[n]) for n in (1, 2))
+        rows.append(dict(lever='1 thread x 1 job (wall clock)', batch=len(t.batches[0]), step_s=min(walls[1]),
+                         images_per_s=one, clock='perf_counter', note='the reference of the next row', speed=1.0))
+        rows.append(dict(lever='2 threads x 1 job (wall clock)', batch=len(t.batches[0]), step_s=min(walls[2]),
+                         images_per_s=two, clock='perf_counter', speed=two / one,
+                         note=f"1 thread x 2 jobs gives {2 * one:,.0f} images/s ({two / (2 * one):.2f}x of it); "
+                              f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"))
+    return pd.DataFrame(rows)
+
+
+# %% ../nbs/90_benchmarks.ipynb 23
 def benchmark_peer_lightly(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: int = 3) -> dict:
     """CPU seconds per SimCLR step of `spec` in this library and in lightly (its `SimCLRTransform` per image in a
     `DataLoader`, its `NTXentLoss`) on the same encoder, head and initial weights, one thread, steps interleaved (the
@@ -195,7 +281,7 @@ def benchmark_peer_lightly(spec: TrainSpec, data: ImageSet, steps: int = 4, repe
                 ours_images_per_cpu_s=spec.batch_size / best['ours'], lightly_images_per_cpu_s=spec.batch_size / best['lightly'],
                 speed_vs_lightly=best['lightly'] / best['ours'], load_average=os.getloadavg()[0])
 
-# %% ../nbs/90_benchmarks.ipynb 23
+# %% ../nbs/90_benchmarks.ipynb 27
 def benchmark_checkpointing(spec: TrainSpec, data: ImageSet, repeats: int = 3) -> dict:
     """Median seconds per epoch of `train_encoder(spec)` without the cache (nothing written), with a checkpoint after
     every epoch, and with the default checkpoint budget, interleaved `repeats` times; overheads = with / without − 1."""

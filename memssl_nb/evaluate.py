@@ -5,41 +5,50 @@
 # %% ../nbs/06_evaluate.ipynb 2
 from __future__ import annotations
 import time
+from contextlib import contextmanager
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from .core import get_device, iter_batches, to_float01, seed_everything
 from .data import ImageSet, load_dataset
 
 # %% auto 0
-__all__ = ['eval_mode', 'embed', 'linear_probe', 'few_label_probe', 'knn_accuracy', 'probe_accuracy', 'probe_encoder',
+__all__ = ['measuring', 'embed', 'linear_probe', 'few_label_probe', 'knn_accuracy', 'probe_accuracy', 'probe_encoder',
            'train_and_probe']
 
-# %% ../nbs/06_evaluate.ipynb 4
-class eval_mode:
-    "Context manager: put a module in eval mode and restore every submodule's training flag afterwards."
-    def __init__(self, *modules: nn.Module): self.modules = modules
-    def __enter__(self):
-        self.flags = [[(m, m.training) for m in mod.modules()] for mod in self.modules]
-        for mod in self.modules: mod.eval()
-        return self
-    def __exit__(self, *exc):
-        for flags in self.flags:
-            for m, t in flags: m.training = t
+# %% ../nbs/06_evaluate.ipynb 5
+@contextmanager
+def measuring(*modules: nn.Module, channels_last: bool = True):
+    """Eval mode and `torch.no_grad()` for `modules`; restores each submodule's train/eval flag afterwards, even on errors.
+    Yields `to_input(x)`: with `channels_last` (and 4-D weights) the 4-D tensors run channels-last during the measurement."""
+    flags = [(m, m.training) for mod in modules for m in mod.modules()]
+    tensors = [t for mod in modules for t in (*mod.parameters(), *mod.buffers()) if t.dim() == 4] if channels_last else []
+    originals = [t.data for t in tensors]
+    cl = torch.channels_last
+    # `.to`, not `.contiguous`: on 1-channel tensors `.contiguous` keeps NCHW strides (see above)
+    to_input = (lambda x: x.to(memory_format=cl) if x.dim() == 4 else x) if tensors else (lambda x: x)
+    try:
+        for mod in modules: mod.eval()
+        for t in tensors: t.data = t.data.to(memory_format=cl)
+        with torch.no_grad(): yield to_input
+    finally:
+        for m, training in flags: m.training = training
+        for t, d in zip(tensors, originals): t.data = d
 
-@torch.no_grad()
+
+# %% ../nbs/06_evaluate.ipynb 8
 def embed(encoder: nn.Module, images: torch.Tensor, batch_size: int = 512, augment=None, generator=None,
           device=None) -> torch.Tensor:
     "Encoder outputs [N, D] (float32, CPU) for uint8 or [0, 1] images, passed through `augment` (e.g. `clean`) if given."
     device = get_device(device) if device is not None else next(encoder.parameters()).device
     out = []
-    with eval_mode(encoder):
+    with measuring(encoder) as to_input:
         for sl in iter_batches(len(images), batch_size):
             x = to_float01(images[sl].to(device))
             if augment is not None: x = augment(x, generator)
-            out.append(encoder(x).float().flatten(1).cpu())
+            out.append(encoder(to_input(x)).float().flatten(1).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
-# %% ../nbs/06_evaluate.ipynb 6
+# %% ../nbs/06_evaluate.ipynb 11
 def linear_probe(train_x, train_y, test_x, test_y, C: float = 1.0, max_iter: int = 2000, return_model: bool = False):
     "Test accuracy of a logistic-regression probe fitted on (`train_x`, `train_y`)."
     from sklearn.linear_model import LogisticRegression
@@ -76,7 +85,7 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
     votes = torch.zeros(len(qx), n_classes).scatter_add_(1, ty[idx], weights)
     return float((votes.argmax(1) == qy).float().mean())
 
-# %% ../nbs/06_evaluate.ipynb 10
+# %% ../nbs/06_evaluate.ipynb 14
 def probe_accuracy(encoder: nn.Module, train: ImageSet, test: ImageSet, clean=None, max_iter: int = 2000,
                    per_point: bool = False):
     """Linear-probe test accuracy of the frozen `encoder` on images fed through `clean` (its input normalisation).
@@ -85,7 +94,7 @@ def probe_accuracy(encoder: nn.Module, train: ImageSet, test: ImageSet, clean=No
     acc, probe = linear_probe(ztr, train.labels, zte, test.labels, max_iter=max_iter, return_model=True)
     return probe.predict(np.asarray(zte, dtype=np.float64)) == test.labels.numpy() if per_point else acc
 
-# %% ../nbs/06_evaluate.ipynb 13
+# %% ../nbs/06_evaluate.ipynb 17
 def probe_encoder(encoder: nn.Module, train: ImageSet, test: ImageSet, clean=None, knn_k: int = 20) -> dict:
     "Linear-probe, kNN and 5-labels-per-class probe test accuracy of a frozen encoder fed through `clean`."
     ztr, zte = embed(encoder, train.images, augment=clean), embed(encoder, test.images, augment=clean)

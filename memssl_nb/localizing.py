@@ -789,13 +789,12 @@ def architecture_layermem(scale: str, preset, arch: str):
     measure = lambda idx: layermem([wrap(t) for t in run.f], [wrap(t) for t in run.g], run.data.images[idx], run.augment, layers=taps,
                                    n_pairs=preset.n_pairs, progress=False)
     res, held = measure(run.split.candidates), measure(run.split.extra)
-    images = run.data.images[run.split.candidates]
     per_seed = torch.stack([normalize_scores(res.dist_f_all[s].double(), res.dist_g_all[s].double(), 'relative').mean(0)
                             for s in range(res.dist_f_all.shape[0])])
     cols = [res.layers.index(t) for t in taps]
     T = pd.DataFrame({'row': [r[0] for r in rows], 'kind': [r[1] for r in rows], 'tap': taps, 'LM': res.score[:, cols].double().mean(0).numpy(),
                       'std_seeds': per_seed[:, cols].std(0).numpy() if len(per_seed) > 1 else np.nan,
-                      'sem_points': (res.score[:, cols].double().std(0) / np.sqrt(len(images))).numpy(),
+                      'sem_points': (res.score[:, cols].double().std(0) / np.sqrt(len(res.score))).numpy(),
                       'LM_held_out': held.score[:, cols].double().mean(0).numpy(),
                       'paper_LM': [r[3][0] for r in rows], 'paper_std': [r[3][1] for r in rows]})
     return run, res, held, T

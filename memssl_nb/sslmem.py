@@ -14,33 +14,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .core import get_device, make_generator, iter_batches, to_float01, progress as progress_bar, Summarized
+from .evaluate import measuring
 
 # %% auto 0
-__all__ = ['DISTANCES', 'NORMALIZATIONS', 'VIEW_MODES', 'REPRESENTATIONS', 'SET_COMPARISONS', 'measuring', 'check_images',
-           'as_encoder_list', 'encoders_device', 'block_generator', 'view_blocks', 'output_reader', 'pool_units',
-           'prepare_rep', 'pair_distance', 'check_choice', 'alignment_distances', 'normalize_scores', 'SSLMemResult',
-           'sslmem', 'set_summary', 'compare_sets', 'set_statistics', 'plot_set_scores', 'official_style_sslmem',
+__all__ = ['DISTANCES', 'NORMALIZATIONS', 'VIEW_MODES', 'REPRESENTATIONS', 'SET_COMPARISONS', 'check_images', 'as_encoder_list',
+           'encoders_device', 'block_generator', 'view_blocks', 'output_reader', 'pool_units', 'prepare_rep',
+           'pair_distance', 'check_choice', 'alignment_distances', 'normalize_scores', 'SSLMemResult', 'sslmem',
+           'set_summary', 'compare_sets', 'set_statistics', 'plot_set_scores', 'official_style_sslmem',
            'benchmark_sslmem']
 
-# %% ../nbs/10_sslmem.ipynb 5
-@contextmanager
-def measuring(*modules: nn.Module, channels_last: bool = True):
-    """Eval mode and `torch.no_grad()` for `modules`; restores each submodule's train/eval flag afterwards, even on errors.
-    Yields `to_input(x)`: with `channels_last` (and 4-D weights) the 4-D tensors run channels-last during the measurement."""
-    flags = [(m, m.training) for mod in modules for m in mod.modules()]
-    tensors = [t for mod in modules for t in (*mod.parameters(), *mod.buffers()) if t.dim() == 4] if channels_last else []
-    originals = [t.data for t in tensors]
-    cl = torch.channels_last
-    to_input = (lambda x: x.contiguous(memory_format=cl) if x.dim() == 4 else x) if tensors else (lambda x: x)
-    try:
-        for mod in modules: mod.eval()
-        for t in tensors: t.data = t.data.contiguous(memory_format=cl)
-        with torch.no_grad(): yield to_input
-    finally:
-        for m, training in flags: m.training = training
-        for t, d in zip(tensors, originals): t.data = d
-
-# %% ../nbs/10_sslmem.ipynb 8
+# %% ../nbs/10_sslmem.ipynb 6
 def check_images(images) -> torch.Tensor:
     "`images` as a `[N, C, H, W]` tensor (uint8, or float in [0, 1]); raises a clear error otherwise. No copy."
     if hasattr(images, 'images') and not isinstance(images, torch.Tensor): images = images.images
@@ -78,7 +61,7 @@ def encoders_device(encoders: Sequence[nn.Module], device=None) -> torch.device:
                          "(measuring never moves a model)")
     return device
 
-# %% ../nbs/10_sslmem.ipynb 11
+# %% ../nbs/10_sslmem.ipynb 9
 def block_generator(seed: int, block: int, device='cpu') -> torch.Generator:
     "The generator for view block `block`: seeded from `(seed, block)` with NumPy's `SeedSequence`."
     if seed < 0: raise ValueError(f"seed must be >= 0; got {seed}")
@@ -100,7 +83,7 @@ def view_blocks(images: torch.Tensor, augment: Callable | None, n_views: int, se
                              f"{getattr(views, 'shape', type(views).__name__)} for {n_views * len(x)} inputs")
         yield sl, x, views
 
-# %% ../nbs/10_sslmem.ipynb 15
+# %% ../nbs/10_sslmem.ipynb 13
 DISTANCES = ('l2', 'l1', 'cosine', 'angular')
 NORMALIZATIONS = ('relative', 'none', 'range', 'maxabs')
 VIEW_MODES = ('two_augmented', 'clean_vs_augmented')
@@ -140,7 +123,7 @@ def pair_distance(a: torch.Tensor, b: torch.Tensor, distance: str = 'l2') -> tor
 def check_choice(name, value, choices):
     if value not in choices: raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
 
-# %% ../nbs/10_sslmem.ipynb 17
+# %% ../nbs/10_sslmem.ipynb 15
 def alignment_distances(f, g, images, augment: Callable, reader=output_reader, n_pairs: int = 10,
                         views: str = 'two_augmented', representation: str = 'flatten', normalize_reps: bool = True,
                         distance: str = 'l2', batch_size: int = 256, seed: int = 0, view_block: int = 32,
@@ -192,7 +175,7 @@ def alignment_distances(f, g, images, augment: Callable, reader=output_reader, n
     dist = (acc / K).cpu()
     return names, dist[:nf], dist[nf:]
 
-# %% ../nbs/10_sslmem.ipynb 19
+# %% ../nbs/10_sslmem.ipynb 17
 def normalize_scores(dist_f: torch.Tensor, dist_g: torch.Tensor, normalization: str = 'relative') -> torch.Tensor:
     "Memorization score from alignment distances ([N] or [N, L]; statistics over points = dim 0). 0/0 gives 0."
     check_choice('normalization', normalization, NORMALIZATIONS)
@@ -250,7 +233,7 @@ def sslmem(f, g, images, augment: Callable, n_pairs: int = 10, normalization: st
     return SSLMemResult(normalize_scores(dist_f, dist_g, normalization).float(), dist_f.float(), dist_g.float(),
                         df_all.float(), dg_all.float(), cfg)
 
-# %% ../nbs/10_sslmem.ipynb 27
+# %% ../nbs/10_sslmem.ipynb 25
 SET_COMPARISONS = (('S_C', 'S_S', 'greater'), ('S_C', 'S_E', 'greater'), ('S_I', 'S_S', 'less'), ('S_I', 'S_E', 'less'))
 
 def _as_np(v) -> np.ndarray:
@@ -298,7 +281,7 @@ def set_statistics(scores, sets: dict | None = None, **kwargs) -> tuple[pd.DataF
     if isinstance(scores, SSLMemResult): scores = scores.by_set(sets)
     return set_summary(scores), compare_sets(scores, **kwargs)
 
-# %% ../nbs/10_sslmem.ipynb 30
+# %% ../nbs/10_sslmem.ipynb 28
 def plot_set_scores(scores_by_set: dict, kind: str = 'hist', ax=None, title: str | None = None, **kwargs):
     "Distribution of scores per set: `kind='hist'` (density step histograms), `'violin'` or `'box'`. Returns the axes."
     import matplotlib.pyplot as plt, seaborn as sns
@@ -314,7 +297,7 @@ def plot_set_scores(scores_by_set: dict, kind: str = 'hist', ax=None, title: str
     if title: ax.set_title(title)
     return ax
 
-# %% ../nbs/10_sslmem.ipynb 33
+# %% ../nbs/10_sslmem.ipynb 31
 def official_style_sslmem(f, g, images, augment, n_augs: int = 5, seed: int = 0) -> np.ndarray:
     "The official script's loop: batch 1, per-image torchvision transforms, clean vs augmented, numpy norms, range-normalised."
     from memssl_nb.augment import Augment, to_torchvision

@@ -9,7 +9,7 @@ import numpy as np, pandas as pd
 import torch, torch.nn.functional as F
 from .core import make_generator, iter_batches, progress, to_float01, Summarized
 from .data import ImageSet
-from .evaluate import eval_mode
+from .evaluate import measuring
 from .spec import TrainSpec
 from .train import TrainedEncoder, train_encoder
 
@@ -51,17 +51,16 @@ def supmem_from_predictions(correct: torch.Tensor, masks: torch.Tensor) -> SupMe
     return SupMemResult((p_in - p_out).float(), p_in.float(), p_out.float(), n_in, n_out)
 
 # %% ../nbs/13_supmem.ipynb 9
-@torch.no_grad()
 def predict_proba(trained: TrainedEncoder, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     "Class probabilities [N, classes] of a supervised `TrainedEncoder` on clean images."
     if not hasattr(trained.objective, 'logits'):
         raise ValueError(f"objective {trained.spec.objective!r} has no classifier; train with 'supervised'")
     device = next(trained.encoder.parameters()).device
     out = []
-    with eval_mode(trained.encoder, trained.objective):
+    with measuring(trained.encoder, trained.objective) as to_input:
         for sl in iter_batches(len(images), batch_size):
             x = trained.clean(to_float01(images[sl].to(device)))
-            out.append(F.softmax(trained.objective.logits(trained.encoder, x).float(), 1).cpu())
+            out.append(F.softmax(trained.objective.logits(trained.encoder, to_input(x)).float(), 1).cpu())
     return torch.cat(out)
 
 def supervised_memorization(data: ImageSet, n_models: int = 8, keep: float = 0.5, spec: TrainSpec | None = None,

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 from .core import iter_batches, progress as progress_bar, Summarized
 from .models import resolve_taps
-from .sslmem import (check_images, check_choice, encoders_device, measuring, pool_units, view_blocks)
+from .sslmem import (check_images, check_choice, encoders_device, pool_units, view_blocks)
+from .evaluate import measuring
 from .layermem import tap_reader
 
 # %% auto 0
