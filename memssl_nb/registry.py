@@ -12,11 +12,11 @@ from .core import PROJECT_ROOT, FIGURES_DIR, atomic_write_text, stable_hash
 from .claims import check_artifact_id
 
 # %% auto 0
-__all__ = ['SCALES', 'PAPER_NB_ROOT', 'REGISTRY_PATH', 'ARTIFACT_FIELDS', 'REQUIRED_FIELDS', 'Artifact', 'RegistryError',
-           'load_registry', 'load_notes', 'save_registry', 'resolve_registry', 'artifact_matches', 'notebook_hash',
-           'package_hash', 'constraints_hash', 'stamp_path', 'failure_path', 'executed_path', 'staging_path',
-           'read_json', 'input_hash', 'claims_mtimes', 'missing_claims', 'artifact_status', 'list_artifacts',
-           'notebook_parameters', 'check_parameters']
+__all__ = ['SCALES', 'PAPER_NB_ROOT', 'REGISTRY_PATH', 'ARTIFACT_FIELDS', 'REQUIRED_FIELDS', 'NOT_ARTIFACT_INPUTS', 'Artifact',
+           'RegistryError', 'load_registry', 'load_notes', 'save_registry', 'resolve_registry', 'artifact_matches',
+           'notebook_hash', 'package_hash', 'constraints_hash', 'stamp_path', 'failure_path', 'executed_path',
+           'staging_path', 'read_json', 'input_hash', 'claims_mtimes', 'missing_claims', 'artifact_status',
+           'list_artifacts', 'notebook_parameters', 'check_parameters']
 
 # %% ../nbs/21_registry.ipynb 4
 SCALES = ('smoke', 'cpu', 'paper')
@@ -147,11 +147,14 @@ def notebook_hash(path) -> str:
     return stable_hash([[c['cell_type'], src(c.get('source', '')), sorted(c.get('metadata', {}).get('tags', []))]
                         for c in nb['cells']])
 
+# modules no paper notebook runs (speed measurements, the README generator): editing them leaves artifacts up to date
+NOT_ARTIFACT_INPUTS = ('_modidx.py', 'benchmarks.py', 'gpu_check.py', 'readme.py')
+
 def package_hash(package_dir=None) -> str:
-    "Hash of the `memssl_nb` source files (all modules but the generated `_modidx.py`)."
+    "Hash of the `memssl_nb` source files that artifacts run (all modules but `NOT_ARTIFACT_INPUTS`)."
     if package_dir is None:
         import memssl_nb; package_dir = Path(memssl_nb.__file__).parent
-    files = sorted(p for p in Path(package_dir).rglob('*.py') if p.name != '_modidx.py' and '__pycache__' not in p.parts)
+    files = sorted(p for p in Path(package_dir).rglob('*.py') if p.name not in NOT_ARTIFACT_INPUTS and '__pycache__' not in p.parts)
     return stable_hash({str(p.relative_to(package_dir)): p.read_text() for p in files})
 
 def constraints_hash(root=None) -> str:
