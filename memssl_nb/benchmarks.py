@@ -76,6 +76,15 @@ def _timer(device) -> tuple:
     "(sync, clock) for timing on `device`: wall time after a synchronize on CUDA; on CPU the process's CPU time, blind to other processes."
     return (torch.cuda.synchronize, time.perf_counter) if device.type == 'cuda' else ((lambda: None), time.process_time)
 
+def _interleaved_best(kinds: dict, steps: int, repeats: int, sync, clock) -> dict:
+    "The fastest time of each `kinds[k](i)` over `repeats` passes of steps i < `steps`, the kinds alternating step by step."
+    times = {k: [] for k in kinds}
+    for _ in range(repeats):
+        for i in range(steps):
+            for k, fn in kinds.items():
+                sync(); t0 = clock(); fn(i); sync(); times[k].append(clock() - t0)
+    return {k: min(v) for k, v in times.items()}
+
 def _loop_format(spec: TrainSpec) -> torch.memory_format:
     "The memory format the training loop uses for `spec` (chapter 05d's `default_channels_last`)."
     return torch.channels_last if default_channels_last(spec) else torch.contiguous_format
@@ -128,12 +137,7 @@ def benchmark_train_step(spec: TrainSpec, data: ImageSet, steps: int = 8, device
     kinds['preaugmented'](0); sync()                                     # warm-up
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as flops: kinds['preaugmented'](0)  # forward and backward FLOPs of one step
-    times = {k: [] for k in kinds}
-    for _ in range(repeats):          # step by step, alternating the kinds; the fastest of each
-        for i in range(steps):
-            for k, fn in kinds.items():
-                sync(); t0 = clock(); fn(i); sync(); times[k].append(clock() - t0)
-    best = {k: min(v) for k, v in times.items()}
+    best = _interleaved_best(kinds, steps, repeats, sync, clock)
     return dict(batch_size=spec.batch_size, image_size=h, arch=f'{spec.arch} x{spec.width}', augment=spec.augment, memory_format=str(fmt),
                 device=str(device), threads=torch.get_num_threads(), clock=clock.__name__, step_with_aug_s=best['with_aug'],
                 step_preaugmented_s=best['preaugmented'], augment_s=best['augment_only'],
@@ -186,14 +190,12 @@ def benchmark_levers(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: i
                            compile=v.get('compile', False))
         pre = [t.views_of(b) for b in t.batches]
         sync(); t0 = time.perf_counter(); t.step(pre[0], t.batches[0]); sync()
-        runs[name] = (t, pre, time.perf_counter() - t0, [])             # the first step's wall time: compile included
-    for _ in range(repeats):
-        for i in range(steps):
-            for name, (t, pre, _, times) in runs.items():
-                sync(); t0 = clock(); t.step(pre[i], t.batches[i]); sync(); times.append(clock() - t0)
+        runs[name] = (t, pre, time.perf_counter() - t0)                 # the first step's wall time: compile included
+    best = _interleaved_best({name: (lambda i, t=t, pre=pre: t.step(pre[i], t.batches[i])) for name, (t, pre, _) in runs.items()},
+                             steps, repeats, sync, clock)
     rows = []
-    for name, (t, pre, first, times) in runs.items():
-        step = min(times)
+    for name, (t, pre, first) in runs.items():
+        step = best[name]
         rows.append(dict(lever=name, batch=len(t.batches[0]), step_s=step, images_per_s=len(t.batches[0]) / step,
                          clock=clock.__name__, note=''))
     for r in rows: r['speed'] = r['images_per_s'] / rows[0]['images_per_s']
@@ -270,12 +272,8 @@ def benchmark_peer_lightly(spec: TrainSpec, data: ImageSet, steps: int = 4, repe
     threads = torch.get_num_threads(); torch.set_num_threads(1)
     try:
         for fn in kinds.values(): fn(0)                                   # warm-up
-        times = {k: [] for k in kinds}
-        for _ in range(repeats):
-            for i in range(steps):
-                for k, fn in kinds.items(): t0 = time.process_time(); fn(i); times[k].append(time.process_time() - t0)
+        best = _interleaved_best(kinds, steps, repeats, lambda: None, time.process_time)
     finally: torch.set_num_threads(threads)
-    best = {k: min(v) for k, v in times.items()}
     return dict(lightly_version=lightly.__version__, batch_size=spec.batch_size, image_size=h, arch=f'{spec.arch} x{spec.width}',
                 ours_step_s=best['ours'], lightly_step_s=best['lightly'], lightly_loading_s=best['lightly_loading'],
                 ours_images_per_cpu_s=spec.batch_size / best['ours'], lightly_images_per_cpu_s=spec.batch_size / best['lightly'],
