@@ -16,8 +16,8 @@ from .spec import TrainSpec
 from .train import TrainedEncoder, train_encoder
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .sslmem import sslmem
-from .core import Preset, seed_offset
-from .stats import welch_greater, paired_greater, excess_trend, excess_greater, one_training_per_setting, depth_trend, top_mean, mcnemar, rank_trend, mean_test, all_of, detectable, ordered, correlation_vs, bootstrap_greater
+from .core import Preset, seed_offset, make_generator
+from .stats import welch_greater, paired_greater, excess_trend, excess_greater, one_training_per_setting, depth_trend, top_mean, mcnemar, in_top_share, rank_trend, mean_test, all_of, detectable, ordered, correlation_vs, bootstrap_greater
 
 # %% auto 0
 __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_ID', 'LOC_GLOSSARY', 'PAPER_RESNET9_PARAMS',
@@ -132,15 +132,22 @@ RESNET9_BREAKDOWN = ['conv1.conv', 'conv1.bn', 'conv1.pool', 'conv2_0.conv', 'co
                      'conv4_0.pool', 'conv4_1.conv', 'conv4_2.conv', 'res6', 'maxpool']
 
 # %% ../nbs/19_localizing.ipynb 18
-def second_dataset(size: int = 16, names: tuple | list | None = None) -> dict[str, ImageSet]:
-    "{'A_train', 'A_test', 'B_train', 'B_test'}: digits 0-4 / 5-9 by default, else the datasets `names` = (A, B) at `size` px."
+def second_dataset(size: int = 16, names: tuple | list | None = None, n_train: int | None = None, n_test: int | None = None,
+                   seed: int = 0) -> dict[str, ImageSet]:
+    """{'A_train', 'A_test', 'B_train', 'B_test'}: digits 0-4 / 5-9 by default, else the datasets `names` = (A, B) at `size`
+    px; each training (test) split cut to at most `n_train` (`n_test`) points drawn with `seed` (None: all of it)."""
     if names:
         a, b = names
-        return dict(A_train=load_dataset(a, 'train', size=size), A_test=load_dataset(a, 'test', size=size),
+        sets = dict(A_train=load_dataset(a, 'train', size=size), A_test=load_dataset(a, 'test', size=size),
                     B_train=load_dataset(b, 'train', size=size), B_test=load_dataset(b, 'test', size=size))
-    tr, te = load_dataset('digits', 'train', size=size), load_dataset('digits', 'test', size=size)
-    (a_tr, b_tr), (a_te, b_te) = class_disjoint_halves(tr), class_disjoint_halves(te)
-    return dict(A_train=a_tr, A_test=a_te, B_train=b_tr, B_test=b_te)
+    else:
+        tr, te = load_dataset('digits', 'train', size=size), load_dataset('digits', 'test', size=size)
+        (a_tr, b_tr), (a_te, b_te) = class_disjoint_halves(tr), class_disjoint_halves(te)
+        sets = dict(A_train=a_tr, A_test=a_te, B_train=b_tr, B_test=b_te)
+    def cut(data: ImageSet, n: int | None, s: int) -> ImageSet:
+        if n is None or n >= len(data): return data
+        return data.subset(torch.randperm(len(data), generator=make_generator(s))[:n].sort().values)
+    return {k: cut(d, n_train if k.endswith('train') else n_test, seed + i) for i, (k, d) in enumerate(sets.items())}
 
 def train_on(data: ImageSet, cfg: ProtocolConfig, seed: int = 0, progress_bar: bool = False, **changes) -> TrainedEncoder:
     "An encoder trained with `cfg`'s recipe (with `changes` to the TrainSpec) on every point of `data`; `seed` counts from the run's seed offset."
@@ -293,6 +300,9 @@ class LocT21Config(Preset):
     ft_epochs: int = 1   # fine-tuning epochs (Table 5)
     ft_seeds: list = field(default_factory=lambda: [0])
     datasets: list = field(default_factory=lambda: [])   # (A, B) dataset names; [] = digits 0-4 / 5-9.
+    n_train: int | None = None   # training points per dataset (None: all), drawn with data_seed
+    n_test: int | None = None    # test points per dataset (None: all)
+    data_seed: int = 0
     protocol_changes: dict = field(default_factory=lambda: {})
 LocT21Config.SCALES = {
     'smoke': LocT21Config(),
@@ -1143,7 +1153,7 @@ class LayerExchange:
     "f1 trained on A and f2 on B; `swapped(ids)`: probe accuracy (%) on A and B of f1 with the paper's conv ids taken from f2."
     def __init__(self, scale: str, preset):
         self.cfg = protocol_config(scale, **preset.protocol_changes)
-        self.D = second_dataset(self.cfg.image_size, preset.datasets)
+        self.D = second_dataset(self.cfg.image_size, preset.datasets, preset.n_train, preset.n_test, preset.data_seed)
         self.f1 = train_on(self.D['A_train'], self.cfg, seed=0, width=preset.width, epochs=preset.epochs)
         self.f2 = train_on(self.D['B_train'], self.cfg, seed=0, width=preset.width, epochs=preset.epochs)
         self.preset, self.scored, self.correct = preset, {}, {}
@@ -1253,17 +1263,23 @@ def combination_table(ex: LayerExchange, r: int, best: tuple, grid: bool) -> pd.
     combos = list(itertools.combinations(range(1, 9), r)) if grid else [best, tuple(range(1, r + 1)), tuple(range(9 - r, 9))]
     return pd.DataFrame([dict(layers=' '.join(map(str, cmb)), **ex.swapped(cmb)) for cmb in combos])
 
-def combination_tests(G: pd.DataFrame, best: tuple, grid: bool) -> dict:
-    "Is `best` among the 25 % of combinations that hurt A most, and that help B most?"
+def combination_tests(G: pd.DataFrame, best: tuple, grid: bool, ex: LayerExchange) -> dict:
+    """Is `best` among the 25 % of combinations that hurt A most, and that help B most? Exact McNemar tests on the test
+    points against every other combination (`in_top_share`, Holm-adjusted)."""
     if not grid:
         why = 'grid=False at this scale (3 combinations only)'
         return {'lowest_A': dict(ours=None, condition=None, why=why), 'highest_B': dict(ours=None, condition=None, why=why)}
     b = G.set_index('layers').loc[' '.join(map(str, best))]
     rank_a, rank_b = (G.A < b.A).sum() / len(G), (G.B > b.B).sum() / len(G)
-    return {'lowest_A': dict(ours=dict(A=b.A, frac_lower=rank_a, argmin=G.layers[G.A.idxmin()]), condition=rank_a <= 0.25,
-                             test='fewer than 25 % of combinations have lower A accuracy'),
-            'highest_B': dict(ours=dict(B=b.B, frac_higher=rank_b, argmax=G.layers[G.B.idxmax()]), condition=rank_b <= 0.25,
-                              test='fewer than 25 % of combinations have higher B accuracy')}
+    c_ = lambda ids, d: np.asarray(ex.correct[tuple(sorted(ids))][d], dtype=bool)
+    others = [tuple(int(i) for i in s.split()) for s in G.layers if tuple(int(i) for i in s.split()) != tuple(sorted(best))]
+    low_a = in_top_share(~c_(best, 'A'), [~c_(o, 'A') for o in others])
+    high_b = in_top_share(c_(best, 'B'), [c_(o, 'B') for o in others])
+    mc = f'exact one-sided McNemar tests on the test points against each of the other {len(others)} combinations (Holm)'
+    return {'lowest_A': dict(ours=dict(A=b.A, frac_lower=rank_a, argmin=G.layers[G.A.idxmin()]), p_value=low_a[0], p_against=low_a[1],
+                             test=f'{mc}: fewer than 25 % of all combinations have lower A accuracy'),
+            'highest_B': dict(ours=dict(B=b.B, frac_higher=rank_b, argmax=G.layers[G.B.idxmax()]), p_value=high_b[0], p_against=high_b[1],
+                              test=f'{mc}: fewer than 25 % of all combinations have higher B accuracy')}
 
 def plot_combinations(G: pd.DataFrame, best: tuple):
     "A against B accuracy of every combination, `best` in red."

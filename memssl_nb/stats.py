@@ -9,7 +9,7 @@ import numpy as np
 # %% auto 0
 __all__ = ['welch_greater', 'paired_greater', 'depth_trend', 'monotone', 'top_mean', 'rank_trend', 'mean_test', 'all_of',
            'equivalent', 'detectable', 'correlation_vs', 'bootstrap_greater', 'excess_trend', 'excess_greater',
-           'one_training_per_setting', 'ordered', 'mcnemar']
+           'one_training_per_setting', 'ordered', 'mcnemar', 'in_top_share']
 
 # %% ../nbs/00b_stats.ipynb 5
 def welch_greater(a, b) -> tuple[float, float]:
@@ -172,3 +172,18 @@ def mcnemar(correct_a, correct_b) -> float:
     if a.shape != b.shape: raise ValueError(f"need one correctness value per point for both predictors; got {a.shape} and {b.shape}")
     wins, losses = int((a & ~b).sum()), int((~a & b).sum())
     return float(stats.binomtest(wins, wins + losses, 0.5, alternative='greater').pvalue) if wins + losses else 1.0
+
+# %% ../nbs/00b_stats.ipynb 32
+def in_top_share(best, others, share: float = 0.25) -> tuple[float, float]:
+    """(p for, p against) of "fewer than `share` of the N = len(others) + 1 predictors beat `best`", from per-point
+    correctness on the same points: exact McNemar tests of `best` against each other predictor, Holm-adjusted."""
+    import math
+    m = len(others)
+    if m < 1 or not 0 < share < 1: raise ValueError(f"need at least one other predictor and 0 < share < 1, got {m} and {share}")
+    allowed = math.ceil(share * (m + 1)) - 1          # predictors that may beat `best` while the statement holds
+    def holm_kth(ps, k):                              # Holm-adjusted p of the k-th smallest of the m p-values (k ≥ 1)
+        ps = sorted(ps)
+        return float(min(1.0, max((m - j) * ps[j] for j in range(k))))
+    p_for = holm_kth([mcnemar(best, o) for o in others], m - allowed) if m > allowed else 0.0
+    p_against = holm_kth([mcnemar(o, best) for o in others], allowed + 1)
+    return p_for, p_against
