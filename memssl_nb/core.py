@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 # %% auto 0
-__all__ = ['PROJECT_ROOT', 'DATA_DIR', 'FIGURES_DIR', 'CACHE_DIR', 'SEED_OFFSET_ENV', 'REHEARSAL_ENV', 'REHEARSAL_CAPS',
-           'REHEARSAL_KEEPS', 'find_project_root', 'get_device', 'configure_threads', 'seed_everything',
-           'make_generator', 'progress_enabled', 'progress', 'stable_hash', 'remove_stale_temporaries',
-           'atomic_write_bytes', 'atomic_write_text', 'to_float01', 'iter_batches', 'Summarized', 'seed_offset',
-           'shift_seeds', 'rehearsing', 'rehearsal_settings', 'unclassified_settings', 'Preset']
+__all__ = ['PROJECT_ROOT', 'DATA_DIR', 'FIGURES_DIR', 'CACHE_DIR', 'MEASUREMENT_CACHE_ENV', 'BLAS_THREAD_VARS', 'SEED_OFFSET_ENV',
+           'REHEARSAL_ENV', 'REHEARSAL_CAPS', 'REHEARSAL_KEEPS', 'find_project_root', 'get_device', 'configure_threads',
+           'seed_everything', 'make_generator', 'progress_enabled', 'progress', 'stable_hash',
+           'remove_stale_temporaries', 'atomic_write_bytes', 'atomic_write_text', 'to_float01', 'iter_batches',
+           'Summarized', 'seed_offset', 'shift_seeds', 'rehearsing', 'rehearsal_settings', 'unclassified_settings',
+           'Preset']
 
 # %% ../nbs/00_core.ipynb 5
 def find_project_root(start: Path | None = None) -> Path:
@@ -29,6 +30,7 @@ PROJECT_ROOT = find_project_root()
 DATA_DIR = Path(os.environ.get('MEMSSL_DATA', PROJECT_ROOT/'data'))
 FIGURES_DIR = PROJECT_ROOT/'figures'
 CACHE_DIR = Path(os.environ.get('MEMSSL_CACHE', DATA_DIR/'cache'))
+MEASUREMENT_CACHE_ENV = 'MEMSSL_MEASUREMENT_CACHE'      # 1: keep measurements under CACHE_DIR/measurements (chapter 06)
 
 # %% ../nbs/00_core.ipynb 8
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -36,10 +38,17 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     device = device or os.environ.get('MEMSSL_DEVICE') or ('cuda' if torch.cuda.is_available() else 'cpu')
     return torch.device(device)
 
+BLAS_THREAD_VARS = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')
+
 def configure_threads():
-    "Honour `$MEMSSL_THREADS` (parallel test workers on a 2-core machine each want one thread)."
+    """Honour `$MEMSSL_THREADS` (parallel notebooks or test workers on a 2-core machine each want one thread) in torch and
+    in the BLAS and OpenMP pools of NumPy, SciPy and scikit-learn: those already loaded now, those loaded later through
+    the environment (a BLAS pool sized to the whole machine in each of two parallel jobs slows small problems ~3×)."""
     n = os.environ.get('MEMSSL_THREADS')
-    if n: torch.set_num_threads(int(n))
+    if not n: return
+    from threadpoolctl import threadpool_limits
+    for var in BLAS_THREAD_VARS: os.environ.setdefault(var, n)
+    torch.set_num_threads(int(n)); threadpool_limits(int(n))
 
 configure_threads()
 

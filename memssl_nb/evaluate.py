@@ -5,14 +5,18 @@
 # %% ../nbs/06_evaluate.ipynb 2
 from __future__ import annotations
 import time
+import hashlib, io, os
+from pathlib import Path
 from contextlib import contextmanager
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from .core import get_device, iter_batches, to_float01, seed_everything
+from .core import get_device, iter_batches, to_float01, seed_everything, stable_hash, atomic_write_bytes, CACHE_DIR, \
+    MEASUREMENT_CACHE_ENV
 from .data import ImageSet, load_dataset
 
 # %% auto 0
-__all__ = ['measuring', 'embed', 'linear_probe', 'few_label_probe', 'knn_accuracy', 'probe_accuracy', 'probe_encoder',
+__all__ = ['MEASUREMENT_CODE', 'measuring', 'module_fingerprint', 'code_fingerprint', 'cached_measurement', 'measurement_key',
+           'embed', 'linear_probe', 'few_label_probe', 'knn_accuracy', 'probe_accuracy', 'probe_encoder',
            'train_and_probe']
 
 # %% ../nbs/06_evaluate.ipynb 5
@@ -36,6 +40,54 @@ def measuring(*modules: nn.Module, channels_last: bool = True):
 
 
 # %% ../nbs/06_evaluate.ipynb 8
+MEASUREMENT_CODE = ('core', 'data', 'augment', 'models', 'evaluate')     # the chapters every measurement runs through
+
+def module_fingerprint(module: nn.Module) -> str | None:
+    """sha256 of a module's architecture (`repr`), parameters and buffers; None when a forward hook may change its outputs
+    in a way the weights do not show."""
+    from torch.nn.modules import module as M
+    if M._global_forward_hooks or M._global_forward_pre_hooks: return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()): return None
+    h = hashlib.sha256(f'{type(module).__module__}.{type(module).__qualname__}\n{module!r}'.encode())
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f'{name}:{t.dtype}:{tuple(t.shape)}'.encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+def code_fingerprint(*chapters: str) -> str:
+    "sha256 of the source of these `memssl_nb` modules and the torch version."
+    import memssl_nb
+    here = Path(memssl_nb.__file__).parent
+    return stable_hash([torch.__version__] + [(c, hashlib.sha256((here/f'{c}.py').read_bytes()).hexdigest()) for c in chapters])
+
+def cached_measurement(kind: str, key: dict | None, compute):
+    """`compute()`, or its result kept from an earlier call with the same `key` when `$MEMSSL_MEASUREMENT_CACHE` is 1
+    (the runner sets it). `key` None (e.g. an encoder without a fingerprint) always computes. Results are tensors, arrays,
+    numbers, strings and lists or tuples of them."""
+    if key is None or os.environ.get(MEASUREMENT_CACHE_ENV, '0') != '1': return compute()
+    path = CACHE_DIR/'measurements'/kind/f'{stable_hash(key)}.pt'
+    if path.exists(): return torch.load(path, weights_only=False)
+    result = compute()
+    buf = io.BytesIO(); torch.save(result, buf)
+    try: atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        raise RuntimeError(f"cannot keep a measurement in {path.parent} ({e.strerror or e}); point MEMSSL_CACHE at a writable "
+                           f"folder or set {MEASUREMENT_CACHE_ENV}=0") from None
+    return result
+
+def measurement_key(encoders, augment, chapters=(), **settings) -> dict | None:
+    """The `cached_measurement` key of measuring `encoders` through `augment` (None or an `Augment`) with `settings`
+    (`chapters`: the modules beyond `MEASUREMENT_CODE` that compute it); None when an encoder has no fingerprint or
+    `augment` no `config`."""
+    prints = [module_fingerprint(e) for e in encoders]
+    if None in prints or (augment is not None and not hasattr(augment, 'config')): return None
+    import sklearn
+    device = next(iter(encoders[0].parameters())).device.type if encoders else 'cpu'
+    return dict(encoders=prints, augment=None if augment is None else augment.config, settings=settings,
+                code=code_fingerprint(*MEASUREMENT_CODE, *chapters), threads=torch.get_num_threads(), device=device,
+                sklearn=sklearn.__version__)
+
+# %% ../nbs/06_evaluate.ipynb 11
 def embed(encoder: nn.Module, images: torch.Tensor, batch_size: int = 512, augment=None, generator=None,
           device=None) -> torch.Tensor:
     "Encoder outputs [N, D] (float32, CPU) for uint8 or [0, 1] images, passed through `augment` (e.g. `clean`) if given."
@@ -48,7 +100,7 @@ def embed(encoder: nn.Module, images: torch.Tensor, batch_size: int = 512, augme
             out.append(encoder(to_input(x)).float().flatten(1).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
-# %% ../nbs/06_evaluate.ipynb 11
+# %% ../nbs/06_evaluate.ipynb 14
 def linear_probe(train_x, train_y, test_x, test_y, C: float = 1.0, max_iter: int = 2000, return_model: bool = False):
     "Test accuracy of a logistic-regression probe fitted on (`train_x`, `train_y`)."
     from sklearn.linear_model import LogisticRegression
@@ -85,16 +137,20 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
     votes = torch.zeros(len(qx), n_classes).scatter_add_(1, ty[idx], weights)
     return float((votes.argmax(1) == qy).float().mean())
 
-# %% ../nbs/06_evaluate.ipynb 14
+# %% ../nbs/06_evaluate.ipynb 17
 def probe_accuracy(encoder: nn.Module, train: ImageSet, test: ImageSet, clean=None, max_iter: int = 2000,
                    per_point: bool = False):
     """Linear-probe test accuracy of the frozen `encoder` on images fed through `clean` (its input normalisation).
     `per_point`: instead, a bool array with one entry per test point (was it classified correctly?), for paired tests."""
-    ztr, zte = embed(encoder, train.images, augment=clean), embed(encoder, test.images, augment=clean)
-    acc, probe = linear_probe(ztr, train.labels, zte, test.labels, max_iter=max_iter, return_model=True)
-    return probe.predict(np.asarray(zte, dtype=np.float64)) == test.labels.numpy() if per_point else acc
+    def compute():
+        ztr, zte = embed(encoder, train.images, augment=clean), embed(encoder, test.images, augment=clean)
+        acc, probe = linear_probe(ztr, train.labels, zte, test.labels, max_iter=max_iter, return_model=True)
+        return probe.predict(np.asarray(zte, dtype=np.float64)) == test.labels.numpy() if per_point else acc
+    return cached_measurement('probe', measurement_key([encoder], clean, train=[train.images, train.labels],
+                                                       test=[test.images, test.labels], max_iter=max_iter,
+                                                       per_point=per_point), compute)
 
-# %% ../nbs/06_evaluate.ipynb 17
+# %% ../nbs/06_evaluate.ipynb 20
 def probe_encoder(encoder: nn.Module, train: ImageSet, test: ImageSet, clean=None, knn_k: int = 20) -> dict:
     "Linear-probe, kNN and 5-labels-per-class probe test accuracy of a frozen encoder fed through `clean`."
     ztr, zte = embed(encoder, train.images, augment=clean), embed(encoder, test.images, augment=clean)

@@ -145,7 +145,7 @@ def layermem(f, g, images, augment: Callable, layers: Sequence[str] | None = Non
     for e in fs[1:] + gs: resolve_taps(e, names)
     _, df_all, dg_all = alignment_distances(fs, gs, images, augment, lambda e: tap_reader(e, names), n_pairs, views,
                                             representation, normalize_reps, distance, batch_size, seed, view_block,
-                                            device, progress, 'LayerMem')
+                                            device, progress, 'LayerMem', reader_key=('taps', list(names)))
     dist_f, dist_g = df_all.mean(0), dg_all.mean(0)
     cfg = dict(n_pairs=n_pairs, normalization=normalization, views=views, representation=representation,
                normalize_reps=normalize_reps, distance=distance, seed=seed, view_block=view_block,

@@ -8,7 +8,6 @@ import difflib, math
 from typing import Callable, Iterable
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 # %% auto 0
 __all__ = ['NORMS', 'RESNET9_CHANNELS', 'VIT_PRESETS', 'ENCODERS', 'scale_width', 'count_parameters', 'norm_layer', 'ConvBlock',
@@ -85,7 +84,7 @@ class ResNet9(nn.Module):
 # %% ../nbs/03_models.ipynb 12
 class CifarResNet(nn.Module):
     "ResNet with a 3×3 stride-1 stem, no max-pool and no classifier, from torchvision's blocks; width-scaled."
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], in_channels: int = 3, width: float = 1.0):
+    def __init__(self, block: type[nn.Module], layers: list[int], in_channels: int = 3, width: float = 1.0):
         super().__init__()
         self.inplanes = scale_width(64, width)
         self.conv1 = ConvBlock(in_channels, self.inplanes, bias=False)
@@ -101,7 +100,7 @@ class CifarResNet(nn.Module):
         names = ['conv1', *blocks, 'avgpool', 'embedding']
         self.taps = {n: n for n in names}
         self.tap_parents = {n: p for n, p in zip(names, [None] + names[:-1])}
-        convs = ['conv1', 'conv2', 'conv3'][:2 if block is BasicBlock else 3]
+        convs = ['conv1', 'conv2', 'conv3'][:2 if block.expansion == 1 else 3]       # BasicBlock: two convs; Bottleneck: three
         self.conv_taps = {'conv1': 'conv1.conv'}
         for i, n in enumerate(layers):
             paths = [f'layer{i+1}.{j}.{c}' for j in range(n) for c in convs]
@@ -110,6 +109,7 @@ class CifarResNet(nn.Module):
     def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
+            from torchvision.models.resnet import conv1x1
             downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion))
         layers = [block(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes * block.expansion
@@ -121,9 +121,15 @@ class CifarResNet(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
         return self.embedding(self.avgpool(x))
 
-def resnet18(in_channels=3, width=1.0): return CifarResNet(BasicBlock, [2, 2, 2, 2], in_channels, width)
-def resnet34(in_channels=3, width=1.0): return CifarResNet(BasicBlock, [3, 4, 6, 3], in_channels, width)
-def resnet50(in_channels=3, width=1.0): return CifarResNet(Bottleneck, [3, 4, 6, 3], in_channels, width)
+# torchvision is imported where its blocks are used: importing it costs ~2.5 s (it loads torch._dynamo), which every
+# notebook that only uses ResNet-9 would otherwise pay
+def _tv_block(name: str):
+    import torchvision.models.resnet as tv
+    return getattr(tv, name)
+
+def resnet18(in_channels=3, width=1.0): return CifarResNet(_tv_block('BasicBlock'), [2, 2, 2, 2], in_channels, width)
+def resnet34(in_channels=3, width=1.0): return CifarResNet(_tv_block('BasicBlock'), [3, 4, 6, 3], in_channels, width)
+def resnet50(in_channels=3, width=1.0): return CifarResNet(_tv_block('Bottleneck'), [3, 4, 6, 3], in_channels, width)
 
 # %% ../nbs/03_models.ipynb 16
 class PatchEmbed(nn.Module):

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 import pandas as pd
-from .core import PROJECT_ROOT, FIGURES_DIR, REHEARSAL_ENV, SEED_OFFSET_ENV, atomic_write_text, progress
+from .core import PROJECT_ROOT, FIGURES_DIR, REHEARSAL_ENV, SEED_OFFSET_ENV, MEASUREMENT_CACHE_ENV, atomic_write_text, progress
 from .data import GENERATED_MANIFEST, write_generated_datasets
 from .registry import (SCALES, Artifact, artifact_matches, check_parameters, claims_mtimes, constraints_hash,
                                 executed_path, failure_path, input_hash, missing_claims, package_hash, read_json,
@@ -197,6 +197,7 @@ def _env_overrides(jobs: int, threads: int | None = None) -> dict:
     src = str(Path(memssl_nb.__file__).resolve().parent.parent)
     path = os.environ.get('PYTHONPATH')
     env = dict(MEMSSL_PROGRESS='0', PYTHONUNBUFFERED='1', PYTHONPATH=src + (os.pathsep + path if path else ''))
+    if MEASUREMENT_CACHE_ENV not in os.environ: env[MEASUREMENT_CACHE_ENV] = '1'     # keep measurements between runs
     if 'MEMSSL_THREADS' not in os.environ:
         if threads: env['MEMSSL_THREADS'] = str(threads)
         elif jobs > 1: env['MEMSSL_THREADS'] = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -294,9 +295,14 @@ class Reproduction:
     def run_serial(self):
         for a in self.selected: self.finish(self.run_one(a))
 
+    def last_seconds(self, a: Artifact) -> float:
+        "How long `a` took when it last completed here (0 if never)."
+        return float((read_json(stamp_path(self.out_dir, a.id)) or {}).get('seconds', 0.0))
+
     def run_threads(self):
-        "Up to `jobs` artifacts at once, each started when its dependencies are done; Ctrl-C kills every child."
-        pending, running = list(self.selected), {}
+        """Up to `jobs` artifacts at once, each started when its dependencies are done, the longest (by `last_seconds`)
+        first so that no long notebook runs alone at the end; Ctrl-C kills every child."""
+        pending, running = sorted(self.selected, key=lambda a: -self.last_seconds(a)), {}
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
             try:
                 while pending or running:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .core import get_device, make_generator, iter_batches, to_float01, progress as progress_bar, Summarized
-from .evaluate import measuring
+from .evaluate import measuring, measurement_key, cached_measurement
 
 # %% auto 0
 __all__ = ['DISTANCES', 'NORMALIZATIONS', 'VIEW_MODES', 'REPRESENTATIONS', 'SET_COMPARISONS', 'check_images', 'as_encoder_list',
@@ -127,8 +127,10 @@ def check_choice(name, value, choices):
 def alignment_distances(f, g, images, augment: Callable, reader=output_reader, n_pairs: int = 10,
                         views: str = 'two_augmented', representation: str = 'flatten', normalize_reps: bool = True,
                         distance: str = 'l2', batch_size: int = 256, seed: int = 0, view_block: int = 32,
-                        device=None, progress: bool = True, desc: str = 'alignment'):
-    "Mean distance between view pairs, per encoder, point and tap: `(tap_names, dist_f [n_f,N,L], dist_g [n_g,N,L])`."
+                        device=None, progress: bool = True, desc: str = 'alignment', reader_key=None):
+    """Mean distance between view pairs, per encoder, point and tap: `(tap_names, dist_f [n_f,N,L], dist_g [n_g,N,L])`.
+    `reader_key` names what `reader` reads (e.g. `'output'`); with it, and under the runner, the result is kept between
+    runs (chapter 06, `cached_measurement`)."""
     fs, gs = as_encoder_list(f, 'f'), as_encoder_list(g, 'g')
     images = check_images(images)
     if not isinstance(n_pairs, (int, np.integer)) or n_pairs < 1: raise ValueError(f"n_pairs (K) must be an integer >= 1; got {n_pairs}")
@@ -138,42 +140,48 @@ def alignment_distances(f, g, images, augment: Callable, reader=output_reader, n
     check_choice('distance', distance, DISTANCES)
     encoders, nf, K, N = fs + gs, len(fs), int(n_pairs), len(images)
     device = encoders_device(encoders, device)
-    two = views == 'two_augmented'
-    prep = lambda t: prepare_rep(t, representation, normalize_reps)
-    names, shapes, acc = None, None, None
-    blocks = view_blocks(images, augment, 2 * K if two else K, seed, view_block, device)
-    if progress: blocks = progress_bar(blocks, desc=desc, total=-(-N // view_block))
-    with measuring(*encoders) as to_input, ExitStack() as stack:
-        reads = [stack.enter_context(reader(e)) for e in encoders]
-        def run(e, inp):
-            nonlocal names, shapes, acc
-            out = reads[e](to_input(inp))
-            if names is None:
-                names = list(out)
-                acc = torch.zeros(len(encoders), N, len(names), dtype=torch.float64, device=device)
-            elif list(out) != names: raise ValueError(f"encoders expose different taps: {names} vs {list(out)}")
-            got = {k: tuple((v[0] if isinstance(v, (tuple, list)) else v).shape[1:]) for k, v in out.items()}
-            if shapes is None: shapes = got
-            elif got != shapes:
-                bad = [k for k in names if got[k] != shapes[k]]
-                raise ValueError(f"f and g must give representations of the same shape; at tap {bad[0]!r}: "
-                                 f"{shapes[bad[0]]} vs {got[bad[0]]} (encoder #{e})")
-            return [prep(out[k]) for k in names]
-        for sl, x, v in blocks:
-            b = len(x)
-            refs = [run(e, x) for e in range(len(encoders))] if not two else None
-            step = max(1, batch_size // 2) if two else batch_size
-            for s in iter_batches(K * b, step):
-                inp = torch.cat([v[s], v[K * b + s.start:K * b + s.stop]]) if two else v[s]
-                pts = sl.start + torch.arange(s.start, s.stop, device=device) % b
-                m = s.stop - s.start
-                for e in range(len(encoders)):
-                    reps = run(e, inp)
-                    if two: d = [pair_distance(r[:m], r[m:], distance) for r in reps]
-                    else: d = [pair_distance(r, ref[pts - sl.start], distance) for r, ref in zip(reps, refs[e])]
-                    acc[e].index_add_(0, pts, torch.stack(d, 1).double())
-    dist = (acc / K).cpu()
-    return names, dist[:nf], dist[nf:]
+    key = None if reader_key is None else measurement_key(
+        encoders, augment, ('sslmem', 'layermem'), reader=reader_key, images=images, n_f=nf, n_pairs=K, views=views,
+        representation=representation, normalize_reps=normalize_reps, distance=distance, batch_size=batch_size, seed=seed,
+        view_block=view_block, device=str(device))
+    def compute():
+        two = views == 'two_augmented'
+        prep = lambda t: prepare_rep(t, representation, normalize_reps)
+        names, shapes, acc = None, None, None
+        blocks = view_blocks(images, augment, 2 * K if two else K, seed, view_block, device)
+        if progress: blocks = progress_bar(blocks, desc=desc, total=-(-N // view_block))
+        with measuring(*encoders) as to_input, ExitStack() as stack:
+            reads = [stack.enter_context(reader(e)) for e in encoders]
+            def run(e, inp):
+                nonlocal names, shapes, acc
+                out = reads[e](to_input(inp))
+                if names is None:
+                    names = list(out)
+                    acc = torch.zeros(len(encoders), N, len(names), dtype=torch.float64, device=device)
+                elif list(out) != names: raise ValueError(f"encoders expose different taps: {names} vs {list(out)}")
+                got = {k: tuple((v[0] if isinstance(v, (tuple, list)) else v).shape[1:]) for k, v in out.items()}
+                if shapes is None: shapes = got
+                elif got != shapes:
+                    bad = [k for k in names if got[k] != shapes[k]]
+                    raise ValueError(f"f and g must give representations of the same shape; at tap {bad[0]!r}: "
+                                     f"{shapes[bad[0]]} vs {got[bad[0]]} (encoder #{e})")
+                return [prep(out[k]) for k in names]
+            for sl, x, v in blocks:
+                b = len(x)
+                refs = [run(e, x) for e in range(len(encoders))] if not two else None
+                step = max(1, batch_size // 2) if two else batch_size
+                for s in iter_batches(K * b, step):
+                    inp = torch.cat([v[s], v[K * b + s.start:K * b + s.stop]]) if two else v[s]
+                    pts = sl.start + torch.arange(s.start, s.stop, device=device) % b
+                    m = s.stop - s.start
+                    for e in range(len(encoders)):
+                        reps = run(e, inp)
+                        if two: d = [pair_distance(r[:m], r[m:], distance) for r in reps]
+                        else: d = [pair_distance(r, ref[pts - sl.start], distance) for r, ref in zip(reps, refs[e])]
+                        acc[e].index_add_(0, pts, torch.stack(d, 1).double())
+        dist = (acc / K).cpu()
+        return names, dist[:nf], dist[nf:]
+    return cached_measurement('alignment', key, compute)
 
 # %% ../nbs/10_sslmem.ipynb 17
 def normalize_scores(dist_f: torch.Tensor, dist_g: torch.Tensor, normalization: str = 'relative') -> torch.Tensor:
@@ -225,7 +233,8 @@ def sslmem(f, g, images, augment: Callable, n_pairs: int = 10, normalization: st
     "SSLMem of every point in `images` ([N,C,H,W] uint8 or float in [0,1]); `f`/`g` are encoders or lists (seeds)."
     check_choice('normalization', normalization, NORMALIZATIONS)
     _, df_all, dg_all = alignment_distances(f, g, images, augment, output_reader, n_pairs, views, 'flatten',
-                                            normalize_reps, distance, batch_size, seed, view_block, device, progress, 'SSLMem')
+                                            normalize_reps, distance, batch_size, seed, view_block, device, progress, 'SSLMem',
+                                            reader_key='output')
     df_all, dg_all = df_all[..., 0], dg_all[..., 0]
     dist_f, dist_g = df_all.mean(0), dg_all.mean(0)
     cfg = dict(n_pairs=n_pairs, normalization=normalization, views=views, normalize_reps=normalize_reps,
@@ -233,7 +242,7 @@ def sslmem(f, g, images, augment: Callable, n_pairs: int = 10, normalization: st
     return SSLMemResult(normalize_scores(dist_f, dist_g, normalization).float(), dist_f.float(), dist_g.float(),
                         df_all.float(), dg_all.float(), cfg)
 
-# %% ../nbs/10_sslmem.ipynb 25
+# %% ../nbs/10_sslmem.ipynb 27
 SET_COMPARISONS = (('S_C', 'S_S', 'greater'), ('S_C', 'S_E', 'greater'), ('S_I', 'S_S', 'less'), ('S_I', 'S_E', 'less'))
 
 def _as_np(v) -> np.ndarray:
@@ -281,7 +290,7 @@ def set_statistics(scores, sets: dict | None = None, **kwargs) -> tuple[pd.DataF
     if isinstance(scores, SSLMemResult): scores = scores.by_set(sets)
     return set_summary(scores), compare_sets(scores, **kwargs)
 
-# %% ../nbs/10_sslmem.ipynb 28
+# %% ../nbs/10_sslmem.ipynb 30
 def plot_set_scores(scores_by_set: dict, kind: str = 'hist', ax=None, title: str | None = None, **kwargs):
     "Distribution of scores per set: `kind='hist'` (density step histograms), `'violin'` or `'box'`. Returns the axes."
     import matplotlib.pyplot as plt, seaborn as sns
@@ -297,7 +306,7 @@ def plot_set_scores(scores_by_set: dict, kind: str = 'hist', ax=None, title: str
     if title: ax.set_title(title)
     return ax
 
-# %% ../nbs/10_sslmem.ipynb 31
+# %% ../nbs/10_sslmem.ipynb 33
 def official_style_sslmem(f, g, images, augment, n_augs: int = 5, seed: int = 0) -> np.ndarray:
     "The official script's loop: batch 1, per-image torchvision transforms, clean vs augmented, numpy norms, range-normalised."
     from memssl_nb.augment import Augment, to_torchvision

@@ -185,5 +185,6 @@ def in_top_share(best, others, share: float = 0.25) -> tuple[float, float]:
         ps = sorted(ps)
         return float(min(1.0, max((m - j) * ps[j] for j in range(k))))
     p_for = holm_kth([mcnemar(best, o) for o in others], m - allowed) if m > allowed else 0.0
-    p_against = holm_kth([mcnemar(o, best) for o in others], allowed + 1)
+    # with no more than `allowed` others the statement cannot fail: nothing can count against it
+    p_against = holm_kth([mcnemar(o, best) for o in others], allowed + 1) if allowed < m else 1.0
     return p_for, p_against

@@ -13,8 +13,8 @@ from .core import make_generator, progress, stable_hash
 # %% auto 0
 __all__ = ['DTYPE', 'signal_vector', 'noise_patches', 'patch_labels', 'patch_data', 'redraw_noise', 'relu_q', 'cnn_output',
            'logistic_loss', 'classification_error', 'init_filters', 'gd_train', 'cross_view_radius', 'infonce',
-           'filter_alignment', 'simclr_pretrain', 'PatchSetup', 'pretrained_filters', 'train_pair', 'label_complexity',
-           'pretraining_sweep', 'coefficient_dynamics', 'plot_error_heatmaps']
+           'infonce_grad', 'filter_alignment', 'simclr_pretrain', 'PatchSetup', 'pretrained_filters', 'train_pair',
+           'label_complexity', 'pretraining_sweep', 'coefficient_dynamics', 'plot_error_heatmaps']
 
 # %% ../nbs/15_theory.ipynb 5
 DTYPE = torch.float32
@@ -110,6 +110,15 @@ def infonce(Ha: torch.Tensor, Hb: torch.Tensor, tau: float = 10.0) -> torch.Tens
     target = torch.arange(len(Ha))
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
+def infonce_grad(W: torch.Tensor, VaT: torch.Tensor, VbT: torch.Tensor, tau: float = 10.0) -> torch.Tensor:
+    "∂/∂W of `infonce((W @ VaT).T, (W @ VbT).T, tau)` in closed form, for filters W [m, d] and views [d, n]."
+    Ha, Hb = W @ VaT, W @ VbT                                  # [m, n]
+    n = Ha.shape[1]
+    L = Ha.T @ Hb / tau
+    G = (torch.softmax(L, 1) + torch.softmax(L, 0)) / (2 * n)
+    G.diagonal().sub_(1 / n)                                   # ∂loss/∂logits: the two softmaxes minus the positives
+    return ((Hb @ G.T) @ VaT.T + (Ha @ G) @ VbT.T) / tau
+
 def filter_alignment(W: torch.Tensor, mu: torch.Tensor) -> float:
     "Mean over filters of |cos(w_r, μ)| (a filter's sign along μ is arbitrary after pre-training)."
     W = W.reshape(-1, W.shape[-1])
@@ -124,13 +133,11 @@ def simclr_pretrain(Xa: torch.Tensor, Xb: torch.Tensor, m: int = 10, tau: float 
     lam = cross_view_radius(Va, Vb, power_iters, generator)
     lr = lr_scale * tau / lam
     VaT, VbT = Va.T.contiguous(), Vb.T.contiguous()
-    W = init_filters(m, Va.shape[1], sigma0=sigma0, generator=generator).requires_grad_(True)
+    W = init_filters(m, Va.shape[1], sigma0=sigma0, generator=generator)
     records = []
     for t in range(steps):
-        if record is not None: records.append(record(t, W.detach()))
-        g, = torch.autograd.grad(infonce((W @ VaT).T, (W @ VbT).T, tau), W)
-        with torch.no_grad(): W -= lr * g
-    W = W.detach()
+        if record is not None: records.append(record(t, W.clone()))
+        W = W - lr * infonce_grad(W, VaT, VbT, tau)
     if rescale: W = W / (W @ VaT).pow(2).mean(1).sqrt()[:, None]
     return W, dict(lr=lr, radius=lam, records=records)
 
