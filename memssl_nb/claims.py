@@ -5,6 +5,7 @@
 # %% ../nbs/20_claims.ipynb 2
 from __future__ import annotations
 import io, json, math, re
+from statistics import NormalDist
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from .core import atomic_write_text, atomic_write_bytes
 
 # %% auto 0
 __all__ = ['VERDICTS', 'DECIDED', 'CLAIM_FIELDS', 'ALPHA', 'check_artifact_id', 'plain_value', 'Claim', 'decide', 'check',
-           'not_checkable', 'ClaimSet', 'save_figure', 'save_table']
+           'not_checkable', 'data_multiple', 'evidence_needed', 'ClaimSet', 'save_figure', 'save_table']
 
 # %% ../nbs/20_claims.ipynb 5
 VERDICTS = ('holds', 'contradicted', 'inconclusive', 'not checkable')
@@ -112,13 +113,36 @@ def check(statement: str, ours, condition=None, paper_value=None, test: str | No
     if verdict == 'holds' and ok is False:
         verdict, size = 'inconclusive', "the test decides in the paper's direction, but the size the paper states is not reached"
     power = f'smallest effect this test detects with 80 % power: {plain_value(detectable)}' if verdict == 'inconclusive' and detectable is not None else None
-    return make(verdict, _join(size, power))
+    gap = evidence_needed(p, pa) if verdict == 'inconclusive' and not (why or size or power) else None
+    return make(verdict, _join(size, power, gap))
 
 def not_checkable(statement: str, why: str, paper_value=None, ours=None, test: str | None = None) -> Claim:
     "A claim this run cannot check (e.g. it needs the paper's datasets or scale); `why` says what is missing."
     return Claim(statement, paper_value, ours, test, None, verdict='not checkable', why=why)
 
-# %% ../nbs/20_claims.ipynb 8
+# %% ../nbs/20_claims.ipynb 7
+def data_multiple(p: float, alpha: float = ALPHA) -> float:
+    """About how many times the independent data a one-sided test with p-value `p` needs to reach `alpha` at the effect
+    it measured: (z_{1-alpha} / z_{1-p})^2 (normal approximation); inf when the estimate points the other way (p >= 0.5)."""
+    if not 0 <= p <= 1: raise ValueError(f"p must lie in [0, 1], got {p}")
+    if p >= 0.5: return math.inf
+    if p == 0: return 0.0
+    z = NormalDist().inv_cdf          # z(p) rather than z(1 - p): 1 - p rounds to 1 for tiny p
+    return (z(alpha) / z(p)) ** 2
+
+def evidence_needed(p_value: float, p_against: float | None = None, alpha: float = ALPHA) -> str:
+    "The measured reason an undecided test is undecided: the direction its estimate points and the data that would decide it."
+    pa = 1 - p_value if p_against is None else p_against
+    if min(p_value, pa) >= 0.5:
+        return (f"neither direction is favoured (p = {p_value:.2f} for the paper's statement, {pa:.2f} against it): "
+                f"more data at this effect would not decide it")
+    towards, p = ("in the paper's direction", p_value) if p_value <= pa else ('against the paper', pa)
+    k = data_multiple(p, alpha)
+    needed = f"about {k:.1f}×" if k < 100 else "over 100×"
+    return (f"it points {towards} (one-sided p = {p:.2f}); at the effect measured here, {needed} the independent data "
+            f"(seeds, points) would decide it at α = {alpha:g}")
+
+# %% ../nbs/20_claims.ipynb 11
 class ClaimSet:
     "The claims of one artifact id: collect with `check` / `not_checkable` / `add`, show as a table, `save` as JSON."
     def __init__(self, artifact_id: str, claims=()):
@@ -159,7 +183,7 @@ class ClaimSet:
         d = json.loads(Path(path).read_text())
         return cls(d['artifact'], [Claim(**{k: c.get(k) for k in CLAIM_FIELDS}) for c in d['claims']])
 
-# %% ../nbs/20_claims.ipynb 12
+# %% ../nbs/20_claims.ipynb 15
 def save_figure(fig, artifact_id: str, out_dir, dpi: int = 150) -> Path:
     "Save a matplotlib figure (or anything with `.savefig`, or an Axes) as `<out_dir>/<id>.png`."
     if not hasattr(fig, 'savefig') and hasattr(fig, 'figure'): fig = fig.figure

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import PROJECT_ROOT, FIGURES_DIR, atomic_write_text
-from .claims import VERDICTS, DECIDED, ALPHA, plain_value
+from .claims import VERDICTS, DECIDED, ALPHA, plain_value, data_multiple
 from .registry import (SCALES, Artifact, artifact_status, constraints_hash, failure_path, load_notes,
                                 package_hash, read_json, resolve_registry, stamp_path)
 
 # %% auto 0
-__all__ = ['markdown_table', 'p_against_of', 'write_report', 'reference_outputs', 'Comparison', 'compare_outputs',
-           'comparison_path', 'verify', 'seed_run_root', 'stability', 'stability_markdown', 'budget_runs',
-           'budget_table', 'budget_markdown']
+__all__ = ['EVIDENCE_COLUMNS', 'markdown_table', 'p_against_of', 'write_report', 'reference_outputs', 'Comparison',
+           'compare_outputs', 'comparison_path', 'verify', 'seed_run_root', 'stability', 'stability_markdown',
+           'budget_runs', 'budget_table', 'budget_markdown', 'evidence_table', 'evidence_markdown']
 
 # %% ../nbs/23_report.ipynb 4
 def _fmt(x) -> str:
@@ -97,6 +97,8 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
         except (ValueError, KeyError) as e: md += [f"*{saved.name} could not be read: {e}*", ""]
     md += stability_markdown(scale, out_root)
     md += budget_markdown(scale, out_root)
+    md += evidence_markdown({p: [c for a in arts.values() if a.paper == p and status[a.id] == 'done' for i in a.ids
+                                 for c in (claims[i] or [])] for p in papers})
 
     for p in papers:
         md += [f"## {p}", ""]
@@ -387,3 +389,41 @@ def budget_markdown(scale: str = 'cpu', out_root=FIGURES_DIR) -> list[str]:
                f"{_fmt(r.p_against_then)} → {_fmt(r.p_against_now)} | {r.moved} |" for r in g.itertuples()]
         md += [""]
     return md
+
+# %% ../nbs/23_report.ipynb 17
+EVIDENCE_COLUMNS = ('inconclusive', 'no test', 'no direction', 'toward, ≤ 2×', 'toward, 2–4×', 'toward, > 4×',
+                    'against, ≤ 2×', 'against, > 2×')
+
+def evidence_table(claims_by_group: dict[str, list[dict]], alpha: float = ALPHA) -> pd.DataFrame:
+    """Per group (paper), the inconclusive claims by what would decide them: no test (a point estimate), no direction
+    (p and p against ≥ 0.5), or the data multiple that would decide them toward or against the paper."""
+    rows = {}
+    for group, claims in claims_by_group.items():
+        n = dict.fromkeys(EVIDENCE_COLUMNS, 0)
+        for c in claims:
+            if c.get('verdict') != 'inconclusive': continue
+            n['inconclusive'] += 1
+            p, pa = c.get('p_value'), p_against_of(c)
+            if p is None or pa is None: n['no test'] += 1; continue
+            if min(p, pa) >= 0.5: n['no direction'] += 1; continue
+            k = data_multiple(min(p, pa), alpha)
+            if p <= pa: n['toward, ≤ 2×' if k <= 2 else 'toward, 2–4×' if k <= 4 else 'toward, > 4×'] += 1
+            else: n['against, ≤ 2×' if k <= 2 else 'against, > 2×'] += 1
+        rows[group] = n
+    df = pd.DataFrame.from_dict(rows, orient='index', columns=list(EVIDENCE_COLUMNS))
+    if len(df): df.loc['all'] = df.sum()
+    return df.rename_axis('paper')
+
+def evidence_markdown(claims_by_group: dict[str, list[dict]], alpha: float = ALPHA) -> list[str]:
+    "The report section of `evidence_table` (nothing when no claim is inconclusive)."
+    t = evidence_table(claims_by_group, alpha)
+    if t.empty or not t.loc['all', 'inconclusive']: return []
+    a = t.loc['all']
+    return ["## What would decide the inconclusive claims", "",
+            f"An inconclusive claim's *why* says which way its estimate points and about how many times the independent data "
+            f"(seeds, points) would decide it at the effect measured here: (z at α = {alpha:g} / z of its p)², a normal "
+            f"approximation. Of the {a['inconclusive']} inconclusive claims, {a['toward, ≤ 2×'] + a['toward, 2–4×']} point "
+            f"toward the paper closely enough that up to 4× the data would decide them at that effect, "
+            f"{a['against, ≤ 2×'] + a['against, > 2×']} point against it, {a['no direction']} favour neither direction and "
+            f"{a['no test']} are point estimates without a test.", "",
+            markdown_table(t, index=True, max_cols=len(EVIDENCE_COLUMNS) + 1), ""]
