@@ -4,23 +4,32 @@
 
 # %% ../nbs/05c_privacy.ipynb 2
 from __future__ import annotations
-import math
-import torch, torch.nn as nn
+import functools, math
+import torch, torch.nn as nn, torch.nn.functional as F
 from .spec import TrainSpec
 from .objectives import Objective
 
 # %% auto 0
-__all__ = ['dp_epsilon', 'dp_noise_multiplier', 'check_dp_model', 'dp_gradients']
+__all__ = ['HOOKED_LAYERS', 'dp_epsilon', 'dp_noise_multiplier', 'check_dp_model', 'dp_gradients', 'hooks_unsupported',
+           'clipped_sum_hooks']
 
 # %% ../nbs/05c_privacy.ipynb 5
+@functools.lru_cache(maxsize=64)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float):
+    "The Rényi-DP of one step at Opacus's default orders: T steps cost T times as much (computed once per σ, q)."
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+    return compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+
 def dp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    "ε after `steps` DP-SGD steps with noise σ and sampling rate q, at δ (Opacus's RDP accountant; σ = 0 gives ∞)."
+    """ε after `steps` DP-SGD steps with noise σ and sampling rate q, at δ (Opacus's RDP accountant, the same numbers as
+    its `RDPAccountant.get_epsilon`, with the per-step RDP kept: the loop asks after every epoch; σ = 0 gives ∞)."""
     if noise_multiplier == 0: return math.inf
     if steps == 0: return 0.0
     from opacus.accountants import RDPAccountant
-    acc = RDPAccountant()
-    acc.history = [(noise_multiplier, sample_rate, steps)]
-    return float(acc.get_epsilon(delta))
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+    eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=_rdp_per_step(noise_multiplier, sample_rate) * steps, delta=delta)
+    return float(eps)
 
 def dp_noise_multiplier(dp: dict, sample_rate: float, steps: int, n: int) -> tuple[float, float]:
     "(σ, δ) of the DP setting `dp` for `steps` steps at rate q on `n` points: σ as given, or calibrated to reach `epsilon`."
@@ -42,11 +51,12 @@ def check_dp_model(spec: TrainSpec, encoder: nn.Module, objective: Objective):
     if bn: raise ValueError(f"DP-SGD cannot train BatchNorm layers (found {len(bn)}, which mix the samples of a batch): "
                             "use encoder_kw={'norm': 'group'}")
 
-def dp_gradients(model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor, max_grad_norm: float,
-                 noise_multiplier: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Set `.grad` of `model`'s trainable parameters to the DP-SGD gradient of the loss `model(views, labels)`:
-    per-sample gradients clipped to norm `max_grad_norm`, summed, plus N(0, (σ·C)²) noise, divided by the batch size.
-    Returns the mean per-sample loss."""
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    "`x` in float32 if it is in a lower precision (bf16 under autocast), else as it is (float64 stays float64)."
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+def _clipped_sum_vmap(model, views, labels, max_grad_norm):
+    "{name: Σ_i clip_i · g_i} and the mean loss, from per-sample gradients g_i of `torch.func` (vmap of grad)."
     from torch.func import functional_call, grad_and_value, vmap
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     buffers = {k: b.detach() for k, b in model.named_buffers()}
@@ -54,12 +64,95 @@ def dp_gradients(model: nn.Module, views: list[torch.Tensor], labels: torch.Tens
         return functional_call(model, (params, buffers), ([x.unsqueeze(0) for x in xs], label.unsqueeze(0)))
     per_sample = vmap(grad_and_value(loss_one), in_dims=(None, 0, *[0] * len(views)), randomness='different')
     grads, losses = per_sample(params, labels, *views)
-    norms = torch.sqrt(sum(g.flatten(1).float().pow(2).sum(1) for g in grads.values()))
+    norms = torch.sqrt(sum(_at_least_fp32(g.flatten(1)).pow(2).sum(1) for g in grads.values()))
     clip = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    return {k: torch.einsum('b,b...->...', clip.to(g.dtype), g) for k, g in grads.items()}, losses.mean().detach()
+
+def dp_gradients(model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor, max_grad_norm: float,
+                 noise_multiplier: float, generator: torch.Generator | None = None, method: str = 'auto') -> torch.Tensor:
+    """Set `.grad` of `model`'s trainable parameters to the DP-SGD gradient of the loss `model(views, labels)`:
+    per-sample gradients clipped to norm `max_grad_norm`, summed, plus N(0, (σ·C)²) noise, divided by the batch size.
+    `method`: 'hooks' (`clipped_sum_hooks`), 'vmap' (`torch.func`), 'auto' (hooks where `hooks_unsupported` finds
+    nothing). Returns the mean per-sample loss."""
+    if method not in ('auto', 'hooks', 'vmap'): raise ValueError(f"unknown per-sample method {method!r}")
+    if method != 'vmap' and (reason := hooks_unsupported(model)):
+        if method == 'hooks': raise ValueError(f"per-sample gradients by hooks do not apply: {reason}; use per_sample='vmap'")
+        method = 'vmap'
+    summed, loss = (_clipped_sum_vmap if method == 'vmap' else clipped_sum_hooks)(model, views, labels, max_grad_norm)
     for k, p in model.named_parameters():
-        if k not in grads: continue
-        g = torch.einsum('b,b...->...', clip.to(grads[k].dtype), grads[k])
+        if k not in summed: continue
+        g = summed[k]
         if noise_multiplier > 0:
             g = g + noise_multiplier * max_grad_norm * torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype)
         p.grad = g / len(labels)
-    return losses.mean().detach()
+    return loss
+
+# %% ../nbs/05c_privacy.ipynb 7
+HOOKED_LAYERS = (nn.Conv2d, nn.Linear, nn.GroupNorm)
+
+def hooks_unsupported(model: nn.Module) -> str | None:
+    "Why `clipped_sum_hooks` cannot compute `model`'s per-sample gradients, or None when it can."
+    for name, m in model.named_modules():
+        if not any(p.requires_grad for p in m.parameters(recurse=False)): continue
+        if not isinstance(m, HOOKED_LAYERS): return f"{name or 'the model'} ({type(m).__name__}) has trainable parameters of its own"
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != 'zeros' or isinstance(m.padding, str)):
+            return f"{name} is a grouped, padded-by-name or non-zero-padded convolution"
+    return None
+
+def _columns(mod: nn.Module, a: torch.Tensor, g: torch.Tensor):
+    """(A, G) of a Conv2d or Linear layer: its input as columns [B, d, T] and its per-sample output gradient
+    [B, c_out, T], so that sample i's weight gradient is G_i A_iᵀ."""
+    B = len(a)
+    if isinstance(mod, nn.Conv2d):
+        return F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride), g.reshape(B, g.shape[1], -1)
+    return a.reshape(B, -1, a.shape[-1]).transpose(1, 2), g.reshape(B, -1, g.shape[-1]).transpose(1, 2)
+
+def _layer_parts(mod: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
+    "{parameter: ('matrix', A, G) or ('vector', per-sample gradients [B, n])} of one layer."
+    if isinstance(mod, nn.GroupNorm):
+        dims = tuple(range(2, g.dim()))
+        xhat = F.group_norm(a, mod.num_groups, None, None, mod.eps)      # the normalised input the affine map scales
+        return {'weight': ('vector', (xhat * g).sum(dims)), 'bias': ('vector', g.sum(dims))}
+    A, G = _columns(mod, a, g)
+    parts = {'weight': ('matrix', A, G)}
+    if mod.bias is not None: parts['bias'] = ('vector', G.sum(2))
+    return parts
+
+def _sq_norms(part) -> torch.Tensor:
+    "Per-sample squared norms of a part: directly or through the Gram matrices, whichever costs less."
+    if part[0] == 'vector': return part[1].pow(2).sum(1)
+    _, A, G = part
+    d, T, c = A.shape[1], A.shape[2], G.shape[1]
+    if T * (d + c) < d * c:                                                # ghost norm: T²(d + c) < T·d·c
+        return (torch.bmm(A.transpose(1, 2), A) * torch.bmm(G.transpose(1, 2), G)).sum((1, 2))
+    return torch.bmm(G, A.transpose(1, 2)).pow(2).sum((1, 2))
+
+def _clipped_sum(part, clip: torch.Tensor) -> torch.Tensor:
+    "Σ_i clip_i · (per-sample gradient i) of a part, as one matrix product over all samples and positions."
+    if part[0] == 'vector': return clip @ part[1]
+    _, A, G = part
+    B, d, T = A.shape
+    return (G * clip[:, None, None]).transpose(0, 1).reshape(G.shape[1], B * T) @ A.transpose(1, 2).reshape(B * T, d)
+
+def clipped_sum_hooks(model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor, max_grad_norm: float):
+    """{name: Σ_i clip_i · g_i} of `model`'s trainable parameters, g_i sample i's gradient and clip_i = min(1, C/‖g_i‖),
+    and the mean loss: one forward pass with hooks, one backward pass to the layer outputs, no per-sample backward."""
+    layers = {n: m for n, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+    inputs, outputs = {}, {}
+    def keep(name):
+        def hook(mod, inp, out):
+            if name in outputs: raise ValueError(f"{name} runs twice in one forward pass; use per_sample='vmap'")
+            inputs[name], outputs[name] = inp[0].detach(), out
+        return hook
+    handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+    try: loss = model(views, labels)
+    finally:
+        for h in handles: h.remove()
+    names = [n for n in layers if n in outputs]
+    out_grads = torch.autograd.grad(loss, [outputs[n] for n in names])
+    B = len(labels)        # the loss is the batch mean: B × its output gradient is each sample's own
+    parts = {f'{n}.{k}': part for n, g in zip(names, out_grads) for k, part in _layer_parts(layers[n], inputs[n], g * B).items()}
+    norms = torch.sqrt(sum(_at_least_fp32(_sq_norms(part)) for part in parts.values()))
+    clip = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    trainable = dict(model.named_parameters())
+    return {k: _clipped_sum(part, clip.to(part[1].dtype)).view_as(trainable[k]) for k, part in parts.items()}, loss.detach()

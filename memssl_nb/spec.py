@@ -14,8 +14,8 @@ from .models import build_encoder
 from .objectives import get_objective, Objective
 
 # %% auto 0
-__all__ = ['CACHE_VERSION', 'OPTIMIZERS', 'TrainSpec', 'check_dp', 'training_data', 'cache_key', 'build_augment', 'build_clean',
-           'build_model', 'LARS', 'make_optimizer', 'lr_factor']
+__all__ = ['CACHE_VERSION', 'OPTIMIZERS', 'PER_SAMPLE_METHODS', 'TrainSpec', 'check_dp', 'training_data', 'cache_key',
+           'build_augment', 'build_clean', 'build_model', 'LARS', 'make_optimizer', 'lr_factor']
 
 # %% ../nbs/05_spec.ipynb 5
 CACHE_VERSION = 2  # bump when a change alters trained weights or the cache layout (2: one-file checkpoints, MAE's own generator)
@@ -55,7 +55,7 @@ class TrainSpec:
         if self.epochs < 0 or self.batch_size < 1: raise ValueError("epochs must be >= 0 and batch_size >= 1")
         if self.optimizer not in OPTIMIZERS: raise ValueError(f"unknown optimizer {self.optimizer!r}")
         if self.schedule not in ('cosine', 'constant'): raise ValueError(f"unknown schedule {self.schedule!r}")
-        if self.dp is not None: check_dp(self.dp)
+        if self.dp is not None: self.dp = check_dp(self.dp)
 
     def replace(self, **changes) -> 'TrainSpec': return dataclasses.replace(self, **changes)
     def to_dict(self) -> dict:
@@ -63,10 +63,15 @@ class TrainSpec:
         if d['dp'] is None: del d['dp']        # non-private specs keep the cache keys they had before DP existed
         return d
 
+PER_SAMPLE_METHODS = ('auto', 'hooks', 'vmap')
+
 def check_dp(dp: dict) -> dict:
-    "Validate a DP-SGD setting: `max_grad_norm` C > 0 and exactly one of `noise_multiplier` σ >= 0 or `epsilon` > 0."
-    unknown = set(dp) - {'max_grad_norm', 'noise_multiplier', 'epsilon', 'delta'}
-    if unknown: raise ValueError(f"unknown DP-SGD keys {sorted(unknown)}; use max_grad_norm, noise_multiplier or epsilon, delta")
+    """Validate a DP-SGD setting: `max_grad_norm` C > 0 and exactly one of `noise_multiplier` σ >= 0 or `epsilon` > 0;
+    returns it with `per_sample` (how per-sample gradients are computed, chapter 05c) set: 'auto' unless given."""
+    unknown = set(dp) - {'max_grad_norm', 'noise_multiplier', 'epsilon', 'delta', 'per_sample'}
+    if unknown: raise ValueError(f"unknown DP-SGD keys {sorted(unknown)}; use max_grad_norm, noise_multiplier or epsilon, delta, per_sample")
+    dp = {**dp, 'per_sample': dp.get('per_sample', 'auto')}
+    if dp['per_sample'] not in PER_SAMPLE_METHODS: raise ValueError(f"per_sample must be one of {PER_SAMPLE_METHODS}, got {dp['per_sample']!r}")
     if not dp.get('max_grad_norm', 0) > 0: raise ValueError("DP-SGD needs max_grad_norm > 0 (the per-sample clipping norm C)")
     if ('noise_multiplier' in dp) == ('epsilon' in dp): raise ValueError("give DP-SGD exactly one of noise_multiplier or epsilon")
     if dp.get('noise_multiplier', 0) < 0 or dp.get('epsilon', 1) <= 0: raise ValueError("noise_multiplier must be >= 0, epsilon > 0")

@@ -115,7 +115,7 @@ def _run_epochs(spec, key, model, encoder, objective, optimizer, data, augment, 
             views = [augment.apply(x, shard(p, rank, world)).contiguous(memory_format=memory_format) for p in params]
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                if spec.dp is not None: loss = dp_gradients(model, views, labels[idx], clip_norm, sigma, noise_gen)
+                if spec.dp is not None: loss = dp_gradients(model, views, labels[idx], clip_norm, sigma, noise_gen, spec.dp['per_sample'])
                 else: loss = model(views, labels[idx])
             if spec.dp is None: loss.backward()
             optimizer.step(); objective.after_step()
