@@ -15,11 +15,12 @@ from .augment import Augment, benchmark_augment
 from .models import build_encoder
 from .spec import TrainSpec, build_augment, build_model, make_optimizer, training_data
 from .train import LossModel, default_channels_last, train_encoder
+from .privacy import dp_gradients
 from .sslmem import benchmark_sslmem, official_style_sslmem, sslmem
 
 # %% auto 0
 __all__ = ['peak_memory', 'cpu_clock', 'native_bf16', 'benchmark_train_step', 'conv_peak_gflops', 'benchmark_levers',
-           'benchmark_peer_lightly', 'benchmark_checkpointing']
+           'benchmark_dp_step', 'benchmark_peer_lightly', 'benchmark_checkpointing']
 
 # %% ../nbs/90_benchmarks.ipynb 5
 def _rss() -> int:
@@ -234,6 +235,35 @@ def benchmark_levers(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: i
 
 
 # %% ../nbs/90_benchmarks.ipynb 23
+def benchmark_dp_step(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: int = 3, device=None) -> dict:
+    """Seconds per DP-SGD step of `spec` (a DP spec: per-sample objective, GroupNorm) with per-sample gradients by `vmap`
+    and by hooks, and per non-private step of the same model (forward, backward, optimiser), built and timed in one run;
+    `hooks_speedup` = vmap ÷ hooks, `dp_cost_hooks` = hooks ÷ non-private, `max_rel_diff` between the methods' gradients."""
+    if spec.dp is None: raise ValueError("benchmark_dp_step needs a DP spec (spec.dp)")
+    device = get_device(device)
+    sync, clock = _timer(device)
+    t = _training_step(spec.replace(dp=None), data, steps, device, torch.contiguous_format, bf16=False)
+    model = LossModel(t.encoder, t.objective).train()
+    pre = [t.views_of(b) for b in t.batches]
+    labels = t.objective.prepare_labels(training_data(spec, data).labels, spec.seed).to(device)
+    C = float(spec.dp['max_grad_norm'])
+    def dp_step(method):
+        def run(i):
+            dp_gradients(model, pre[i], labels[t.batches[i]], C, 0.0, method=method)
+        return run
+    grads = {}
+    for method in ('vmap', 'hooks'):
+        t.objective.seed(spec.seed)                                        # the same random masks (MAE) for both
+        dp_step(method)(0); grads[method] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(grads['hooks'], grads['vmap']))
+    t.step(pre[0], t.batches[0])                                           # warm-up of the plain step
+    best = _interleaved_best({'vmap': dp_step('vmap'), 'hooks': dp_step('hooks'),
+                              'non-private': lambda i: t.step(pre[i], t.batches[i])}, steps, repeats, sync, clock)
+    return dict(batch=spec.batch_size, arch=f'{spec.arch} x{spec.width}', objective=spec.objective, vmap_s=best['vmap'],
+                hooks_s=best['hooks'], non_private_s=best['non-private'], hooks_speedup=best['vmap'] / best['hooks'],
+                dp_cost_hooks=best['hooks'] / best['non-private'], max_rel_diff=diff)
+
+# %% ../nbs/90_benchmarks.ipynb 26
 def benchmark_peer_lightly(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: int = 3) -> dict:
     """CPU seconds per SimCLR step of `spec` in this library and in lightly (its `SimCLRTransform` per image in a
     `DataLoader`, its `NTXentLoss`) on the same encoder, head and initial weights, one thread, steps interleaved (the
@@ -279,7 +309,7 @@ def benchmark_peer_lightly(spec: TrainSpec, data: ImageSet, steps: int = 4, repe
                 ours_images_per_cpu_s=spec.batch_size / best['ours'], lightly_images_per_cpu_s=spec.batch_size / best['lightly'],
                 speed_vs_lightly=best['lightly'] / best['ours'], load_average=os.getloadavg()[0])
 
-# %% ../nbs/90_benchmarks.ipynb 27
+# %% ../nbs/90_benchmarks.ipynb 30
 def benchmark_checkpointing(spec: TrainSpec, data: ImageSet, repeats: int = 3) -> dict:
     """Median seconds per epoch of `train_encoder(spec)` without the cache (nothing written), with a checkpoint after
     every epoch, and with the default checkpoint budget, interleaved `repeats` times; overheads = with / without − 1."""
