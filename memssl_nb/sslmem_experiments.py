@@ -18,7 +18,7 @@ from .sslmem import sslmem
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .objectives import nt_xent
 from .objectives import masked_augment
-from .stats import monotone, mean_test, equivalent, all_of, correlation_vs, mcnemar
+from .stats import monotone, mean_test, equivalent, all_of, correlation_vs, mcnemar, one_training_per_setting
 
 # %% auto 0
 __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'AUGMENT_STRENGTHS', 'SET_PAIRS', 'FrameworkConfig', 'framework_config',
@@ -403,13 +403,13 @@ def removal_tests(res: pd.DataFrame, col: str) -> dict:
 
 # %% ../nbs/18_sslmem_experiments.ipynb 28
 def probe_correctness(base: ProtocolConfig, variants: dict, downstream: dict, dataset: str) -> dict[str, np.ndarray]:
-    """{variant: per test point of `downstream[dataset]`, did the linear probe of its f encoder classify it correctly}, the
-    f encoders' seeds concatenated in seed order, so that two variants pair point by point and seed by seed (McNemar).
-    The encoders come from the cache the sweep filled (`protocol_sweep` first)."""
+    """{variant: [f seeds, test points of `downstream[dataset]`], did the linear probe of that seed's f encoder classify the
+    point correctly}: two variants pair point by point and seed by seed (McNemar). The encoders come from the cache the
+    sweep filled (`protocol_sweep` first)."""
     out = {}
     for name, changes in variants.items():
         run = run_protocol(base.replace(**changes), progress_bar=False)
-        out[name] = np.concatenate([downstream_accuracy(t, {dataset: downstream[dataset]}, per_point=True)[dataset] for t in run.f])
+        out[name] = np.stack([downstream_accuracy(t, {dataset: downstream[dataset]}, per_point=True)[dataset] for t in run.f])
     return out
 
 def intervention_sweeps(base: ProtocolConfig, preset, downstream) -> dict:
@@ -492,12 +492,14 @@ def plot_sweeps(sweeps: dict, acc: str, scale: str):
 def accuracy_falls(acc: pd.Series, correct: dict, first, last, name: str, alpha: float, labels) -> dict:
     """The evidence for "accuracy falls along a sweep" (SSLMem-EQ3's λ, SSLMem-DP's ε): the mean probe accuracies must fall
     monotonically (the paper's shape), and an exact one-sided McNemar test on the same test points, f seeds pooled, must
-    find the first setting more accurate than the last (`correct`: `probe_correctness`)."""
-    a, b = correct[first], correct[last]
-    return dict(ours=dict(zip(map(str, labels), acc.round(4))) | {'test points × seeds': len(a)}, condition=monotone(acc),
+    find the first setting more accurate than the last (`correct`: `probe_correctness`, one row per training). With one
+    training per setting the test compares two encoders, not two settings: inconclusive (`one_training_per_setting`)."""
+    a, b = np.ravel(correct[first]), np.ravel(correct[last])
+    test = dict(ours=dict(zip(map(str, labels), acc.round(4))) | {'test points × seeds': len(a)}, condition=monotone(acc),
                 p_value=mcnemar(a, b), p_against=mcnemar(b, a),
                 test=f'monotone mean accuracy + exact one-sided McNemar on the test points, f seeds pooled ({name} {first} more accurate '
                      f'than {name} {last}), alpha {alpha}')
+    return one_training_per_setting(test, len(correct[first]))
 
 # %% ../nbs/18_sslmem_experiments.ipynb 33
 SET_PAIRS = (('S_C', 'S_S', 'greater'), ('S_C', 'S_E', 'greater'), ('S_I', 'S_S', 'less'), ('S_I', 'S_E', 'less'))
