@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 import pandas as pd
-from .core import PROJECT_ROOT, FIGURES_DIR, REHEARSAL_ENV, SEED_OFFSET_ENV, MEASUREMENT_CACHE_ENV, atomic_write_text, progress
+from .core import PROJECT_ROOT, FIGURES_DIR, CACHE_DIR, REHEARSAL_ENV, SEED_OFFSET_ENV, MEASUREMENT_CACHE_ENV, atomic_write_text, progress
 from .data import GENERATED_MANIFEST, write_generated_datasets
 from .registry import (SCALES, Artifact, artifact_matches, check_parameters, claims_mtimes, constraints_hash,
                                 executed_path, failure_path, input_hash, missing_claims, package_hash, read_json,
@@ -19,9 +19,9 @@ from .registry import (SCALES, Artifact, artifact_matches, check_parameters, cla
 from .report import seed_run_root, verify, write_report
 
 # %% auto 0
-__all__ = ['TIMEOUTS', 'REHEARSAL_DIR', 'REHEARSAL_GUARD', 'EXECUTORS', 'check_kernel', 'NotebookJob', 'run_papermill',
-           'ArtifactResult', 'RunSummary', 'prepare_rehearsal', 'rehearsal_markdown', 'Reproduction',
-           'writable_out_dir', 'reproduce']
+__all__ = ['TIMEOUTS', 'REHEARSAL_DIR', 'REHEARSAL_GUARD', 'EXECUTORS', 'COLD_SECONDS', 'check_kernel', 'NotebookJob',
+           'run_papermill', 'ArtifactResult', 'RunSummary', 'prepare_rehearsal', 'rehearsal_markdown',
+           'encoder_cache_empty', 'Reproduction', 'writable_out_dir', 'reproduce']
 
 # %% ../nbs/22_runner.ipynb 4
 # (per-cell timeout, whole-notebook wall-clock guard) in seconds; None = no limit
@@ -208,6 +208,12 @@ def _child_env(jobs: int) -> dict:
     return dict(os.environ, **_env_overrides(jobs))
 
 EXECUTORS = ('local', 'submitit')
+COLD_SECONDS = 'cold_seconds.json'   # in figures/<scale>/ (committed): each artifact's seconds from an empty encoder cache
+
+def encoder_cache_empty(cache_dir) -> bool:
+    "Does `cache_dir` hold no trained encoder? Then the run is cold: every notebook trains the encoders it needs."
+    d = Path(cache_dir)/'encoders'
+    return not d.is_dir() or not any(p.suffix != '.lock' for p in d.iterdir())
 
 def _submitit_task(execute, job: NotebookJob) -> tuple[str | None, float]:
     "What a submitit job runs: `execute(job)` in the job's own environment plus the overrides; (error, seconds)."
@@ -228,6 +234,8 @@ class Reproduction:
         self.pkg, self.cons = package_hash(), constraints_hash()
         self.ids, self.results = {a.id for a in selected}, {}
         self.bar = None
+        self.cold = encoder_cache_empty(env.get('MEMSSL_CACHE', CACHE_DIR))
+        self.cold_seconds = read_json(out_dir/COLD_SECONDS) or {}
 
     def fail(self, a: Artifact, error: str, seconds: float = 0.0, executed=None, h=None) -> ArtifactResult:
         "Record a failure (`.stamps/<id>.failed.json`) and return it."
@@ -296,8 +304,17 @@ class Reproduction:
         for a in self.selected: self.finish(self.run_one(a))
 
     def last_seconds(self, a: Artifact) -> float:
-        "How long `a` took when it last completed here (0 if never)."
-        return float((read_json(stamp_path(self.out_dir, a.id)) or {}).get('seconds', 0.0))
+        """How long `a` is expected to take: in a cold run, the seconds it took the last time it ran cold (`COLD_SECONDS`,
+        committed, so a fresh clone knows them), else the seconds of its last run here (its stamp); the other if one is missing."""
+        stamp = float((read_json(stamp_path(self.out_dir, a.id)) or {}).get('seconds', 0.0))
+        cold = float(self.cold_seconds.get(a.id, 0.0))
+        return (cold or stamp) if self.cold else (stamp or cold)
+
+    def record_cold_seconds(self):
+        "After a cold run: keep each completed artifact's seconds in `COLD_SECONDS` for the next cold run's order."
+        done = {r.id: round(r.seconds, 1) for r in self.results.values() if r.status == 'done'}
+        if self.cold and done:
+            atomic_write_text(self.out_dir/COLD_SECONDS, json.dumps({**self.cold_seconds, **done}, indent=2, sort_keys=True) + '\n')
 
     def run_threads(self):
         """Up to `jobs` artifacts at once, each started when its dependencies are done, the longest (by `last_seconds`)
@@ -353,7 +370,7 @@ class Reproduction:
             if self.submitit is not None: self.run_submitit()
             elif self.jobs <= 1: self.run_serial()
             else: self.run_threads()
-        finally: self.bar.close()
+        finally: self.bar.close(); self.record_cold_seconds()
         return self.results_in_order()
 
     def results_in_order(self) -> list[ArtifactResult]:

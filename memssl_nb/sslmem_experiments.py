@@ -18,7 +18,7 @@ from .sslmem import sslmem
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .objectives import nt_xent
 from .objectives import masked_augment
-from .stats import monotone, mean_test, equivalent, all_of, correlation_vs
+from .stats import monotone, mean_test, equivalent, all_of, correlation_vs, mcnemar, one_training_per_setting
 
 # %% auto 0
 __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'AUGMENT_STRENGTHS', 'SET_PAIRS', 'FrameworkConfig', 'framework_config',
@@ -26,10 +26,11 @@ __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'AUGMENT_STRENGTHS', 'SET_PAIRS',
            'atypical_ranking', 'downstream_sets', 'downstream_accuracy', 'removal_sets', 'removal_experiment',
            'summarize_run', 'protocol_sweep', 'dp_variants', 'toy_1d_sslmem', 'SSLMemF1Config', 'SSLMemF10Config',
            'SSLMemRemovalConfig', 'SSLMemSetsConfig', 'SSLMemSweepsConfig', 'toy_1d_tests', 'toy_1d_table',
-           'plot_toy_1d', 'removal_table', 'plot_removal', 'paired_removal', 'removal_tests', 'intervention_sweeps',
-           'extreme_test', 'sweep_tests', 'dp_tests', 'sweep_panel', 'plot_sweeps', 'set_tests', 'plot_sets',
-           'supervised_memorization', 'supervised_tests', 'plot_supervised', 'candidate_groups', 'atypical_tests',
-           'plot_candidates', 'framework_table', 'framework_tests', 'plot_frameworks']
+           'plot_toy_1d', 'removal_table', 'plot_removal', 'paired_removal', 'removal_tests', 'probe_correctness',
+           'intervention_sweeps', 'extreme_test', 'sweep_tests', 'dp_tests', 'sweep_panel', 'plot_sweeps',
+           'accuracy_falls', 'set_tests', 'plot_sets', 'supervised_memorization', 'supervised_tests', 'plot_supervised',
+           'candidate_groups', 'atypical_tests', 'plot_candidates', 'framework_table', 'framework_tests',
+           'plot_frameworks']
 
 # %% ../nbs/18_sslmem_experiments.ipynb 5
 SSLMEM_PAPER_SETUP = {
@@ -156,9 +157,11 @@ def downstream_sets(dataset: str = 'digits', image_size: int = 16, shifted: bool
         out[f'{dataset}-rot90'] = (rot(tr), rot(te))
     return out
 
-def downstream_accuracy(trained: TrainedEncoder, sets: dict[str, tuple[ImageSet, ImageSet]]) -> dict[str, float]:
-    "Linear-probe test accuracy of a trained encoder (with its input normalisation) on each downstream (train, test) pair."
-    return {name: probe_accuracy(trained.encoder, tr, te, clean=trained.clean, max_iter=500) for name, (tr, te) in sets.items()}
+def downstream_accuracy(trained: TrainedEncoder, sets: dict[str, tuple[ImageSet, ImageSet]], per_point: bool = False) -> dict:
+    """Linear-probe test accuracy of a trained encoder (with its input normalisation) on each downstream (train, test) pair;
+    `per_point`: instead, per test point, was it classified correctly (for paired tests between encoders)."""
+    return {name: probe_accuracy(trained.encoder, tr, te, clean=trained.clean, max_iter=500, per_point=per_point)
+            for name, (tr, te) in sets.items()}
 
 # %% ../nbs/18_sslmem_experiments.ipynb 13
 def removal_sets(pool: np.ndarray, scores: np.ndarray, fraction: float, strategy: str, seed: int = 0) -> np.ndarray:
@@ -399,8 +402,19 @@ def removal_tests(res: pd.DataFrame, col: str) -> dict:
                                      test='paired t-test one-sided over (fraction, seed): random removal costs more than bottom removal', p_value=p2)}
 
 # %% ../nbs/18_sslmem_experiments.ipynb 28
+def probe_correctness(base: ProtocolConfig, variants: dict, downstream: dict, dataset: str) -> dict[str, np.ndarray]:
+    """{variant: [f seeds, test points of `downstream[dataset]`], did the linear probe of that seed's f encoder classify the
+    point correctly}: two variants pair point by point and seed by seed (McNemar). The encoders come from the cache the
+    sweep filled (`protocol_sweep` first)."""
+    out = {}
+    for name, changes in variants.items():
+        run = run_protocol(base.replace(**changes), progress_bar=False)
+        out[name] = np.stack([downstream_accuracy(t, {dataset: downstream[dataset]}, per_point=True)[dataset] for t in run.f])
+    return out
+
 def intervention_sweeps(base: ProtocolConfig, preset, downstream) -> dict:
-    "{'eq3' | 'epochs' | 'augmentation': (per-variant table, per-variant score tables)} for Eq. (3)'s λ, training length and augmentation strength."
+    """{'eq3' | 'epochs' | 'augmentation': (per-variant table, per-variant score tables)} for Eq. (3)'s λ, training length
+    and augmentation strength, and 'eq3_correct': the λ variants' `probe_correctness` on the protocol's dataset."""
     lam = lambda l: {} if l == 0 else dict(objective='align_limit', objective_kw=(('base', base.objective), ('lam', float(l))))
     strength = lambda s: dict(augment=preset.strength_presets[s]) if preset.strength_presets else dict(augment_kw=AUGMENT_STRENGTHS[s])
     out = {}
@@ -408,6 +422,7 @@ def intervention_sweeps(base: ProtocolConfig, preset, downstream) -> dict:
                            ('augmentation', {s: strength(s) for s in preset.strengths})):
         t, tabs = protocol_sweep(base, variants, n_pairs=preset.n_pairs, downstream=downstream)
         out[name] = (t.rename(columns={'variant': 'lambda' if name == 'eq3' else name}), tabs)
+        if name == 'eq3': out['eq3_correct'] = probe_correctness(base, variants, downstream, base.dataset)
     return out
 
 def extreme_test(tabs: dict, first, last, alternative: str) -> float:
@@ -427,7 +442,7 @@ def sweep_tests(sweeps: dict, preset, acc: str) -> dict:
     p_rev = all_of(*negative(ep_tabs), *negative(au_tabs))
     return {'lambda_mem': dict(ours=dict(zip(map(str, eq3['lambda']), eq3.avg_mem.round(4))), condition=monotone(eq3.avg_mem), p_value=p_l,
                                test=f'monotone trend + Welch t-test one-sided on S_C scores (λ min > λ max), alpha {a}'),
-            'lambda_acc': dict(ours=dict(zip(map(str, eq3['lambda']), eq3[acc].round(4))), condition=monotone(eq3[acc]), test='monotone trend of linear-probe accuracy (1 seed)'),
+            'lambda_acc': accuracy_falls(eq3[acc], sweeps['eq3_correct'], preset.lambdas[0], preset.lambdas[-1], 'λ', a, map(str, eq3['lambda'])),
             'epochs': dict(ours=dict(zip(map(str, ep.epochs), ep.avg_mem.round(4))), condition=monotone(ep.avg_mem, decreasing=False), p_value=p_e,
                            test=f'monotone trend + Welch t-test one-sided on S_C scores, alpha {a}'),
             'strength': dict(ours=dict(zip(au.augmentation, au.avg_mem.round(4))), condition=monotone(au.avg_mem), p_value=p_s,
@@ -435,7 +450,7 @@ def sweep_tests(sweeps: dict, preset, acc: str) -> dict:
             'reverse': dict(ours=dict(zip(map(str, ep.epochs), ep.mean_S_I.round(4))) | dict(zip(au.augmentation, au.mean_S_I.round(4))),
                             p_value=p_rev[0], p_against=p_rev[1], test='one-sample t-test per variant: mean S_I score < 0, every variant (contradicted if any is > 0, Bonferroni)')}
 
-def dp_tests(dp: pd.DataFrame, dp_tabs: dict, alpha: float, acc: str) -> dict:
+def dp_tests(dp: pd.DataFrame, dp_tabs: dict, alpha: float, acc: str, correct: dict) -> dict:
     "SSLMem-DP's statements: smaller ε lowers memorization (if the non-private baseline memorizes at all) and accuracy; S_I ≤ 0."
     from scipy import stats
     names = list(dp.target_epsilon)
@@ -450,7 +465,7 @@ def dp_tests(dp: pd.DataFrame, dp_tabs: dict, alpha: float, acc: str) -> dict:
            dict(ours=ours, p_value=1.0, p_against=1.0, test='none possible', why=f'the non-private baseline (ε = ∞) shows no memorization to lower: mean S_C {t0.score[t0.set == "S_C"].mean():.4f} '
                                                f'vs S_E {t0.score[t0.set == "S_E"].mean():.4f}, Welch one-sided p = {p0:.2g} (measured: {ours})'))
     return {'memorization': mem,
-            'accuracy': dict(ours=dict(zip(names, dp[acc].round(4))), condition=monotone(dp[acc]), test='monotone trend of linear-probe accuracy of f'),
+            'accuracy': accuracy_falls(dp[acc], correct, names[0], names[-1], 'ε', alpha, names),
             'reverse': dict(ours=dict(zip(names, dp.mean_S_I.round(4))), p_value=p_rev[0], p_against=p_rev[1],
                             test='one-sample t-test per privacy level: mean S_I score < 0, every level (contradicted if any is > 0, Bonferroni)')}
 
@@ -473,7 +488,20 @@ def plot_sweeps(sweeps: dict, acc: str, scale: str):
     f2.suptitle(f'SSLMem-DYN ({scale})'); f2.tight_layout()
     return f1, f2
 
-# %% ../nbs/18_sslmem_experiments.ipynb 31
+# %% ../nbs/18_sslmem_experiments.ipynb 29
+def accuracy_falls(acc: pd.Series, correct: dict, first, last, name: str, alpha: float, labels) -> dict:
+    """The evidence for "accuracy falls along a sweep" (SSLMem-EQ3's λ, SSLMem-DP's ε): the mean probe accuracies must fall
+    monotonically (the paper's shape), and an exact one-sided McNemar test on the same test points, f seeds pooled, must
+    find the first setting more accurate than the last (`correct`: `probe_correctness`, one row per training). With one
+    training per setting the test compares two encoders, not two settings: inconclusive (`one_training_per_setting`)."""
+    a, b = np.ravel(correct[first]), np.ravel(correct[last])
+    test = dict(ours=dict(zip(map(str, labels), acc.round(4))) | {'test points × seeds': len(a)}, condition=monotone(acc),
+                p_value=mcnemar(a, b), p_against=mcnemar(b, a),
+                test=f'monotone mean accuracy + exact one-sided McNemar on the test points, f seeds pooled ({name} {first} more accurate '
+                     f'than {name} {last}), alpha {alpha}')
+    return one_training_per_setting(test, len(correct[first]))
+
+# %% ../nbs/18_sslmem_experiments.ipynb 33
 SET_PAIRS = (('S_C', 'S_S', 'greater'), ('S_C', 'S_E', 'greater'), ('S_I', 'S_S', 'less'), ('S_I', 'S_E', 'less'))
 
 def set_tests(tests: pd.DataFrame, scores: dict, alpha: float) -> dict:
@@ -560,7 +588,7 @@ def plot_supervised(df_sup: pd.DataFrame, title: str):
     fig.suptitle(title)
     return fig
 
-# %% ../nbs/18_sslmem_experiments.ipynb 34
+# %% ../nbs/18_sslmem_experiments.ipynb 36
 def candidate_groups(df: pd.DataFrame, n_show: int) -> tuple[pd.DataFrame, dict]:
     "(the S_C rows sorted by score, {'most memorized' | 'median' | 'least memorized': `n_show` rows each})."
     c = df[df.set == 'S_C'].sort_values('score', ascending=False).reset_index(drop=True)

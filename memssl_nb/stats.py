@@ -4,12 +4,13 @@
 
 # %% ../nbs/00b_stats.ipynb 2
 from __future__ import annotations
+import math
 import numpy as np
 
 # %% auto 0
 __all__ = ['welch_greater', 'paired_greater', 'depth_trend', 'monotone', 'top_mean', 'rank_trend', 'mean_test', 'all_of',
-           'equivalent', 'detectable', 'correlation_vs', 'bootstrap_greater', 'excess_trend', 'excess_greater',
-           'one_training_per_setting', 'ordered', 'mcnemar', 'in_top_share']
+           'at_least', 'equivalent', 'detectable', 'correlation_vs', 'bootstrap_greater', 'excess_trend',
+           'excess_greater', 'one_training_per_setting', 'ordered', 'mcnemar', 'in_top_share']
 
 # %% ../nbs/00b_stats.ipynb 5
 def welch_greater(a, b) -> tuple[float, float]:
@@ -79,6 +80,15 @@ def all_of(*tests) -> tuple[float, float]:
     (the largest p, an intersection–union test) and is contradicted when any part is (Bonferroni over the parts)."""
     if not tests: raise ValueError("all_of needs at least one test")
     return float(max(t[0] for t in tests)), float(min(1.0, len(tests) * min(t[1] for t in tests)))
+
+def at_least(k: int, *tests) -> tuple[float, float]:
+    """(p for, p against) of "at least `k` of the m parts hold" from one-sided (p for, p against) pairs: it holds when some
+    k parts all do (the k-th smallest p, Bonferroni over the C(m, k) sets of k parts) and is contradicted when m − k + 1
+    parts are (likewise). `k` = m is `all_of`; `k` = 1 is Bonferroni's "any"."""
+    m = len(tests)
+    if not 1 <= k <= m: raise ValueError(f"at_least needs 1 <= k <= the number of tests ({m}), got k = {k}")
+    p, pa = sorted(t[0] for t in tests), sorted(t[1] for t in tests)
+    return float(min(1.0, math.comb(m, k) * p[k - 1])), float(min(1.0, math.comb(m, m - k + 1) * pa[m - k]))
 
 def equivalent(a, b, margin: float) -> tuple[float, float, float]:
     """(mean(a) − mean(b), p that the means differ by less than `margin` (two one-sided Welch tests, TOST), p that they
