@@ -43,12 +43,13 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'composition_test', 'plot_composition', 'concept_table', 'concept_tests', 'LayerExchange',
            'three_layer_table', 'three_layer_tests', 'plot_three_layer', 'single_layer_tables', 'single_layer_tests',
            'plot_single_layer', 'combination_table', 'combination_tests', 'plot_combinations', 'bn_similarity',
-           'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'insertion_tests',
-           'insertion_variant_tests', 'plot_insertion', 'ssl_and_supervised', 'unit_class_table', 'unit_class_tests',
-           'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
-           'measuring_augmentation_tests', 'training_variants', 'augmentation_strength_tests', 'weight_decay_table',
-           'weight_decay_tests', 'framework_comparison', 'plot_training_variants', 'vit_sublayer_tests',
-           'bn_similarity_test', 'dataset_unitmem', 'unit_summary', 'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
+           'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'insertion_curve',
+           'insertion_table', 'insertion_endpoints', 'insertion_tests', 'insertion_variant_tests', 'plot_insertion',
+           'ssl_and_supervised', 'unit_class_table', 'unit_class_tests', 'plot_unit_class_means',
+           'plot_unit_class_scatter', 'measuring_augmentation_table', 'measuring_augmentation_tests',
+           'training_variants', 'augmentation_strength_tests', 'weight_decay_table', 'weight_decay_tests',
+           'framework_comparison', 'plot_training_variants', 'vit_sublayer_tests', 'bn_similarity_test',
+           'dataset_unitmem', 'unit_summary', 'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -255,10 +256,11 @@ class LocT13Config(Preset):
     n_views: int = 3
     layer: str = 'conv4_2'
     lr: float = 0.001
+    replicates: int = 2   # insertions per variant, each its own held-out point (or batch draws): the tests run over them
 LocT13Config.SCALES = {
     'smoke': LocT13Config(),
-    'cpu': LocT13Config(ssl_epochs=100, steps=[0, 10, 50, 100], batch=32, dup=128, n_ref=150, n_views=10),
-    'paper': LocT13Config(ssl_epochs=200, width=1.0, steps=[0, 10, 50, 200, 500, 1000], batch=128, dup=300, n_ref=5000, n_views=10),
+    'cpu': LocT13Config(ssl_epochs=100, steps=[0, 10, 50, 100], batch=32, dup=128, n_ref=150, n_views=10, replicates=8),
+    'paper': LocT13Config(ssl_epochs=200, width=1.0, steps=[0, 10, 50, 200, 500, 1000], batch=128, dup=300, n_ref=5000, n_views=10, replicates=5),
 }
 
 @dataclass(frozen=True)
@@ -684,29 +686,47 @@ def plot_seed_agreement(T28: pd.DataFrame, agree_k: int, n_candidates: int):
     ax.set_title('top-k overlap between independently seeded (f, g) pairs')
     return fig
 
-def subset_size_table(res, sizes, n_draws: int, seed: int = 0) -> pd.DataFrame:
-    "Table 19: mean and std over `n_draws` random candidate subsets of each size of the LayerMem of each Table 1 layer."
+def subset_size_table(res, sizes, n_draws: int, seed: int = 0, reading: str = 'conv') -> pd.DataFrame:
+    "Table 19: mean and std over `n_draws` random candidate subsets of each size of the LayerMem of each Table 1 layer (at Table 1's `reading`)."
     gen = torch.Generator().manual_seed(seed)
+    taps = dict(zip(RESNET9_T1_LAYERS, table1_taps(reading)))
     rows = []
     for n in sizes:
         n = min(n, len(res))
         for r in range(n_draws):
             idx = torch.randperm(len(res), generator=gen)[:n]
-            for l in RESNET9_T1_LAYERS: rows.append(dict(n=n, rep=r, layer=l, LM=res.layer(l).score[idx].mean().item()))
+            for l in RESNET9_T1_LAYERS: rows.append(dict(n=n, rep=r, layer=l, LM=res.layer(taps[l]).score[idx].mean().item()))
     T19 = pd.DataFrame(rows).groupby(['layer', 'n']).LM.agg(['mean', 'std']).unstack('n').loc[RESNET9_T1_LAYERS]
     T19.columns = [f'{a}_{b}' for a, b in T19.columns]
     return T19
 
-def subset_size_test(res, T19: pd.DataFrame, sizes, n_draws: int, full_lm: pd.Series) -> dict:
-    "Table 19's statement: subset means agree with the full-set LayerMem within sampling error (finite-population z < 3)."
-    means = T19[[f'mean_{min(n, len(res))}' for n in sizes]]
+def subset_size_test(res, T19: pd.DataFrame, sizes, n_draws: int, full_lm: pd.Series, reading: str = 'conv', margin: float = 0.007) -> dict:
+    """Table 19's statement: subset means agree with the full-set LayerMem `full_lm` (the same `reading`): within sampling
+    error (finite-population z < 3) and within `margin` (the paper's largest spread over sizes, 0.007) by a one-sample
+    equivalence test (TOST) of the `n_draws` subset values per layer and size smaller than all candidates (all of them)."""
+    from scipy.stats import t as student_t
     N = len(res)
-    sd = pd.Series({l: res.layer(l).score.std().item() for l in RESNET9_T1_LAYERS})
-    se = pd.DataFrame({c_: sd / np.sqrt(int(c_.split('_')[1]) * n_draws) * np.sqrt(max(0.0, 1 - int(c_.split('_')[1]) / N)) for c_ in means})
+    sizes = sorted({min(n, N) for n in sizes})
+    means, stds = T19[[f'mean_{n}' for n in sizes]], T19[[f'std_{n}' for n in sizes]]
+    taps = dict(zip(RESNET9_T1_LAYERS, table1_taps(reading)))
+    sd = pd.Series({l: res.layer(taps[l]).score.std().item() for l in RESNET9_T1_LAYERS})
+    se = pd.DataFrame({f'mean_{n}': sd / np.sqrt(n * n_draws) * np.sqrt(max(0.0, 1 - n / N)) for n in sizes})
     z = (means.sub(full_lm, axis=0) / se.replace(0, np.nan)).abs()
-    return dict(ours=dict(max_abs_z=float(np.nanmax(z.values)), max_spread_over_sizes=float((means.max(1) - means.min(1)).max())),
+    tost = []                                   # (p equivalent, p apart) per layer and size, from the draws' mean and sd
+    for n in [n for n in sizes if n < N]:
+        d, s = means[f'mean_{n}'] - full_lm, stds[f'std_{n}'] / np.sqrt(n_draws)
+        for l in RESNET9_T1_LAYERS:
+            if s[l] > 0:
+                lo, hi = student_t.sf((d[l] + margin) / s[l], n_draws - 1), student_t.cdf((d[l] - margin) / s[l], n_draws - 1)
+                tost.append((max(lo, hi), min(1.0, 2 * min(1 - lo, 1 - hi))))
+            else: tost.append((0.0, 1.0) if abs(d[l]) < margin else (1.0, 0.0))
+    p = all_of(*tost) if tost else (None, None)
+    return dict(ours=dict(max_abs_z=float(np.nanmax(z.values)), max_abs_difference=float(means.sub(full_lm, axis=0).abs().values.max()),
+                          max_spread_over_sizes=float((means.max(1) - means.min(1)).max())),
                 condition=bool(np.nanmax(z.values) < 3) if np.isfinite(np.nanmax(z.values)) else None, paper_value=dict(max_spread_over_sizes=0.007),
-                test=f"|mean over {n_draws} subsets − LayerMem(all)| < 3 standard errors (finite-population, normal approximation; the scores are heavy-tailed) for every layer and size")
+                p_value=p[0], p_against=p[1],
+                test=f"|mean over {n_draws} subsets − LayerMem(all)| < 3 standard errors (finite-population, normal approximation) for every layer and size, "
+                     f"and within ±{margin} (one-sample TOST over the {n_draws} subsets, every layer and size below all candidates)")
 
 def plot_subset_sizes(T19: pd.DataFrame, sizes, n_candidates: int, n_draws: int):
     "LayerMem per Table 1 layer for each subset size."
@@ -716,28 +736,39 @@ def plot_subset_sizes(T19: pd.DataFrame, sizes, n_candidates: int, n_draws: int)
     ax.set_xticks(range(len(RESNET9_T1_LAYERS)), [PAPER_LAYER[l] for l in RESNET9_T1_LAYERS]); ax.legend(fontsize=7); ax.set_title(f"LayerMem vs |D'| ({n_draws} random subsets each)")
     return fig
 
-def distance_profiles(run: ProtocolRun, n_pairs: int, l2: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Table 26: LayerMem per Table 1 layer under ℓ2 (`l2`, already measured), ℓ1, cosine and angular distance, and ΔLayerMem."
+def distance_profiles(run: ProtocolRun, n_pairs: int, res, reading: str = 'conv') -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Table 26: LayerMem per Table 1 layer under ℓ2 (`res`, `depth_layermem`'s measurement), ℓ1, cosine and angular
+    distance, all at Table 1's `reading`; ΔLayerMem (as in `layer_profile`: consecutive rows at 'conv', the tap's parent at
+    'block'); and per distance the candidates' own ΔLayerMem summands (one row per candidate, one column per layer)."""
     from memssl_nb.layermem import layermem
     images = run.data.images[run.split.candidates]
-    prof = {'l2': l2}
-    for dname in ['l1', 'cosine', 'angular']:
-        r2 = layermem(run.f_encoders, run.g_encoders, images, run.augment, layers=RESNET9_T1_LAYERS, n_pairs=n_pairs, distance=dname, progress=False)
-        prof[dname] = r2.table().set_index('layer').loc[RESNET9_T1_LAYERS, 'layermem']
-    T26 = pd.DataFrame(prof)
+    taps = table1_taps(reading)
+    measured = {'l2': res} | {d: layermem(run.f_encoders, run.g_encoders, images, run.augment, layers=taps, n_pairs=n_pairs, distance=d, progress=False)
+                              for d in ['l1', 'cosine', 'angular']}
+    points = {d: pd.DataFrame({l: r.layer(t).score.double().numpy() for l, t in zip(RESNET9_T1_LAYERS, taps)}) for d, r in measured.items()}
     par = run.f[0].encoder.tap_parents
-    D26 = pd.DataFrame({d: [T26.loc[l, d] - T26.loc[par[l], d] if par[l] in T26.index else np.nan for l in RESNET9_T1_LAYERS] for d in T26}, index=RESNET9_T1_LAYERS)
-    return T26, D26
+    step = ((lambda pp: pp - pp.shift(1, axis=1)) if reading == 'conv' else
+            (lambda pp: pd.DataFrame({l: pp[l] - pp[par[l]] if par[l] in pp else np.nan for l in RESNET9_T1_LAYERS})))
+    steps = {d: step(pp) for d, pp in points.items()}
+    return pd.DataFrame({d: pp.mean() for d, pp in points.items()}), pd.DataFrame({d: s.mean() for d, s in steps.items()}), steps
 
-def distance_tests(T26: pd.DataFrame, D26: pd.DataFrame) -> dict:
-    "Table 26's statements: the four distances give the same profile, and the same conv with the largest ΔLM."
-    argmax = {d: D26.loc[RESNET9_CONVS[1:], d].idxmax() for d in D26}
+def distance_tests(T26: pd.DataFrame, D26: pd.DataFrame, steps: dict | None = None) -> dict:
+    """Table 26's statements: the four distances give the same profile, and the same conv with the largest ΔLM. With
+    `steps` (`distance_profiles`' per-candidate ΔLM) the argmax is tested: under every distance the conv with the largest
+    mean ΔLM over the four exceeds each other conv 2-8, by paired t-tests over the candidates (all of them; chosen from the
+    same data, so the weakest of the 4 × 6 comparisons decides)."""
+    convs = RESNET9_CONVS[1:]
+    argmax = {d: D26.loc[convs, d].idxmax() for d in D26}
     corr = T26.corr().values[np.triu_indices(4, 1)].min()
     above, below = correlation_vs(corr, len(T26), 0.9)                                         # the least similar pair
+    best = D26.loc[convs].mean(1).idxmax()
+    p_arg = all_of(*[mean_test(s[best] - s[c])[1:] for s in steps.values() for c in convs if c != best]) if steps else (None, None)
     return {'same_profile': dict(ours=dict(min_pearson_between_profiles=corr), paper_value='profiles within ±0.02', p_value=above, p_against=below,
                                  test=f'Fisher z test over the {len(T26)} layers: the least similar pair of profiles has Pearson r > 0.9'),
             'same_argmax': dict(ours={d: PAPER_LAYER[l] for d, l in argmax.items()}, condition=len(set(argmax.values())) == 1, paper_value='6 under all four',
-                                test='argmax ΔLM over convs 2-8 per distance')}
+                                p_value=p_arg[0], p_against=p_arg[1],
+                                test='argmax ΔLM over convs 2-8 per distance' + (f'; paired t-tests over the candidates, under each distance: ΔLM at layer '
+                                                                                   f'{PAPER_LAYER[best]} > at each other conv (all of them)' if steps else ''))}
 
 def plot_distance_profiles(T26: pd.DataFrame):
     "LayerMem per Table 1 layer under the four distances."
@@ -1384,39 +1415,86 @@ class UnitInsertion:
                              other_rows_max_change=(enc.get_submodule(layer).conv.weight.detach() - w0)[[i for i in range(len(w0)) if i not in (self.hi, self.lo)]].abs().max().item()))
         return pd.DataFrame(rows)
 
+    def insert_replicates(self, n: int, per_batch: int, many: bool = False, seed: int = 0) -> pd.DataFrame:
+        """`insert` repeated `n` times from the same encoder, one frame with a `replicate` column: replicate i inserts the
+        i-th held-out point (or, `many`, all held-out points) with batch draws and augmentations from `seed` + i."""
+        if n < 2: raise ValueError(f"a test over replicates needs at least 2 of them, got {n}")
+        if not many and n > len(self.held): raise ValueError(f"{n} replicates need {n} held-out points; this split has {len(self.held)}")
+        return pd.concat([self.insert(self.held if many else self.held[i:i + 1], per_batch, seed=seed + i).assign(replicate=i) for i in range(n)],
+                         ignore_index=True)
+
+def insertion_curve(T: pd.DataFrame, paper: dict | None = None) -> pd.DataFrame:
+    """Per checkpoint, the mean over the replicates of `insert_replicates`' frame `T` (UnitMem of both units, the share of
+    replicates whose inserted point owns the top unit, the largest change of another row); `paper`: its top/dead columns."""
+    curve = T.groupby('step').agg(unitmem_top_unit=('unitmem_top_unit', 'mean'), unitmem_top_unit_sd=('unitmem_top_unit', 'std'),
+                                  unitmem_dead_unit=('unitmem_dead_unit', 'mean'), unitmem_dead_unit_sd=('unitmem_dead_unit', 'std'),
+                                  owner_share=('top_unit_owner_is_inserted', 'mean'), other_rows_max_change=('other_rows_max_change', 'max'),
+                                  replicates=('replicate', 'nunique')).reset_index()
+    for k in (paper or {}):
+        vals = list(paper[k])[:len(curve)]
+        curve[f'paper_{k}_unit'] = vals + [np.nan] * (len(curve) - len(vals))
+    return curve
+
+def insertion_table(variants: dict) -> pd.DataFrame:
+    "Table 14's curves: `insertion_curve` of each variant {label: (frame, the paper's columns or None)}, stacked with a `data` column."
+    return pd.concat([insertion_curve(T, paper).assign(data=label) for label, (T, paper) in variants.items()], ignore_index=True)
+
+def insertion_endpoints(T: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    "(first, second, last) checkpoint rows of each replicate of `insert_replicates`' frame, indexed by replicate."
+    steps = sorted(T.step.unique())
+    at = lambda s: T[T.step == s].set_index('replicate').sort_index()
+    return at(steps[0]), at(steps[min(1, len(steps) - 1)]), at(steps[-1])
+
 def insertion_tests(T13: pd.DataFrame) -> dict:
-    "Table 13's statements: the unit's UnitMem rises monotonically, the dead unit rises, other units unchanged, the point becomes the owner."
-    up = np.diff(T13.unitmem_top_unit.values)
-    return {'rises': dict(ours=T13.unitmem_top_unit.round(4).tolist(), condition=bool((up >= -1e-4).all() and T13.unitmem_top_unit.iloc[-1] > T13.unitmem_top_unit.iloc[0]),
-                          paper_value=PAPER_T13['top'], test='non-decreasing over checkpoints (tolerance 1e-4) and final > initial'),
-            'dead_rises': dict(ours=T13.unitmem_dead_unit.round(4).tolist(), condition=T13.unitmem_dead_unit.iloc[-1] > T13.unitmem_dead_unit.iloc[0],
-                               paper_value=PAPER_T13['dead'], test='final > initial'),
+    """Table 13's statements over the replicates (each its own inserted held-out point): the unit's UnitMem rises
+    (paired t-test of final − initial; the mean curve non-decreasing), the dead (lowest) unit rises, the other units
+    are unchanged (exact), and the inserted point owns the unit in most replicates (binomial test against one half)."""
+    from scipy.stats import binomtest
+    first, _, last = insertion_endpoints(T13)
+    curve = insertion_curve(T13); n = len(last)
+    top, dead = mean_test(last.unitmem_top_unit - first.unitmem_top_unit), mean_test(last.unitmem_dead_unit - first.unitmem_dead_unit)
+    k = int(last.top_unit_owner_is_inserted.sum())
+    return {'rises': dict(ours=dict(mean_curve=curve.unitmem_top_unit.round(4).tolist(), mean_gain=top[0], replicates=n),
+                          condition=bool((np.diff(curve.unitmem_top_unit.values) >= -1e-4).all()), p_value=top[1], p_against=top[2], paper_value=PAPER_T13['top'],
+                          test=f'paired t-test over {n} replicates (each its own held-out point): final − initial UnitMem > 0; the mean curve non-decreasing (tolerance 1e-4)'),
+            'dead_rises': dict(ours=dict(mean_curve=curve.unitmem_dead_unit.round(4).tolist(), mean_gain=dead[0], replicates=n), p_value=dead[1], p_against=dead[2],
+                               paper_value=PAPER_T13['dead'], test=f'paired t-test over {n} replicates: final − initial UnitMem of the dead (lowest) unit > 0'),
             'others_unchanged': dict(ours=dict(max_abs_change=T13.other_rows_max_change.max()), condition=T13.other_rows_max_change.max() == 0, exact=True,
                                      paper_value='unchanged', test='max |Δw| over non-target conv rows == 0 (exact)'),
-            'owner': dict(ours=T13.top_unit_owner_is_inserted.tolist(), condition=bool(T13.top_unit_owner_is_inserted.iloc[-1]),
-                          paper_value='the test point stays the µmax point', test='owner after the last checkpoint')}
+            'owner': dict(ours=dict(owner_after_last_checkpoint=f'{k} of {n} replicates'), p_value=binomtest(k, n, 0.5, alternative='greater').pvalue,
+                          p_against=binomtest(k, n, 0.5, alternative='less').pvalue, paper_value='the test point stays the µmax point',
+                          test=f'binomial test over {n} replicates: the inserted point owns the unit after the last checkpoint in more than half')}
 
 def insertion_variant_tests(T13: pd.DataFrame, T14a: pd.DataFrame, T14b: pd.DataFrame) -> dict:
-    "Table 14's statements: many points also raise UnitMem; a duplicated point raises it fastest; other units unchanged."
-    gain = lambda d: d.unitmem_top_unit.iloc[1] - d.unitmem_top_unit.iloc[0] if len(d) > 1 else np.nan
-    return {'many': dict(ours=T14a.unitmem_top_unit.round(4).tolist(), condition=T14a.unitmem_top_unit.iloc[-1] > T14a.unitmem_top_unit.iloc[0],
-                         paper_value=PAPER_T14A, test='final > initial'),
-            'duplicated': dict(ours=dict(first_gain_dup=gain(T14b), first_gain_single=gain(T13), first_gain_many=gain(T14a)),
-                               condition=gain(T14b) > max(gain(T13), gain(T14a)), paper_value=dict(dup=0.044, single=0.007, many=0.012), test='UnitMem gain at the first checkpoint'),
+    """Table 14's statements over the replicates: many points also raise UnitMem (paired t-test of final − initial); one
+    point duplicated in the batch raises it fastest (gain at the first checkpoint above the single point's, paired by the
+    point, and above the many points', paired by replicate); the other units unchanged (exact)."""
+    f13, s13, _ = insertion_endpoints(T13); fa, sa, la = insertion_endpoints(T14a); fb, sb, _ = insertion_endpoints(T14b)
+    g13, ga, gb = s13.unitmem_top_unit - f13.unitmem_top_unit, sa.unitmem_top_unit - fa.unitmem_top_unit, sb.unitmem_top_unit - fb.unitmem_top_unit
+    many = mean_test(la.unitmem_top_unit - fa.unitmem_top_unit)
+    fastest = all_of(mean_test((gb - g13).dropna())[1:], mean_test((gb - ga).dropna())[1:])
+    return {'many': dict(ours=dict(mean_curve=insertion_curve(T14a).unitmem_top_unit.round(4).tolist(), mean_gain=many[0], replicates=len(la)),
+                         p_value=many[1], p_against=many[2], paper_value=PAPER_T14A,
+                         test=f'paired t-test over {len(la)} replicates (batch draws): final − initial UnitMem > 0'),
+            'duplicated': dict(ours=dict(first_gain_dup=gb.mean(), first_gain_single=g13.mean(), first_gain_many=ga.mean()),
+                               condition=gb.mean() > max(g13.mean(), ga.mean()), p_value=fastest[0], p_against=fastest[1],
+                               paper_value=dict(dup=0.044, single=0.007, many=0.012),
+                               test='UnitMem gain at the first checkpoint; paired t-tests over the replicates: duplicated > single point (same point) and > many points (both)'),
             'others_unchanged': dict(ours=dict(a=T14a.other_rows_max_change.max(), b=T14b.other_rows_max_change.max()),
                                      condition=max(T14a.other_rows_max_change.max(), T14b.other_rows_max_change.max()) == 0, paper_value='unchanged', test='exact', exact=True)}
 
 def plot_insertion(T14: pd.DataFrame, hi: int, lo: int, dead: bool):
-    "UnitMem of the two fine-tuned units over the fine-tuning steps, per inserted data."
+    "UnitMem of the two fine-tuned units over the fine-tuning steps, per inserted data: the replicates' mean ± sd."
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(9, 3))
     for d, g_ in T14.groupby('data', sort=False):
-        ax[0].plot(g_.step, g_.unitmem_top_unit, marker='o', label=d); ax[1].plot(g_.step, g_.unitmem_dead_unit, marker='o', label=d)
+        ax[0].errorbar(g_.step, g_.unitmem_top_unit, g_.unitmem_top_unit_sd, marker='o', capsize=2, label=d)
+        ax[1].errorbar(g_.step, g_.unitmem_dead_unit, g_.unitmem_dead_unit_sd, marker='o', capsize=2, label=d)
     ax[0].set_title(f'highest-UnitMem unit {hi}'); ax[1].set_title(f'{"dead" if dead else "lowest"} unit {lo}')
     for a in ax: a.set_xlabel('fine-tuning steps'); a.set_ylabel('UnitMem'); a.legend(fontsize=7)
     return fig
 
-# %% ../nbs/19_localizing.ipynb 46
+# %% ../nbs/19_localizing.ipynb 48
 def ssl_and_supervised(run: ProtocolRun, sl_epochs: int, sl_width: float) -> dict:
     "{'SSL': the protocol's f (seed 0), 'SL': a supervised encoder trained on the same points}."
     cfg, idx = run.config, run.split.f_indices
@@ -1538,7 +1616,7 @@ def measuring_augmentation_tests(F9: pd.DataFrame, units: dict) -> dict:
             'sl_clean_lower': dict(ours=F9.loc[['training', 'none (clean)'], 'SL'].round(3).to_dict(), p_value=clean[0], p_against=clean[1],
                                    paper_value='lower (figure 5)', test='one-sided paired t-test over the units of layer 8: clean < training augmentation')}
 
-# %% ../nbs/19_localizing.ipynb 50
+# %% ../nbs/19_localizing.ipynb 52
 AUGMENT_VARIANTS = {'weak': {'augment_kw': (('crop', {'scale': (0.7, 1.0)}), ('jitter', {'brightness': 0.2, 'contrast': 0.2, 'p': 0.5}))},
                     'normal': {},
                     'strong': {'augment_kw': (('crop', {'scale': (0.2, 1.0)}), ('jitter', {'brightness': 0.6, 'contrast': 0.6, 'p': 0.9}),
@@ -1623,7 +1701,7 @@ def plot_training_variants(LM: pd.DataFrame, UM: pd.DataFrame, variants: list, t
     ax[0].set_title(titles[0]); ax[1].set_title(titles[1]); ax[0].legend(fontsize=7)
     return fig
 
-# %% ../nbs/19_localizing.ipynb 52
+# %% ../nbs/19_localizing.ipynb 54
 PAPER_T10 = pd.DataFrame({'att_LM': [.006, .028, .046, .067, .092, .114, .140, .164, .191, .220, .249, .280],
                           'att_dLM': [np.nan, .006, .006, .006, .007, .008, .009, .008, .009, .009, .008, .009],
                           'fc_LM': [.020, .039, .060, .083, .105, .129, .155, .182, .210, .240, .271, .303],
@@ -1651,7 +1729,7 @@ def bn_similarity_test(T25: pd.DataFrame) -> dict:
     return dict(ours=dict(mean=T25.cosine.mean(), per_layer=T25.cosine.round(3).tolist()), p_value=mean_test(T25.cosine, 0.7)[1],
                 paper_value=dict(mean=0.823, per_layer=T25.paper_cosine.tolist()), test='one-sample t-test over the 8 layers: mean cosine > 0.7')
 
-# %% ../nbs/19_localizing.ipynb 56
+# %% ../nbs/19_localizing.ipynb 58
 def dataset_unitmem(scale: str, datasets, n_points: int, layer: str, n_views: int) -> dict:
     "UnitMem of `layer`'s units of the protocol's recipe trained on `n_points` random training points of each dataset."
     from memssl_nb.core import make_generator
