@@ -31,7 +31,7 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'LocT11Config', 'LocT13Config', 'LocT15Config', 'LocT2Config', 'LocT21Config', 'LocT27Config', 'LocT6Config',
            'pruning_experiment', 'pruning_table', 'pruning_order_test', 'plot_pruning', 'unitmem_during_training',
            'training_curve_tests', 'plot_unitmem_curve', 'depth_layermem', 'table1_taps', 'layer_profile',
-           'layer_profile_tests', 'plot_layer_profile', 'breakdown', 'breakdown_tests', 'plot_breakdown',
+           'layer_profile_tests', 'plot_layer_profile', 'breakdown', 'breakdown_tests', 'plot_breakdown', 'conv_taps',
            'layer_agreement_table', 'agreement_tests', 'plot_agreement', 'top_candidates', 'shared_top_test',
            'plot_top_candidates', 'seed_agreement_table', 'seed_agreement_tests', 'plot_seed_agreement',
            'subset_size_table', 'subset_size_test', 'plot_subset_sizes', 'distance_profiles', 'distance_tests',
@@ -43,13 +43,13 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'composition_test', 'plot_composition', 'concept_table', 'concept_tests', 'LayerExchange',
            'three_layer_table', 'three_layer_tests', 'plot_three_layer', 'single_layer_tables', 'single_layer_tests',
            'plot_single_layer', 'combination_table', 'combination_tests', 'plot_combinations', 'bn_similarity',
-           'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'insertion_curve',
-           'insertion_table', 'insertion_endpoints', 'insertion_tests', 'insertion_variant_tests', 'plot_insertion',
-           'ssl_and_supervised', 'unit_class_table', 'unit_class_tests', 'plot_unit_class_means',
-           'plot_unit_class_scatter', 'measuring_augmentation_table', 'measuring_augmentation_tests',
-           'training_variants', 'augmentation_strength_tests', 'weight_decay_table', 'weight_decay_tests',
-           'framework_comparison', 'plot_training_variants', 'vit_sublayer_tests', 'bn_similarity_test',
-           'dataset_unitmem', 'unit_summary', 'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
+           'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'unit_insertions',
+           'insertion_runs', 'insertion_curve', 'insertion_table', 'insertion_endpoints', 'over_encoders',
+           'insertion_tests', 'insertion_variant_tests', 'plot_insertion', 'ssl_and_supervised', 'unit_class_table',
+           'unit_class_tests', 'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
+           'measuring_augmentation_tests', 'training_variants', 'augmentation_strength_tests', 'weight_decay_table',
+           'weight_decay_tests', 'framework_comparison', 'plot_training_variants', 'vit_sublayer_tests',
+           'bn_similarity_test', 'dataset_unitmem', 'unit_summary', 'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -256,11 +256,12 @@ class LocT13Config(Preset):
     n_views: int = 3
     layer: str = 'conv4_2'
     lr: float = 0.001
-    replicates: int = 2   # insertions per variant, each its own held-out point (or batch draws): the tests run over them
+    encoders: int = 1   # independently trained SimSiam encoders, each with its own top and dead unit: the tests run over them
+    replicates: int = 2   # insertions per encoder and variant, each its own held-out point (or batch draws), averaged per encoder
 LocT13Config.SCALES = {
     'smoke': LocT13Config(),
-    'cpu': LocT13Config(ssl_epochs=100, steps=[0, 10, 50, 100], batch=32, dup=128, n_ref=150, n_views=10, replicates=8),
-    'paper': LocT13Config(ssl_epochs=200, width=1.0, steps=[0, 10, 50, 200, 500, 1000], batch=128, dup=300, n_ref=5000, n_views=10, replicates=5),
+    'cpu': LocT13Config(ssl_epochs=100, steps=[0, 10, 50, 100], batch=32, dup=128, n_ref=150, n_views=10, encoders=4, replicates=3),
+    'paper': LocT13Config(ssl_epochs=200, width=1.0, steps=[0, 10, 50, 200, 500, 1000], batch=128, dup=300, n_ref=5000, n_views=10, encoders=3, replicates=3),
 }
 
 @dataclass(frozen=True)
@@ -582,10 +583,16 @@ def plot_breakdown(d18: pd.Series):
     ax.set_xticks(np.arange(len(rows)), rows, rotation=70, fontsize=7); ax.set_title('ΔLayerMem vs the row above (blue conv, orange BN/pool, grey residual/head)')
     return fig
 
-def layer_agreement_table(res, agree_k: int) -> pd.DataFrame:
-    "Table 3: top-k overlap and Kendall τ for every pair of convs, their distance and the paper's overlap where given."
+def conv_taps(reading: str = 'conv') -> dict:
+    "{conv: the tap read for it}: the 8 convs of Table 1 at its `reading` (`table1_taps`), for the tables that rank points per conv (3, 28, Figure 13)."
+    return {l: t for l, t in zip(RESNET9_T1_LAYERS, table1_taps(reading)) if l in RESNET9_CONVS}
+
+def layer_agreement_table(res, agree_k: int, reading: str = 'conv') -> pd.DataFrame:
+    "Table 3: top-k overlap and Kendall τ for every pair of convs (at Table 1's `reading`), their distance and the paper's overlap where given."
     from memssl_nb.layermem import layer_agreement
-    agree = layer_agreement(res, k=agree_k, layers=RESNET9_CONVS)
+    taps = conv_taps(reading); name = {t: l for l, t in taps.items()}
+    agree = layer_agreement(res, k=agree_k, layers=list(taps.values()))
+    agree[['layer_a', 'layer_b']] = agree[['layer_a', 'layer_b']].apply(lambda col: col.map(name))
     agree['distance'] = [RESNET9_CONVS.index(b) - RESNET9_CONVS.index(a) for a, b in zip(agree.layer_a, agree.layer_b)]
     agree['paper_overlap_pct'] = [PAPER_T3.get((RESNET9_CONVS.index(a) + 1, RESNET9_CONVS.index(b) + 1), (np.nan,))[0] for a, b in zip(agree.layer_a, agree.layer_b)]
     return agree
@@ -612,10 +619,10 @@ def plot_agreement(agree: pd.DataFrame, agree_k: int):
         a.set_title(f'{col} (top {agree_k})' if col == 'overlap' else 'Kendall τ'); plt.colorbar(im, ax=a, shrink=.8)
     return fig
 
-def top_candidates(res, k: int = 10) -> dict:
-    "Positions (in candidate order) of the top-`k` memorized candidates per conv (Figure 13)."
+def top_candidates(res, k: int = 10, reading: str = 'conv') -> dict:
+    "Positions (in candidate order) of the top-`k` memorized candidates per conv at Table 1's `reading` (Figure 13)."
     k = min(k, len(res))
-    return {l: torch.argsort(res.layer(l).score, descending=True)[:k] for l in RESNET9_CONVS}
+    return {l: torch.argsort(res.layer(t).score, descending=True)[:k] for l, t in conv_taps(reading).items()}
 
 def shared_top_test(tops: dict, n_candidates: int) -> dict:
     "Figure 13's statement: adjacent layers share many of their top-k samples (> 2× chance and more than at distance ≥ 3)."
@@ -648,15 +655,16 @@ def plot_top_candidates(tops: dict, images: torch.Tensor, candidates):
     fig.suptitle(f'top-{K} memorized candidates per layer (dataset index above each)', fontsize=8)
     return fig
 
-def seed_agreement_table(res, agree_k: int) -> pd.DataFrame:
-    "Table 28: per conv, the mean top-k overlap between independently seeded (f, g) pairs, with chance and the paper's value."
+def seed_agreement_table(res, agree_k: int, reading: str = 'conv') -> pd.DataFrame:
+    "Table 28: per conv (at Table 1's `reading`), the mean top-k overlap between independently seeded (f, g) pairs, with chance and the paper's value."
     from memssl_nb.sslmem import normalize_scores
     n_seeds = res.dist_f_all.shape[0]
     seed_scores = [normalize_scores(res.dist_f_all[s].double(), res.dist_g_all[s].double(), 'relative') for s in range(n_seeds)]
     pairs = [(a, b) for a in range(n_seeds) for b in range(a + 1, n_seeds)]
     rows = []
+    taps = conv_taps(reading)
     for l, pv in zip(RESNET9_CONVS, PAPER_T28):
-        j = res.layers.index(l)
+        j = res.layers.index(taps[l])
         tk = [set(torch.argsort(s[:, j], descending=True)[:agree_k].tolist()) for s in seed_scores]
         rows.append(dict(layer=l, paper_layer=PAPER_LAYER[l], overlap=np.mean([len(tk[a] & tk[b]) / agree_k for a, b in pairs]) if pairs else np.nan,
                          chance=agree_k / len(res), paper_overlap_pct=pv))
@@ -1371,13 +1379,14 @@ PAPER_T13 = dict(top=[0.754, 0.761, 0.792, 0.814, 0.824, 0.826], dead=[0, 0, 0, 
 PAPER_T14A = [0.754, 0.766, 0.809, 0.819, 0.826, 0.828]
 
 class UnitInsertion:
-    "A SimSiam encoder of the protocol, its reference points and held-out points, and the two target units of `preset.layer`."
-    def __init__(self, scale: str, preset):
+    """A SimSiam encoder of the protocol (the `encoder`-th: seed `encoder` above the protocol's first), its reference
+    points and held-out points, and the two target units of `preset.layer`."""
+    def __init__(self, scale: str, preset, encoder: int = 0):
         from memssl_nb.core import make_generator
         from memssl_nb.unitmem import unitmem
-        self.preset, self.run = preset, loc_protocol(scale, preset.protocol_changes)
+        self.preset, self.run, self.encoder = preset, loc_protocol(scale, preset.protocol_changes), encoder
         cfg, split = self.run.config, self.run.split
-        self.ss = train_encoder(cfg.train_spec(split.f_indices.tolist(), cfg.seeds[0]).replace(objective='simsiam', width=preset.width, epochs=preset.ssl_epochs),
+        self.ss = train_encoder(cfg.train_spec(split.f_indices.tolist(), cfg.seeds[0] + encoder).replace(objective='simsiam', width=preset.width, epochs=preset.ssl_epochs),
                                 self.run.data, progress_bar=False)
         self.aug, self.obj = self.ss.augment, self.ss.objective.eval()
         self.ref = split.f_indices[torch.randperm(len(split.f_indices), generator=make_generator(0))[:preset.n_ref]]
@@ -1416,20 +1425,28 @@ class UnitInsertion:
         return pd.DataFrame(rows)
 
     def insert_replicates(self, n: int, per_batch: int, many: bool = False, seed: int = 0) -> pd.DataFrame:
-        """`insert` repeated `n` times from the same encoder, one frame with a `replicate` column: replicate i inserts the
-        i-th held-out point (or, `many`, all held-out points) with batch draws and augmentations from `seed` + i."""
+        """`insert` repeated `n` times from this encoder, one frame with `encoder` and `replicate` columns: replicate i
+        inserts the i-th held-out point (or, `many`, all held-out points) with batch draws and augmentations from `seed` + i."""
         if n < 2: raise ValueError(f"a test over replicates needs at least 2 of them, got {n}")
         if not many and n > len(self.held): raise ValueError(f"{n} replicates need {n} held-out points; this split has {len(self.held)}")
-        return pd.concat([self.insert(self.held if many else self.held[i:i + 1], per_batch, seed=seed + i).assign(replicate=i) for i in range(n)],
-                         ignore_index=True)
+        return pd.concat([self.insert(self.held if many else self.held[i:i + 1], per_batch, seed=seed + i).assign(encoder=self.encoder, replicate=i)
+                          for i in range(n)], ignore_index=True)
+
+def unit_insertions(scale: str, preset) -> list:
+    "`preset.encoders` independently trained `UnitInsertion`s: the tests of Tables 13 and 14 run over encoders, each with its own top and dead unit."
+    return [UnitInsertion(scale, preset, k) for k in range(preset.encoders)]
+
+def insertion_runs(insertions: list, n: int, per_batch: int, many: bool = False, seed: int = 0) -> pd.DataFrame:
+    "`insert_replicates` of each of `insertions`, one frame (columns `encoder`, `replicate`)."
+    return pd.concat([ins.insert_replicates(n, per_batch, many, seed) for ins in insertions], ignore_index=True)
 
 def insertion_curve(T: pd.DataFrame, paper: dict | None = None) -> pd.DataFrame:
-    """Per checkpoint, the mean over the replicates of `insert_replicates`' frame `T` (UnitMem of both units, the share of
-    replicates whose inserted point owns the top unit, the largest change of another row); `paper`: its top/dead columns."""
+    """Per checkpoint, the mean over all encoders and replicates of `insertion_runs`' frame `T` (UnitMem of both units, the
+    share of insertions whose point owns the top unit, the largest change of another row); `paper`: its top/dead columns."""
     curve = T.groupby('step').agg(unitmem_top_unit=('unitmem_top_unit', 'mean'), unitmem_top_unit_sd=('unitmem_top_unit', 'std'),
                                   unitmem_dead_unit=('unitmem_dead_unit', 'mean'), unitmem_dead_unit_sd=('unitmem_dead_unit', 'std'),
                                   owner_share=('top_unit_owner_is_inserted', 'mean'), other_rows_max_change=('other_rows_max_change', 'max'),
-                                  replicates=('replicate', 'nunique')).reset_index()
+                                  encoders=('encoder', 'nunique'), replicates=('replicate', 'nunique')).reset_index()
     for k in (paper or {}):
         vals = list(paper[k])[:len(curve)]
         curve[f'paper_{k}_unit'] = vals + [np.nan] * (len(curve) - len(vals))
@@ -1440,57 +1457,70 @@ def insertion_table(variants: dict) -> pd.DataFrame:
     return pd.concat([insertion_curve(T, paper).assign(data=label) for label, (T, paper) in variants.items()], ignore_index=True)
 
 def insertion_endpoints(T: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    "(first, second, last) checkpoint rows of each replicate of `insert_replicates`' frame, indexed by replicate."
+    "(first, second, last) checkpoint rows of each insertion of `insertion_runs`' frame, indexed by (encoder, replicate)."
     steps = sorted(T.step.unique())
-    at = lambda s: T[T.step == s].set_index('replicate').sort_index()
+    at = lambda s: T[T.step == s].set_index(['encoder', 'replicate']).sort_index()
     return at(steps[0]), at(steps[min(1, len(steps) - 1)]), at(steps[-1])
 
+def over_encoders(per_insertion: pd.Series, threshold: float = 0.0) -> dict:
+    """The test of "`per_insertion` lies above `threshold`" at the level of encoders: the replicates of one encoder share its
+    trained units, so they are averaged per encoder first and the t-test runs over the encoders' means. With one encoder
+    there is no test (its replicates describe that encoder): the direction of the mean becomes the claim's `condition`."""
+    means = per_insertion.groupby(level='encoder').mean()
+    m, p, pa = mean_test(means.values, threshold)
+    base = dict(ours=dict(mean=m, per_encoder=means.round(4).tolist()))
+    if len(means) >= 2: return dict(base, p_value=p, p_against=pa)
+    return dict(base, p_value=None, p_against=None, condition=bool(m > threshold),
+                why='one encoder: its replicates share its trained units and describe that encoder only; the test needs ≥ 2 encoders')
+
 def insertion_tests(T13: pd.DataFrame) -> dict:
-    """Table 13's statements over the replicates (each its own inserted held-out point): the unit's UnitMem rises
-    (paired t-test of final − initial; the mean curve non-decreasing), the dead (lowest) unit rises, the other units
-    are unchanged (exact), and the inserted point owns the unit in most replicates (binomial test against one half)."""
-    from scipy.stats import binomtest
+    """Table 13's statements over encoders (`over_encoders`; each encoder's replicates insert their own held-out point):
+    the unit's UnitMem rises (final − initial; the mean curve non-decreasing), the dead (lowest) unit rises, the other
+    units are unchanged (exact), and the inserted point owns the unit (its share of insertions above one half)."""
     first, _, last = insertion_endpoints(T13)
-    curve = insertion_curve(T13); n = len(last)
-    top, dead = mean_test(last.unitmem_top_unit - first.unitmem_top_unit), mean_test(last.unitmem_dead_unit - first.unitmem_dead_unit)
-    k = int(last.top_unit_owner_is_inserted.sum())
-    return {'rises': dict(ours=dict(mean_curve=curve.unitmem_top_unit.round(4).tolist(), mean_gain=top[0], replicates=n),
-                          condition=bool((np.diff(curve.unitmem_top_unit.values) >= -1e-4).all()), p_value=top[1], p_against=top[2], paper_value=PAPER_T13['top'],
-                          test=f'paired t-test over {n} replicates (each its own held-out point): final − initial UnitMem > 0; the mean curve non-decreasing (tolerance 1e-4)'),
-            'dead_rises': dict(ours=dict(mean_curve=curve.unitmem_dead_unit.round(4).tolist(), mean_gain=dead[0], replicates=n), p_value=dead[1], p_against=dead[2],
-                               paper_value=PAPER_T13['dead'], test=f'paired t-test over {n} replicates: final − initial UnitMem of the dead (lowest) unit > 0'),
+    curve, n = insertion_curve(T13), f'{T13.encoder.nunique()} encoders × {T13.replicate.nunique()} replicates'
+    top, dead = over_encoders(last.unitmem_top_unit - first.unitmem_top_unit), over_encoders(last.unitmem_dead_unit - first.unitmem_dead_unit)
+    owner = over_encoders(last.top_unit_owner_is_inserted.astype(float), 0.5)
+    rising = bool((np.diff(curve.unitmem_top_unit.values) >= -1e-4).all())
+    return {'rises': dict(top, ours=dict(top['ours'], mean_curve=curve.unitmem_top_unit.round(4).tolist()), condition=rising and top.get('condition', True),
+                          paper_value=PAPER_T13['top'],
+                          test=f'one-sample t-test over the encoders\' mean final − initial UnitMem ({n}, each replicate its own held-out point) > 0; the mean curve non-decreasing (tolerance 1e-4)'),
+            'dead_rises': dict(dead, ours=dict(dead['ours'], mean_curve=curve.unitmem_dead_unit.round(4).tolist()), paper_value=PAPER_T13['dead'],
+                               test=f'one-sample t-test over the encoders\' mean final − initial UnitMem of the dead (lowest) unit ({n}) > 0'),
             'others_unchanged': dict(ours=dict(max_abs_change=T13.other_rows_max_change.max()), condition=T13.other_rows_max_change.max() == 0, exact=True,
                                      paper_value='unchanged', test='max |Δw| over non-target conv rows == 0 (exact)'),
-            'owner': dict(ours=dict(owner_after_last_checkpoint=f'{k} of {n} replicates'), p_value=binomtest(k, n, 0.5, alternative='greater').pvalue,
-                          p_against=binomtest(k, n, 0.5, alternative='less').pvalue, paper_value='the test point stays the µmax point',
-                          test=f'binomial test over {n} replicates: the inserted point owns the unit after the last checkpoint in more than half')}
+            'owner': dict(owner, paper_value='the test point stays the µmax point',
+                          test=f'one-sample t-test over the encoders\' share of insertions ({n}) whose point owns the unit after the last checkpoint > 1/2')}
 
 def insertion_variant_tests(T13: pd.DataFrame, T14a: pd.DataFrame, T14b: pd.DataFrame) -> dict:
-    """Table 14's statements over the replicates: many points also raise UnitMem (paired t-test of final − initial); one
-    point duplicated in the batch raises it fastest (gain at the first checkpoint above the single point's, paired by the
-    point, and above the many points', paired by replicate); the other units unchanged (exact)."""
+    """Table 14's statements over encoders (`over_encoders`): many points also raise UnitMem (final − initial); one point
+    duplicated in the batch raises it fastest (gain at the first checkpoint above the single point's, paired by the point,
+    and above the many points', paired by replicate; both); the other units unchanged (exact)."""
     f13, s13, _ = insertion_endpoints(T13); fa, sa, la = insertion_endpoints(T14a); fb, sb, _ = insertion_endpoints(T14b)
     g13, ga, gb = s13.unitmem_top_unit - f13.unitmem_top_unit, sa.unitmem_top_unit - fa.unitmem_top_unit, sb.unitmem_top_unit - fb.unitmem_top_unit
-    many = mean_test(la.unitmem_top_unit - fa.unitmem_top_unit)
-    fastest = all_of(mean_test((gb - g13).dropna())[1:], mean_test((gb - ga).dropna())[1:])
-    return {'many': dict(ours=dict(mean_curve=insertion_curve(T14a).unitmem_top_unit.round(4).tolist(), mean_gain=many[0], replicates=len(la)),
-                         p_value=many[1], p_against=many[2], paper_value=PAPER_T14A,
-                         test=f'paired t-test over {len(la)} replicates (batch draws): final − initial UnitMem > 0'),
+    many = over_encoders(la.unitmem_top_unit - fa.unitmem_top_unit)
+    vs_single, vs_many = over_encoders((gb - g13).dropna()), over_encoders((gb - ga).dropna())
+    fastest = (all_of((vs_single['p_value'], vs_single['p_against']), (vs_many['p_value'], vs_many['p_against']))
+               if vs_single['p_value'] is not None else (None, None))
+    n = f'{T14a.encoder.nunique()} encoders × {T14a.replicate.nunique()} replicates'
+    return {'many': dict(many, ours=dict(many['ours'], mean_curve=insertion_curve(T14a).unitmem_top_unit.round(4).tolist()), paper_value=PAPER_T14A,
+                         test=f'one-sample t-test over the encoders\' mean final − initial UnitMem ({n}, batch draws) > 0'),
             'duplicated': dict(ours=dict(first_gain_dup=gb.mean(), first_gain_single=g13.mean(), first_gain_many=ga.mean()),
-                               condition=gb.mean() > max(g13.mean(), ga.mean()), p_value=fastest[0], p_against=fastest[1],
+                               condition=gb.mean() > max(g13.mean(), ga.mean()), p_value=fastest[0], p_against=fastest[1], why=vs_single.get('why'),
                                paper_value=dict(dup=0.044, single=0.007, many=0.012),
-                               test='UnitMem gain at the first checkpoint; paired t-tests over the replicates: duplicated > single point (same point) and > many points (both)'),
+                               test='UnitMem gain at the first checkpoint; one-sample t-tests over the encoders\' mean differences: duplicated − single point (same point) > 0 and duplicated − many points > 0 (both)'),
             'others_unchanged': dict(ours=dict(a=T14a.other_rows_max_change.max(), b=T14b.other_rows_max_change.max()),
                                      condition=max(T14a.other_rows_max_change.max(), T14b.other_rows_max_change.max()) == 0, paper_value='unchanged', test='exact', exact=True)}
 
-def plot_insertion(T14: pd.DataFrame, hi: int, lo: int, dead: bool):
-    "UnitMem of the two fine-tuned units over the fine-tuning steps, per inserted data: the replicates' mean ± sd."
+def plot_insertion(T14: pd.DataFrame, insertions: list):
+    "UnitMem of the two fine-tuned units of each of `insertions` over the fine-tuning steps, per inserted data: mean ± sd over encoders and replicates."
     import matplotlib.pyplot as plt
+    dead = sum(i.dead for i in insertions)
     fig, ax = plt.subplots(1, 2, figsize=(9, 3))
     for d, g_ in T14.groupby('data', sort=False):
         ax[0].errorbar(g_.step, g_.unitmem_top_unit, g_.unitmem_top_unit_sd, marker='o', capsize=2, label=d)
         ax[1].errorbar(g_.step, g_.unitmem_dead_unit, g_.unitmem_dead_unit_sd, marker='o', capsize=2, label=d)
-    ax[0].set_title(f'highest-UnitMem unit {hi}'); ax[1].set_title(f'{"dead" if dead else "lowest"} unit {lo}')
+    ax[0].set_title(f'highest-UnitMem unit ({len(insertions)} encoders)'); ax[1].set_title(f'dead unit ({dead} encoders) or lowest-UnitMem unit')
     for a in ax: a.set_xlabel('fine-tuning steps'); a.set_ylabel('UnitMem'); a.legend(fontsize=7)
     return fig
 
@@ -1708,14 +1738,19 @@ PAPER_T10 = pd.DataFrame({'att_LM': [.006, .028, .046, .067, .092, .114, .140, .
                           'fc_dLM': [np.nan, .011, .013, .017, .014, .015, .016, .018, .020, .020, .022, .023],
                           'dBlockMem': [np.nan, .018, .021, .024, .021, .025, .025, .026, .029, .030, .030, .033]}, index=range(1, 13))
 
-def vit_sublayer_tests(T10: pd.DataFrame) -> dict:
-    "Tables 2 and 10's statements from the per-block table `T10` (att/fc LayerMem and ΔLayerMem, block outputs, ΔBlockMem)."
+def vit_sublayer_tests(T10: pd.DataFrame, res=None) -> dict:
+    """Tables 2 and 10's statements from the per-block table `T10` (att/fc LayerMem and ΔLayerMem, block outputs,
+    ΔBlockMem). With `res` (the LayerMem measurement behind `T10`) "ΔLM^FC > ΔLM^ATT in every block" is tested by paired
+    t-tests over the candidates, one per block (all of them)."""
+    step = lambda l: (res.layer(l).score - res.layer(res.parents[l]).score).double().numpy()
+    p_fc = all_of(*[mean_test(step(f'block{b}.fc') - step(f'block{b}.att'))[1:] for b in T10.block]) if res is not None else (None, None)
     rho, p, p_fall = rank_trend(T10.fc_res.values)
     rho_b, p_b, pb_fall = rank_trend(T10.dBlockMem.values)
     ratio = T10.fc_dLM.sum() / T10.att_dLM.sum() if T10.att_dLM.sum() > 0 else np.nan
     trend = 'Spearman of ResBlock^FC with the block index, one-sided, exact'
     return {'fc_above_att': dict(ours=dict(att=T10.att_dLM.round(4).tolist(), fc=T10.fc_dLM.round(4).tolist()), condition=bool((T10.fc_dLM > T10.att_dLM).all()),
-                                 paper_value=dict(att=[.008, .009, .010], fc=[.011, .015, .022]), test='sign per block (point estimates)'),
+                                 paper_value=dict(att=[.008, .009, .010], fc=[.011, .015, .022]), p_value=p_fc[0], p_against=p_fc[1],
+                                 test='sign per block' + ('; paired t-tests over the candidates per block: ΔLM^FC − ΔLM^ATT > 0 (all blocks)' if res is not None else ' (point estimates)')),
             'deeper_blocks': dict(ours=T10.fc_res.round(4).tolist(), p_value=p, p_against=p_fall, paper_value=[.040, .131, .304], test=trend),
             'fc_twice_att': dict(ours=dict(ratio_of_sums=ratio), condition=(ratio >= 1.5) if np.isfinite(ratio) else None,
                                  paper_value=dict(ratio_of_sums=round(PAPER_T10.fc_dLM.sum() / PAPER_T10.att_dLM.sum(), 2)), test='Σ ΔLM^FC / Σ ΔLM^ATT ≥ 1.5',
