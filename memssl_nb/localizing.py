@@ -1398,11 +1398,14 @@ class UnitInsertion:
         self.lo = int(dead[0]) if self.dead else int(u0.score[preset.layer].argmin())
 
     def insert(self, points: torch.Tensor, per_batch: int, seed: int = 0) -> pd.DataFrame:
-        "Fine-tune units hi and lo of a copy of the encoder on `points` (`per_batch` draws per batch); UnitMem of both at each checkpoint."
-        import copy
+        """Fine-tune units hi and lo of a copy of the encoder on `points` (`per_batch` draws per batch); UnitMem of both at
+        each checkpoint. Kept in the measurement cache (chapter 06) under the encoder's and objective's weights, the images
+        and every setting, so a warm rerun reads it back instead of fine-tuning again."""
+        import copy, hashlib
         from memssl_nb.core import make_generator, to_float01
         from memssl_nb.unitmem import unitmem
         from memssl_nb.interventions import finetune
+        from memssl_nb.evaluate import cached_measurement, measurement_key
         p, layer = self.preset, self.preset.layer
         enc = copy.deepcopy(self.ss.encoder)
         w0 = enc.get_submodule(layer).conv.weight.detach().clone()
@@ -1415,14 +1418,19 @@ class UnitInsertion:
                 idx = torch.randint(len(points), (per_batch,), generator=g) if len(points) > 1 else torch.zeros(per_batch, dtype=torch.long)
                 yield x_pts[idx]
         loss_fn = lambda model, x: self.obj(model, [self.aug(x, g), self.aug(x, g)])
-        rows, done = [], 0
-        for s in p.steps:
-            if s > done: finetune(enc, loss_fn, batches(s - done), units={layer: [self.hi, self.lo]}, lr=p.lr); done = s
-            u = unitmem(enc, D, self.aug, layers=[layer], n_views=p.n_views, progress=False)
-            rows.append(dict(step=s, unitmem_top_unit=u.score[layer][self.hi].item(), unitmem_dead_unit=u.score[layer][self.lo].item(),
-                             top_unit_owner_is_inserted=bool(torch.isin(u.owner[layer][self.hi], target)),
-                             other_rows_max_change=(enc.get_submodule(layer).conv.weight.detach() - w0)[[i for i in range(len(w0)) if i not in (self.hi, self.lo)]].abs().max().item()))
-        return pd.DataFrame(rows)
+        def compute():
+            rows, done = [], 0
+            for s in p.steps:
+                if s > done: finetune(enc, loss_fn, batches(s - done), units={layer: [self.hi, self.lo]}, lr=p.lr); done = s
+                u = unitmem(enc, D, self.aug, layers=[layer], n_views=p.n_views, progress=False)
+                rows.append(dict(step=s, unitmem_top_unit=u.score[layer][self.hi].item(), unitmem_dead_unit=u.score[layer][self.lo].item(),
+                                 top_unit_owner_is_inserted=bool(torch.isin(u.owner[layer][self.hi], target)),
+                                 other_rows_max_change=(enc.get_submodule(layer).conv.weight.detach() - w0)[[i for i in range(len(w0)) if i not in (self.hi, self.lo)]].abs().max().item()))
+            return {k: [r[k] for r in rows] for k in rows[0]}
+        key = measurement_key([self.ss.encoder, self.obj], self.aug, chapters=('objectives', 'interventions', 'unitmem', 'localizing'),
+                              images=hashlib.sha256(D.contiguous().numpy().tobytes()).hexdigest(), inserted=len(points), per_batch=per_batch, seed=seed,
+                              steps=list(p.steps), lr=p.lr, layer=layer, n_views=p.n_views, units=[self.hi, self.lo])
+        return pd.DataFrame(cached_measurement('unit_insertion', key, compute))
 
     def insert_replicates(self, n: int, per_batch: int, many: bool = False, seed: int = 0) -> pd.DataFrame:
         """`insert` repeated `n` times from this encoder, one frame with `encoder` and `replicate` columns: replicate i

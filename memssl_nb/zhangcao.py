@@ -4,7 +4,7 @@
 
 # %% ../nbs/15a_zhangcao.ipynb 2
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, asdict
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -13,11 +13,11 @@ from .stats import mean_test, rank_trend, all_of
 from .theory import PatchSetup, label_complexity, pretraining_sweep, coefficient_dynamics, plot_error_heatmaps
 
 # %% auto 0
-__all__ = ['ZhangCaoConfig', 'grid_cells', 'split_methods', 'error_table', 'threshold_p', 'supervised_boundary_tests',
-           'finetuning_tests', 'first_n', 'few_label_tests', 'labels_needed', 'labels_needed_per_seed',
-           'guarantee_tests', 'plot_label_curves', 'label_curve_table', 'alignment_tests', 'threshold_table',
-           'threshold_tests', 'early_stopping_tests', 'coefficient_runs', 'coefficient_table', 'mechanism_tests',
-           'plot_alignment', 'plot_early_stopping', 'plot_coefficients']
+__all__ = ['ZhangCaoConfig', 'cached_runs', 'grid_runs', 'sweep_runs', 'grid_cells', 'split_methods', 'error_table',
+           'threshold_p', 'supervised_boundary_tests', 'finetuning_tests', 'first_n', 'few_label_tests',
+           'labels_needed', 'labels_needed_per_seed', 'guarantee_tests', 'plot_label_curves', 'label_curve_table',
+           'alignment_tests', 'threshold_table', 'threshold_tests', 'early_stopping_tests', 'coefficient_runs',
+           'coefficient_table', 'mechanism_tests', 'plot_alignment', 'plot_early_stopping', 'plot_coefficients']
 
 # %% ../nbs/15a_zhangcao.ipynb 5
 @dataclass(frozen=True)
@@ -57,6 +57,24 @@ ZhangCaoConfig.SCALES = {
 }
 
 # %% ../nbs/15a_zhangcao.ipynb 8
+def cached_runs(kind: str, compute, **settings) -> pd.DataFrame:
+    """`compute()` (a frame of patch-model runs), or the frame kept from an earlier call with the same `settings`, code of
+    chapters 00 and 15 and thread count when the measurement cache is on (`cached_measurement`, chapter 06)."""
+    import torch
+    from memssl_nb.evaluate import cached_measurement, code_fingerprint
+    key = dict(settings=settings, code=code_fingerprint('core', 'theory'), threads=torch.get_num_threads())
+    return pd.DataFrame(cached_measurement(kind, key, lambda: compute().to_dict('list')))
+
+def grid_runs(snrs, ns, seeds, setup: PatchSetup) -> pd.DataFrame:
+    "`label_complexity` (chapter 15) over the grid, kept in the measurement cache."
+    return cached_runs('zc_grid', lambda: label_complexity(snrs, ns, seeds, setup), snrs=list(snrs), ns=list(ns), seeds=list(seeds), setup=asdict(setup))
+
+def sweep_runs(snrs, n0s, n: int, seeds, setup: PatchSetup, pre_steps=None) -> pd.DataFrame:
+    "`pretraining_sweep` (chapter 15), kept in the measurement cache."
+    return cached_runs('zc_sweep', lambda: pretraining_sweep(snrs, n0s, n=n, seeds=seeds, setup=setup, pre_steps=pre_steps),
+                       snrs=list(snrs), n0s=list(n0s), n=n, seeds=list(seeds), setup=asdict(setup), pre_steps=None if pre_steps is None else [int(s) for s in pre_steps])
+
+# %% ../nbs/15a_zhangcao.ipynb 11
 def grid_cells(df: pd.DataFrame) -> pd.DataFrame:
     "Seed means per (method, SNR, n): test error and loss, the largest training loss, alignment, n·SNR^q and n₀·SNR²."
     return df.groupby(['method', 'snr', 'n'], as_index=False).agg(
@@ -229,7 +247,7 @@ def label_curve_table(cells: pd.DataFrame, snrs=(0.1, 0.2)) -> pd.DataFrame:
     f2.columns = [f'SNR {s} {m}' for s, m in f2.columns]
     return f2
 
-# %% ../nbs/15a_zhangcao.ipynb 14
+# %% ../nbs/15a_zhangcao.ipynb 17
 def alignment_tests(sweep: pd.DataFrame) -> dict:
     "ZC-F3: alignment low for n₀·SNR² ≤ 1, high for ≥ 2.5, and rising with n₀·SNR²."
     low, high = sweep[sweep.n0_snr2 <= 1], sweep[sweep.n0_snr2 >= 2.5]
@@ -283,8 +301,9 @@ def early_stopping_tests(es: pd.DataFrame, short_steps: int, long_steps: int) ->
                           test='one-sample t-tests over the seeds: long-run error > 0.25 and early-stopped error < 0.05 (both)')}
 
 def coefficient_runs(setup, snr: float, n: int, seeds, every: int) -> pd.DataFrame:
-    "`coefficient_dynamics` (chapter 15) for each seed, one frame with a `seed` column (ZC-F4)."
-    return pd.concat([coefficient_dynamics(setup, snr, n, seed=s, every=every).assign(seed=s) for s in seeds], ignore_index=True)
+    "`coefficient_dynamics` (chapter 15) for each seed, one frame with a `seed` column (ZC-F4); kept in the measurement cache."
+    compute = lambda: pd.concat([coefficient_dynamics(setup, snr, n, seed=s, every=every).assign(seed=s) for s in seeds], ignore_index=True)
+    return cached_runs('zc_mechanism', compute, setup=asdict(setup), snr=snr, n=n, seeds=list(seeds), every=every)
 
 def coefficient_table(mech: pd.DataFrame) -> pd.DataFrame:
     "First and last signal and noise coefficients and the final training loss per method (and seed, where there are several) (ZC-F4)."
