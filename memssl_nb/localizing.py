@@ -256,12 +256,12 @@ class LocT13Config(Preset):
     n_views: int = 3
     layer: str = 'conv4_2'
     lr: float = 0.001
-    encoders: int = 1   # independently trained SimSiam encoders, each with its own top and dead unit: the tests run over them
-    replicates: int = 2   # insertions per encoder and variant, each its own held-out point (or batch draws), averaged per encoder
+    networks: int = 1   # independently trained SimSiam encoders, each with its own top and dead unit: the tests run over them
+    draws: int = 2   # insertions per encoder and variant, each its own held-out point (or batch draws), averaged per encoder
 LocT13Config.SCALES = {
     'smoke': LocT13Config(),
-    'cpu': LocT13Config(ssl_epochs=100, steps=[0, 10, 50, 100], batch=32, dup=128, n_ref=150, n_views=10, encoders=4, replicates=3),
-    'paper': LocT13Config(ssl_epochs=200, width=1.0, steps=[0, 10, 50, 200, 500, 1000], batch=128, dup=300, n_ref=5000, n_views=10, encoders=3, replicates=3),
+    'cpu': LocT13Config(ssl_epochs=100, steps=[0, 10, 50, 100], batch=32, dup=128, n_ref=150, n_views=10, networks=4, draws=3),
+    'paper': LocT13Config(ssl_epochs=200, width=1.0, steps=[0, 10, 50, 200, 500, 1000], batch=128, dup=300, n_ref=5000, n_views=10, networks=3, draws=3),
 }
 
 @dataclass(frozen=True)
@@ -1441,8 +1441,8 @@ class UnitInsertion:
                           for i in range(n)], ignore_index=True)
 
 def unit_insertions(scale: str, preset) -> list:
-    "`preset.encoders` independently trained `UnitInsertion`s: the tests of Tables 13 and 14 run over encoders, each with its own top and dead unit."
-    return [UnitInsertion(scale, preset, k) for k in range(preset.encoders)]
+    "`preset.networks` independently trained `UnitInsertion`s: the tests of Tables 13 and 14 run over encoders, each with its own top and dead unit."
+    return [UnitInsertion(scale, preset, k) for k in range(preset.networks)]
 
 def insertion_runs(insertions: list, n: int, per_batch: int, many: bool = False, seed: int = 0) -> pd.DataFrame:
     "`insert_replicates` of each of `insertions`, one frame (columns `encoder`, `replicate`)."
