@@ -33,7 +33,7 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'training_curve_tests', 'plot_unitmem_curve', 'depth_layermem', 'table1_taps', 'layer_profile',
            'layer_profile_tests', 'plot_layer_profile', 'breakdown', 'breakdown_tests', 'plot_breakdown', 'conv_taps',
            'layer_agreement_table', 'agreement_tests', 'plot_agreement', 'top_candidates', 'shared_top_test',
-           'plot_top_candidates', 'seed_agreement_table', 'seed_agreement_tests', 'plot_seed_agreement',
+           'plot_top_candidates', 'seed_agreement_table', 'seed_agreement_tests', 'plot_seed_agreement', 'subset_draws',
            'subset_size_table', 'subset_size_test', 'plot_subset_sizes', 'distance_profiles', 'distance_tests',
            'plot_distance_profiles', 'parse_pm', 'architecture_changes', 'architecture_rows', 'architecture_layermem',
            'architecture_tests', 'plot_architecture', 'block_sets', 'exchange_encoders', 'exchange_table',
@@ -694,8 +694,8 @@ def plot_seed_agreement(T28: pd.DataFrame, agree_k: int, n_candidates: int):
     ax.set_title('top-k overlap between independently seeded (f, g) pairs')
     return fig
 
-def subset_size_table(res, sizes, n_draws: int, seed: int = 0, reading: str = 'conv') -> pd.DataFrame:
-    "Table 19: mean and std over `n_draws` random candidate subsets of each size of the LayerMem of each Table 1 layer (at Table 1's `reading`)."
+def subset_draws(res, sizes, n_draws: int, seed: int = 0, reading: str = 'conv') -> pd.DataFrame:
+    "Table 19's draws: the LayerMem of each Table 1 layer (at Table 1's `reading`) over `n_draws` random candidate subsets of each size, one row per (size, draw, layer)."
     gen = torch.Generator().manual_seed(seed)
     taps = dict(zip(RESNET9_T1_LAYERS, table1_taps(reading)))
     rows = []
@@ -704,30 +704,30 @@ def subset_size_table(res, sizes, n_draws: int, seed: int = 0, reading: str = 'c
         for r in range(n_draws):
             idx = torch.randperm(len(res), generator=gen)[:n]
             for l in RESNET9_T1_LAYERS: rows.append(dict(n=n, rep=r, layer=l, LM=res.layer(taps[l]).score[idx].mean().item()))
-    T19 = pd.DataFrame(rows).groupby(['layer', 'n']).LM.agg(['mean', 'std']).unstack('n').loc[RESNET9_T1_LAYERS]
+    return pd.DataFrame(rows)
+
+def subset_size_table(draws: pd.DataFrame) -> pd.DataFrame:
+    "Table 19: mean and std of `subset_draws` per layer and subset size."
+    T19 = draws.groupby(['layer', 'n']).LM.agg(['mean', 'std']).unstack('n').loc[RESNET9_T1_LAYERS]
     T19.columns = [f'{a}_{b}' for a, b in T19.columns]
     return T19
 
-def subset_size_test(res, T19: pd.DataFrame, sizes, n_draws: int, full_lm: pd.Series, reading: str = 'conv', margin: float = 0.007) -> dict:
-    """Table 19's statement: subset means agree with the full-set LayerMem `full_lm` (the same `reading`): within sampling
-    error (finite-population z < 3) and within `margin` (the paper's largest spread over sizes, 0.007) by a one-sample
-    equivalence test (TOST) of the `n_draws` subset values per layer and size smaller than all candidates (all of them)."""
-    from scipy.stats import t as student_t
-    N = len(res)
-    sizes = sorted({min(n, N) for n in sizes})
-    means, stds = T19[[f'mean_{n}' for n in sizes]], T19[[f'std_{n}' for n in sizes]]
+def subset_size_test(res, draws: pd.DataFrame, full_lm: pd.Series, reading: str = 'conv', margin: float = 0.007) -> dict:
+    """Table 19's statement: subset means (`subset_draws`) agree with the full-set LayerMem `full_lm` (the same `reading`):
+    within sampling error (finite-population z < 3) and within `margin` (the paper's largest spread over sizes, 0.007) by
+    a one-sample equivalence test (TOST, two `mean_test`s) of the draws per layer and size smaller than all candidates (all of them)."""
+    N, n_draws, sizes = len(res), draws.rep.nunique(), sorted(draws.n.unique())
+    T19 = subset_size_table(draws)
+    means = T19[[f'mean_{n}' for n in sizes]]
     taps = dict(zip(RESNET9_T1_LAYERS, table1_taps(reading)))
     sd = pd.Series({l: res.layer(taps[l]).score.std().item() for l in RESNET9_T1_LAYERS})
     se = pd.DataFrame({f'mean_{n}': sd / np.sqrt(n * n_draws) * np.sqrt(max(0.0, 1 - n / N)) for n in sizes})
     z = (means.sub(full_lm, axis=0) / se.replace(0, np.nan)).abs()
-    tost = []                                   # (p equivalent, p apart) per layer and size, from the draws' mean and sd
-    for n in [n for n in sizes if n < N]:
-        d, s = means[f'mean_{n}'] - full_lm, stds[f'std_{n}'] / np.sqrt(n_draws)
-        for l in RESNET9_T1_LAYERS:
-            if s[l] > 0:
-                lo, hi = student_t.sf((d[l] + margin) / s[l], n_draws - 1), student_t.cdf((d[l] - margin) / s[l], n_draws - 1)
-                tost.append((max(lo, hi), min(1.0, 2 * min(1 - lo, 1 - hi))))
-            else: tost.append((0.0, 1.0) if abs(d[l]) < margin else (1.0, 0.0))
+    tost = []                                   # (p equivalent, p apart) per layer and size
+    for (n, l), g in draws[draws.n < N].groupby(['n', 'layer']):
+        _, above_low, below_low = mean_test(g.LM.values, full_lm[l] - margin)
+        _, below_high, above_high = mean_test(g.LM.values, full_lm[l] + margin, greater=False)
+        tost.append((max(above_low, below_high), min(1.0, 2 * min(below_low, above_high))))
     p = all_of(*tost) if tost else (None, None)
     return dict(ours=dict(max_abs_z=float(np.nanmax(z.values)), max_abs_difference=float(means.sub(full_lm, axis=0).abs().values.max()),
                           max_spread_over_sizes=float((means.max(1) - means.min(1)).max())),
@@ -1381,10 +1381,10 @@ PAPER_T14A = [0.754, 0.766, 0.809, 0.819, 0.826, 0.828]
 class UnitInsertion:
     """A SimSiam encoder of the protocol (the `encoder`-th: seed `encoder` above the protocol's first), its reference
     points and held-out points, and the two target units of `preset.layer`."""
-    def __init__(self, scale: str, preset, encoder: int = 0):
+    def __init__(self, scale: str, preset, encoder: int = 0, run: ProtocolRun | None = None):
         from memssl_nb.core import make_generator
         from memssl_nb.unitmem import unitmem
-        self.preset, self.run, self.encoder = preset, loc_protocol(scale, preset.protocol_changes), encoder
+        self.preset, self.run, self.encoder = preset, run or loc_protocol(scale, preset.protocol_changes), encoder
         cfg, split = self.run.config, self.run.split
         self.ss = train_encoder(cfg.train_spec(split.f_indices.tolist(), cfg.seeds[0] + encoder).replace(objective='simsiam', width=preset.width, epochs=preset.ssl_epochs),
                                 self.run.data, progress_bar=False)
@@ -1442,7 +1442,8 @@ class UnitInsertion:
 
 def unit_insertions(scale: str, preset) -> list:
     "`preset.networks` independently trained `UnitInsertion`s: the tests of Tables 13 and 14 run over encoders, each with its own top and dead unit."
-    return [UnitInsertion(scale, preset, k) for k in range(preset.networks)]
+    run = loc_protocol(scale, preset.protocol_changes)                  # one protocol run (data, split) for all of them
+    return [UnitInsertion(scale, preset, k, run) for k in range(preset.networks)]
 
 def insertion_runs(insertions: list, n: int, per_batch: int, many: bool = False, seed: int = 0) -> pd.DataFrame:
     "`insert_replicates` of each of `insertions`, one frame (columns `encoder`, `replicate`)."
