@@ -17,7 +17,7 @@ from .train import TrainedEncoder, train_encoder
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .sslmem import sslmem
 from .core import Preset, seed_offset, make_generator
-from .stats import welch_greater, paired_greater, excess_trend, excess_greater, one_training_per_setting, depth_trend, top_mean, mcnemar, in_top_share, rank_trend, mean_test, all_of, at_least, detectable, ordered, correlation_vs, bootstrap_greater
+from .stats import welch_greater, paired_greater, excess_trend, excess_greater, one_training_per_setting, depth_trend, top_mean, mcnemar, in_top_share, rank_trend, mean_test, all_of, at_least, detectable, ordered, correlation_vs, bootstrap_greater, mean_within
 
 # %% auto 0
 __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_ID', 'LOC_GLOSSARY', 'PAPER_RESNET9_PARAMS',
@@ -37,19 +37,20 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'subset_size_table', 'subset_size_test', 'plot_subset_sizes', 'distance_profiles', 'distance_tests',
            'plot_distance_profiles', 'parse_pm', 'architecture_changes', 'architecture_rows', 'architecture_layermem',
            'architecture_tests', 'plot_architecture', 'block_sets', 'exchange_encoders', 'exchange_table',
-           'exchange_tests', 'plot_exchange', 'candidate_unitmem', 'most_least', 'most_least_table', 'most_least_tests',
-           'plot_most_least', 'median_variant_table', 'median_variant_tests', 'plot_median_variant', 'owner_tables',
-           'owner_tests', 'plot_unit_owner', 'augmentation_effect', 'augmentation_effect_test', 'composition_table',
-           'composition_test', 'plot_composition', 'concept_table', 'concept_tests', 'LayerExchange',
-           'three_layer_table', 'three_layer_tests', 'plot_three_layer', 'single_layer_tables', 'single_layer_tests',
-           'plot_single_layer', 'combination_table', 'combination_tests', 'plot_combinations', 'bn_similarity',
-           'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'unit_insertions',
-           'insertion_runs', 'insertion_curve', 'insertion_table', 'insertion_endpoints', 'over_encoders',
-           'insertion_tests', 'insertion_variant_tests', 'plot_insertion', 'ssl_and_supervised', 'unit_class_table',
-           'unit_class_tests', 'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
-           'measuring_augmentation_tests', 'training_variants', 'augmentation_strength_tests', 'weight_decay_table',
-           'weight_decay_tests', 'framework_comparison', 'plot_training_variants', 'vit_sublayer_tests',
-           'bn_similarity_test', 'dataset_unitmem', 'unit_summary', 'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
+           'exchange_tests', 'plot_exchange', 'candidate_unitmem', 'most_least', 'most_least_table', 'top_unit_ratios',
+           'most_least_tests', 'plot_most_least', 'median_variant_table', 'median_variant_tests', 'plot_median_variant',
+           'owner_tables', 'owner_tests', 'plot_unit_owner', 'augmentation_effect', 'augmentation_effect_test',
+           'composition_table', 'composition_test', 'plot_composition', 'concept_table', 'concept_tests',
+           'LayerExchange', 'three_layer_table', 'three_layer_tests', 'plot_three_layer', 'single_layer_tables',
+           'single_layer_tests', 'plot_single_layer', 'combination_table', 'combination_tests', 'plot_combinations',
+           'bn_similarity', 'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion',
+           'unit_insertions', 'insertion_runs', 'insertion_curve', 'insertion_table', 'insertion_endpoints',
+           'over_encoders', 'insertion_tests', 'insertion_variant_tests', 'plot_insertion', 'ssl_and_supervised',
+           'unit_class_table', 'unit_class_tests', 'plot_unit_class_means', 'plot_unit_class_scatter',
+           'measuring_augmentation_table', 'measuring_augmentation_tests', 'training_variants',
+           'augmentation_strength_tests', 'weight_decay_table', 'weight_decay_tests', 'framework_comparison',
+           'plot_training_variants', 'vit_sublayer_tests', 'bn_similarity_test', 'dataset_unitmem', 'unit_summary',
+           'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -309,7 +310,7 @@ class LocT21Config(Preset):
     protocol_changes: dict = field(default_factory=lambda: {})
 LocT21Config.SCALES = {
     'smoke': LocT21Config(),
-    'cpu': LocT21Config(epochs=150, sl_epochs=40, grid=True, ft_epochs=10, ft_seeds=[0, 1]),
+    'cpu': LocT21Config(epochs=150, sl_epochs=40, grid=True, ft_epochs=10, ft_seeds=[0, 1, 2, 3]),
     'paper': LocT21Config(width=1.0, epochs=600, sl_epochs=200, grid=True, ft_epochs=30, ft_seeds=[0, 1, 2], datasets=['cifar10', 'stl10']),
 }
 
@@ -391,9 +392,10 @@ def plot_pruning(T6: pd.DataFrame, settings=PRUNING_SETTINGS):
     ax.set_ylim(max(0, T6.acc_pct.min() - 10), 100)
     return fig
 
-def unitmem_during_training(spec: TrainSpec, data: ImageSet, points: torch.Tensor, every: int, n_views: int) -> pd.DataFrame:
-    """Mean UnitMem of every conv on `points` at initialisation and after epoch 1, every `every`-th and the last epoch of
-    training `spec` (a private training run, read through its resume checkpoint); cached by the spec's key."""
+def unitmem_during_training(spec: TrainSpec, data: ImageSet, points: torch.Tensor, every: int, n_views: int) -> tuple[pd.DataFrame, dict]:
+    """(mean UnitMem of every conv on `points` at initialisation and after epoch 1, every `every`-th and the last epoch of
+    training `spec` (a private training run, read through its resume checkpoint), the per-unit scores behind each mean as
+    {epoch: {conv: array}}); cached by the spec's key."""
     import json, tempfile
     from memssl_nb.core import CACHE_DIR, atomic_write_text
     from memssl_nb.spec import training_data, cache_key, build_model, build_augment
@@ -403,38 +405,47 @@ def unitmem_during_training(spec: TrainSpec, data: ImageSet, points: torch.Tenso
     train_data = training_data(spec, data)
     key = cache_key(spec, train_data)
     aug = build_augment(spec, train_data)
-    path = CACHE_DIR / 'loc_f4' / f'{key}_{every}_{n_views}_{len(points)}.json'
-    if path.exists(): return pd.DataFrame(json.loads(path.read_text())).set_index('epoch')
+    path = CACHE_DIR / 'loc_f4' / f'{key}_{every}_{n_views}_{len(points)}_units.json'
+    def as_frames(units):
+        units = {int(e): {l: np.asarray(v, dtype=np.float32) for l, v in per.items()} for e, per in units.items()}
+        F4 = pd.DataFrame([{'epoch': e, **{l: float(v.mean()) for l, v in per.items()}} for e, per in units.items()]).set_index('epoch')
+        return F4, units
+    if path.exists(): return as_frames(json.loads(path.read_text()))
     tmp = Path(tempfile.mkdtemp(prefix='loc_f4_cache_'))
     probe, _ = build_model(spec, train_data)
-    curve = []
+    units = {}
+    def record(epoch, model): units[epoch] = {l: s.tolist() for l, s in unitmem(model.eval(), points, aug, layers=RESNET9_CONVS, n_views=n_views, progress=False).score.items()}
     def measure(epoch):
         if epoch != 1 and epoch % every and epoch != spec.epochs: return
         meta = load_checkpoint(encoder_folder(key, tmp) / 'checkpoint', probe)
         if meta['epoch'] != epoch: raise RuntimeError(f"the checkpoint holds epoch {meta['epoch']}, not {epoch}")
-        u = unitmem(probe.eval(), points, aug, layers=RESNET9_CONVS, n_views=n_views, progress=False)
-        curve.append({'epoch': epoch, **{l: u.score[l].mean().item() for l in RESNET9_CONVS}})
-    probe0, _ = build_model(spec, train_data)       # epoch 0: the initialisation
-    u0 = unitmem(probe0.eval(), points, aug, layers=RESNET9_CONVS, n_views=n_views, progress=False)
-    curve.append({'epoch': 0, **{l: u0.score[l].mean().item() for l in RESNET9_CONVS}})
+        record(epoch, probe)
+    record(0, build_model(spec, train_data)[0])     # epoch 0: the initialisation
     train_encoder(spec, data, cache_dir=tmp, progress_bar=False, on_epoch_end=measure, checkpoint_budget=None)
-    atomic_write_text(path, json.dumps(curve))
-    return pd.DataFrame(curve).set_index('epoch')
+    atomic_write_text(path, json.dumps(units))
+    return as_frames(units)
 
-def training_curve_tests(F4: pd.DataFrame) -> dict:
-    "Figure 4's statements: layer 8's UnitMem rises, mostly in the first half of training, and every layer ends above its start."
+def training_curve_tests(F4: pd.DataFrame, units: dict) -> dict:
+    """Figure 4's statements: layer 8's UnitMem rises, mostly in the first half of training, and every layer ends above its
+    start. The last two are tested over the units of the one trained network (`units`, per-unit scores by epoch): first-half
+    gain > second-half gain in layer 8, and end > start in at least 6 of the 8 convs (paired over each conv's units)."""
     l8 = F4['conv4_2']
     trained = l8.loc[1:]
     half = trained.index[len(trained) // 2]
     early_gain = l8.loc[:half].iloc[-1] - l8.iloc[0]
     late_gain = l8.iloc[-1] - l8.loc[:half].iloc[-1]
+    start, end = F4.index[0], F4.index[-1]
+    u = lambda e, l: np.asarray(units[e][l], dtype=np.float64)
+    _, p_early, pa_early = mean_test((u(half, 'conv4_2') - u(start, 'conv4_2')) - (u(end, 'conv4_2') - u(half, 'conv4_2')))
+    p_layers = at_least(6, *[mean_test(u(end, l) - u(start, l))[1:] for l in RESNET9_CONVS])
     rho, p_up, p_down = rank_trend(l8.values, l8.index.values)
     return {'rises': dict(ours=dict(first=l8.iloc[0], last=l8.iloc[-1], spearman_vs_epoch=rho), p_value=p_up, p_against=p_down,
                           test='Spearman of UnitMem with the epoch (initialisation included), one-sided'),
-            'early': dict(ours=dict(first_half_gain=early_gain, second_half_gain=late_gain), condition=early_gain > 0 and early_gain > late_gain,
-                          test='gain in the first half > gain in the second half'),
-            'all_layers': dict(ours=(F4.iloc[-1] > F4.iloc[0]).to_dict(), condition=bool((F4.iloc[-1] > F4.iloc[0]).mean() >= 0.75),
-                               test='≥ 6 of 8 layers end above their initial value')}
+            'early': dict(ours=dict(first_half_gain=early_gain, second_half_gain=late_gain), condition=early_gain > 0, p_value=p_early, p_against=pa_early,
+                          test=f'one-sample t-test over the {len(u(start, "conv4_2"))} units of layer 8: gain up to epoch {half} − gain after it > 0 (and the first-half gain > 0)'),
+            'all_layers': dict(ours=(F4.iloc[-1] > F4.iloc[0]).to_dict(), p_value=p_layers[0], p_against=p_layers[1],
+                               test='one-sample t-tests over the units of each conv: end − start > 0 in at least 6 of the 8 convs (Bonferroni over the sets of 6; '
+                                    'contradicted when 3 convs are decidedly below their start)')}
 
 def plot_unitmem_curve(F4: pd.DataFrame):
     "Mean UnitMem per conv over training (layer 8 thick)."
@@ -715,7 +726,7 @@ def subset_size_table(draws: pd.DataFrame) -> pd.DataFrame:
 def subset_size_test(res, draws: pd.DataFrame, full_lm: pd.Series, reading: str = 'conv', margin: float = 0.007) -> dict:
     """Table 19's statement: subset means (`subset_draws`) agree with the full-set LayerMem `full_lm` (the same `reading`):
     within sampling error (finite-population z < 3) and within `margin` (the paper's largest spread over sizes, 0.007) by
-    a one-sample equivalence test (TOST, two `mean_test`s) of the draws per layer and size smaller than all candidates (all of them)."""
+    a one-sample equivalence test (`mean_within`) of the draws per layer and size smaller than all candidates (all of them)."""
     N, n_draws, sizes = len(res), draws.rep.nunique(), sorted(draws.n.unique())
     T19 = subset_size_table(draws)
     means = T19[[f'mean_{n}' for n in sizes]]
@@ -723,11 +734,7 @@ def subset_size_test(res, draws: pd.DataFrame, full_lm: pd.Series, reading: str 
     sd = pd.Series({l: res.layer(taps[l]).score.std().item() for l in RESNET9_T1_LAYERS})
     se = pd.DataFrame({f'mean_{n}': sd / np.sqrt(n * n_draws) * np.sqrt(max(0.0, 1 - n / N)) for n in sizes})
     z = (means.sub(full_lm, axis=0) / se.replace(0, np.nan)).abs()
-    tost = []                                   # (p equivalent, p apart) per layer and size
-    for (n, l), g in draws[draws.n < N].groupby(['n', 'layer']):
-        _, above_low, below_low = mean_test(g.LM.values, full_lm[l] - margin)
-        _, below_high, above_high = mean_test(g.LM.values, full_lm[l] + margin, greater=False)
-        tost.append((max(above_low, below_high), min(1.0, 2 * min(below_low, above_high))))
+    tost = [mean_within(g.LM.values, full_lm[l] - margin, full_lm[l] + margin) for (n, l), g in draws[draws.n < N].groupby(['n', 'layer'])]
     p = all_of(*tost) if tost else (None, None)
     return dict(ours=dict(max_abs_z=float(np.nanmax(z.values)), max_abs_difference=float(means.sub(full_lm, axis=0).abs().values.max()),
                           max_spread_over_sizes=float((means.max(1) - means.min(1)).max())),
@@ -1003,14 +1010,21 @@ def most_least_table(U_most: list, U_least: list) -> pd.DataFrame:
                          t=t, p=p, paper_most=PAPER_T11[l][0], paper_least=PAPER_T11[l][1], paper_t=PAPER_T11[l][2]))
     return pd.DataFrame(rows)
 
-def most_least_tests(T11: pd.DataFrame) -> dict:
-    "Table 11's and Figure 7's statements: most > least in every layer (Welch), about 2× for the top units, higher over all units."
+def top_unit_ratios(U_most: list, U_least: list) -> pd.DataFrame:
+    "Per encoder (seed) and conv: mean UnitMem of the top-10 % units over the most memorized points / the same over the least."
+    return pd.DataFrame([{l: top_mean(m.score[l]) / top_mean(s.score[l]) for l in RESNET9_CONVS} for m, s in zip(U_most, U_least)])
+
+def most_least_tests(T11: pd.DataFrame, ratios: pd.DataFrame) -> dict:
+    """Table 11's and Figure 7's statements: most > least in every layer (Welch), about 2× for the top units (the per-encoder
+    `top_unit_ratios` ≥ 1.5 in every layer, t-tests over the encoders), higher over all units."""
     ratio = T11.most_top10pct / T11.least_top10pct
     p_all = all_of(*[(p, 1 - p) for p in T11.p])
+    p_twice = all_of(*[mean_test(ratios[l], 1.5)[1:] for l in ratios])
     return {'higher': dict(ours=T11.set_index('layer').t.round(2).to_dict(), paper_value={l: v[2] for l, v in PAPER_T11.items()}, p_value=p_all[0], p_against=p_all[1],
                            test='one-sided Welch t-test on per-unit UnitMem (all units, all seeds) per layer; all 8 layers (contradicted if any is reversed, Bonferroni)'),
-            'twice': dict(ours=ratio.round(2).tolist(), condition=bool((ratio >= 1.5).all()), paper_value=[round(v[0] / v[1], 2) for v in PAPER_T11.values()],
-                          test='ratio of top-10 % unit means ≥ 1.5 in every layer'),
+            'twice': dict(ours=ratio.round(2).tolist(), paper_value=[round(v[0] / v[1], 2) for v in PAPER_T11.values()], p_value=p_twice[0], p_against=p_twice[1],
+                          test=f'one-sample t-tests over the {len(ratios)} encoders: most/least ratio of the top-10 % unit means ≥ 1.5 in every layer '
+                               f'(the paper: 2.1–2.2; contradicted if any layer is decidedly below, Bonferroni)'),
             'distribution': dict(ours=T11.set_index('layer')[['most_all_units', 'least_all_units']].round(3).to_dict('index'),
                                  paper_value='most ≫ least (figure; 300/300 points)', p_value=p_all[0], p_against=p_all[1],
                                  test='one-sided Welch t-test on per-unit UnitMem per layer, all 8 layers (contradicted if any is reversed, Bonferroni)')}
@@ -1039,14 +1053,23 @@ def median_variant_table(U_most: list, U_least: list) -> pd.DataFrame:
                                  pearson_units=pearsonr(r.score[l].numpy(), med.score[l].numpy())[0] if r.score[l].std() > 0 else np.nan))
     return pd.DataFrame(rows).groupby(['subset', 'layer'], sort=False).mean().reset_index()
 
-def median_variant_tests(F8: pd.DataFrame) -> dict:
-    "Figure 8's statements: the two variants agree per unit, and both rank most > least in every layer."
+def median_variant_tests(F8: pd.DataFrame, U_most: list, U_least: list, level: float = 0.8) -> dict:
+    """Figure 8's statements: the two variants agree per unit (Pearson r above `level` for every encoder, subset and conv,
+    Fisher's z over the units), and both rank most > least in every layer (Welch over the units of all encoders, as Table 11)."""
+    from scipy.stats import pearsonr
+    med_most, med_least = [r.rescore('median') for r in U_most], [r.rescore('median') for r in U_least]
+    agree = [correlation_vs(pearsonr(r.score[l].numpy(), m.score[l].numpy())[0], len(r.score[l]), level)
+             for U, M in [(U_most, med_most), (U_least, med_least)] for r, m in zip(U, M) for l in RESNET9_CONVS if r.score[l].std() > 0 and m.score[l].std() > 0]
+    higher = lambda A, B, l: (lambda p: (p, 1 - p))(welch_greater(torch.cat([r.score[l] for r in A]), torch.cat([r.score[l] for r in B]))[1])
+    ranks = all_of(*[higher(A, B, l) for A, B in [(U_most, U_least), (med_most, med_least)] for l in RESNET9_CONVS])
+    p_agree = all_of(*agree)
     m_most, m_least = F8[F8.subset == 'most'].set_index('layer'), F8[F8.subset == 'least'].set_index('layer')
-    return {'similar': dict(ours=dict(min_pearson=F8.pearson_units.min()), condition=F8.pearson_units.min() > 0.8, paper_value='"very similar" (figure)',
-                            test='min over layers/subsets of the per-unit Pearson r > 0.8'),
-            'same_ranking': dict(ours=dict(median=(m_most.median_variant > m_least.median_variant).tolist()),
-                                 condition=bool((m_most.median_variant > m_least.median_variant).all() and (m_most.mean_variant > m_least.mean_variant).all()),
-                                 paper_value='same conclusion under both', test='layer-wise comparison of mean UnitMem')}
+    return {'similar': dict(ours=dict(min_pearson=F8.pearson_units.min(), mean_pearson=F8.pearson_units.mean()), paper_value='"very similar" (figure)',
+                            p_value=p_agree[0], p_against=p_agree[1],
+                            test=f'per-unit Pearson r of the two variants > {level} for every encoder, subset and conv (Fisher z over the units; contradicted if any is decidedly below, Bonferroni)'),
+            'same_ranking': dict(ours=dict(median=(m_most.median_variant > m_least.median_variant).tolist(), mean=(m_most.mean_variant > m_least.mean_variant).tolist()),
+                                 paper_value='same conclusion under both', p_value=ranks[0], p_against=ranks[1],
+                                 test='one-sided Welch t-tests on per-unit UnitMem (all encoders) per conv: most > least under both variants, all 16 (contradicted if any is reversed, Bonferroni)')}
 
 def plot_median_variant(F8: pd.DataFrame):
     "Mean UnitMem per conv for the most / least points, median (a) and mean (b) variant."
@@ -1162,20 +1185,25 @@ def concept_table(run: ProtocolRun, concept_n: int, n_views: int) -> pd.DataFram
         for name, d in concepts.items():
             r = unitmem(e, run.data.images[d], run.augment, layers=RESNET9_CONVS, n_views=n_views, progress=False)
             for l in RESNET9_CONVS: rows.append(dict(seed=s, set=name, layer=l, min=r.score[l].min().item(), max=r.score[l].max().item(), avg=r.score[l].mean().item()))
-    T34 = pd.DataFrame(rows).groupby(['set', 'layer'], sort=False)[['min', 'max', 'avg']].mean().unstack('set')
+    per_seed = pd.DataFrame(rows)
+    T34 = per_seed.groupby(['set', 'layer'], sort=False)[['min', 'max', 'avg']].mean().unstack('set')
     T34.columns = [f'{b}_{a}' for a, b in T34.columns]
     T34 = T34.loc[RESNET9_CONVS]
     T34['paper_avg_all (STL10)'] = PAPER_T34_AVG_ALL[:len(T34)]
-    return T34
+    return T34, per_seed
 
-def concept_tests(T34: pd.DataFrame) -> dict:
-    "Table 34's statements: restricting D′ to one or three classes barely changes average UnitMem (< 20 % in every layer)."
-    rel = ((T34['1 class_avg'] - T34['all classes_avg']) / T34['all classes_avg']).abs()
-    rel3 = ((T34['3 classes_avg'] - T34['all classes_avg']) / T34['all classes_avg']).abs()
-    return {'one_class': dict(ours=rel.round(3).to_dict(), condition=bool(rel.max() < 0.2), paper_value='avg ≈ .37–.41 for all, 3-class and 1-class sets',
-                              test='|relative change of avg UnitMem| < 20 % in every layer'),
-            'three_classes': dict(ours=rel3.round(3).to_dict(), condition=bool(rel3.max() < 0.2), paper_value='barely changes',
-                                  test='|relative change| < 20 % in every layer')}
+def concept_tests(T34: pd.DataFrame, per_seed: pd.DataFrame, margin: float = 0.2) -> dict:
+    """Table 34's statements: restricting D′ to one or three classes barely changes average UnitMem: the per-encoder
+    relative change within ±`margin` in every layer (`mean_within` over the encoders)."""
+    avg = per_seed.pivot_table(index=['seed', 'layer'], columns='set', values='avg')
+    def within(subset):
+        rel = (avg[subset] - avg['all classes']) / avg['all classes'].groupby('layer').transform('mean')
+        return rel.groupby('layer').mean().loc[RESNET9_CONVS], all_of(*[mean_within(rel.xs(l, level='layer'), -margin, margin) for l in RESNET9_CONVS])
+    (rel, p1), (rel3, p3) = within('1 class'), within('3 classes')
+    n = per_seed.seed.nunique()
+    test = f'relative change of avg UnitMem within ±{margin:.0%} in every layer: one-sample equivalence tests (TOST) over the {n} encoders (contradicted if any layer is decidedly outside, Bonferroni)'
+    return {'one_class': dict(ours=rel.round(3).to_dict(), paper_value='avg ≈ .37–.41 for all, 3-class and 1-class sets', p_value=p1[0], p_against=p1[1], test=test),
+            'three_classes': dict(ours=rel3.round(3).to_dict(), paper_value='barely changes', p_value=p3[0], p_against=p3[1], test=test)}
 
 # %% ../nbs/19_localizing.ipynb 40
 PAPER_T21 = {'none': (69.08, 17.81), 'most by ΔLM': (36.59, 32.33), 'most by LM': (39.07, 29.82), 'random': (43.22, 25.89),
@@ -1344,14 +1372,16 @@ def finetune_table(ex: LayerExchange, epochs: int, seeds) -> tuple[pd.DataFrame,
     return pd.DataFrame(rows).groupby('setting', sort=False).acc.agg(['mean', 'std']).assign(paper=pd.Series(PAPER_T5)), runs
 
 def finetune_tests(T5: pd.DataFrame, runs: pd.DataFrame) -> dict:
-    "Table 5's statements: every layer choice beats the head only; layers 4, 6, 8 transfer best; layer 6 beats layer 8 (paired over the fine-tuning seeds)."
+    "Table 5's statements: every layer choice beats the head only; layers 4, 6, 8 beat every other choice; layer 6 beats layer 8 (paired over the fine-tuning seeds)."
     m5, n_seeds = T5['mean'], len(runs)
     beats = all_of(*[mean_test(runs[k] - runs['HEAD only'])[1:] for k in runs if k != 'HEAD only'])
     six = mean_test(runs['6 + HEAD'] - runs['8 + HEAD'])
+    best = all_of(*[mean_test(runs['4,6,8 + HEAD'] - runs[k])[1:] for k in runs if k != '4,6,8 + HEAD'])
     return {'beats_head': dict(ours=m5.round(2).to_dict(), paper_value=PAPER_T5, p_value=beats[0], p_against=beats[1],
                                test=f'one-sample t-tests over the {n_seeds} seeds of each setting − head only (paired by seed), all settings'),
-            'best_468': dict(ours=dict(best=m5.idxmax(), acc_468=m5['4,6,8 + HEAD'], best_acc=m5.max()), condition=m5.idxmax() == '4,6,8 + HEAD',
-                             paper_value='4,6,8 + HEAD: 57.9', test='argmax over the 7 settings (differences may be within noise)'),
+            'best_468': dict(ours=dict(best=m5.idxmax(), acc_468=m5['4,6,8 + HEAD'], best_acc=m5.max()), p_value=best[0], p_against=best[1],
+                             paper_value='4,6,8 + HEAD: 57.9', test=f'one-sample t-tests over the {n_seeds} seeds of layers 4,6,8 − each other setting (paired by seed), all six '
+                                                                   f'(contradicted if any setting is decidedly better, Bonferroni)'),
             'six_beats_eight': dict(ours=dict(l6=m5['6 + HEAD'], l8=m5['8 + HEAD']), paper_value=dict(l6=53.0, l8=52.7), p_value=six[1], p_against=six[2],
                                     test=f'one-sample t-test over the {n_seeds} seeds of layer 6 − layer 8 (paired by seed; the paper\'s difference, 0.3, is within its own noise)')}
 
@@ -1716,17 +1746,24 @@ def weight_decay_tests(F11: pd.DataFrame, n_trainings: int) -> dict:
             'accuracy': dict(ours=F11.probe_acc.round(2).to_dict(), condition=bool(np.all(np.diff(F11.probe_acc) < 0)), paper_value='decreasing (figure)',
                              test='probe accuracy strictly decreasing')}
 
-def framework_comparison(LM: pd.DataFrame, um_last: dict, acc: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    "(Table 4: LayerMem of SimCLR and SimSiam with their probes, Figure 12: UnitMem statistics of the last conv, the tests of both)."
+def framework_comparison(LM: pd.DataFrame, um_last: dict, acc: dict, n_trainings: int, margin: float = 0.2) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(Table 4: LayerMem of SimCLR and SimSiam with their probes, Figure 12: UnitMem statistics of the last conv, the tests of both).
+    Same profile: Spearman of one profile against the other over the 10 layers; nearly identical values: the per-layer
+    difference within ±`margin` × the largest SimCLR LayerMem (`mean_within` over the layers). Both compare one training
+    per framework when `n_trainings` is 1 (`one_training_per_setting`)."""
     from scipy.stats import ks_2samp
     T4 = LM[['aug normal', 'simsiam']].rename(columns={'aug normal': 'SimCLR', 'simsiam': 'SimSiam'}).assign(probe_SimCLR=acc['aug normal'], probe_SimSiam=acc['simsiam'])
     ks = ks_2samp(um_last['aug normal'].numpy(), um_last['simsiam'].numpy())
     F12 = pd.DataFrame({'SimCLR': pd.Series(um_last['aug normal'].numpy()).describe(), 'SimSiam': pd.Series(um_last['simsiam'].numpy()).describe()})
     r_prof = np.corrcoef(T4.SimCLR, T4.SimSiam)[0, 1]
     rel_diff = (T4.SimCLR - T4.SimSiam).abs().max() / T4.SimCLR.abs().max()
-    tests = {'profile': dict(ours=dict(pearson=r_prof), condition=r_prof > 0.9, paper_value='ResNet50 layer 49: SimCLR .302 vs DINO .311',
-                             test='Pearson correlation of the two 10-layer profiles > 0.9'),
-             'values': dict(ours=dict(max_abs_diff_relative=rel_diff), condition=rel_diff < 0.2, paper_value=dict(max_abs_diff_relative=0.03), test='max |Δ| / max LM < 20 %'),
+    rho, p_same, p_opposite = rank_trend(T4.SimSiam.values, T4.SimCLR.values)
+    bound = margin * T4.SimCLR.abs().max()
+    p_near = mean_within((T4.SimCLR - T4.SimSiam).values, -bound, bound)
+    tests = {'profile': one_training_per_setting(dict(ours=dict(pearson=r_prof, spearman=rho), p_value=p_same, p_against=p_opposite, paper_value='ResNet50 layer 49: SimCLR .302 vs DINO .311',
+                                                      test='Spearman of the SimSiam profile against the SimCLR profile over the 10 Table 1 layers, one-sided'), n_trainings),
+             'values': one_training_per_setting(dict(ours=dict(max_abs_diff_relative=rel_diff), paper_value=dict(max_abs_diff_relative=0.03), p_value=p_near[0], p_against=p_near[1],
+                                                     test=f'per-layer SimCLR − SimSiam within ±{margin:.0%} of the largest SimCLR LayerMem: one-sample equivalence test (TOST) over the 10 layers'), n_trainings),
              'unitmem': dict(ours=dict(ks=ks.statistic, ks_p_differ=ks.pvalue, mean_simclr=F12.SimCLR['mean'], mean_simsiam=F12.SimSiam['mean']), condition=ks.statistic < 0.3,
                              paper_value='similar (figure)', test='two-sample Kolmogorov–Smirnov statistic < 0.3 (a point estimate: a large KS p-value is no evidence of similarity)')}
     return T4, F12, tests

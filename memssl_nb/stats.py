@@ -9,7 +9,7 @@ import numpy as np
 
 # %% auto 0
 __all__ = ['welch_greater', 'paired_greater', 'depth_trend', 'monotone', 'top_mean', 'rank_trend', 'mean_test', 'all_of',
-           'at_least', 'equivalent', 'detectable', 'correlation_vs', 'bootstrap_greater', 'excess_trend',
+           'at_least', 'equivalent', 'mean_within', 'detectable', 'correlation_vs', 'bootstrap_greater', 'excess_trend',
            'excess_greater', 'one_training_per_setting', 'ordered', 'mcnemar', 'in_top_share']
 
 # %% ../nbs/00b_stats.ipynb 5
@@ -99,6 +99,14 @@ def equivalent(a, b, margin: float) -> tuple[float, float, float]:
     p_equiv = max(t(margin, 'less'), t(-margin, 'greater'))
     p_apart = min(1.0, 2 * min(t(margin, 'greater'), t(-margin, 'less')))
     return float(a.mean() - b.mean()), p_equiv, p_apart
+
+def mean_within(values, low: float, high: float) -> tuple[float, float]:
+    """(p that the mean of `values` lies inside (`low`, `high`), p that it lies outside): a one-sample equivalence test
+    (TOST, two `mean_test`s), e.g. over seeds or draws; outside is Bonferroni over the two sides."""
+    if not low < high: raise ValueError(f"mean_within needs low < high, got ({low}, {high})")
+    _, above_low, below_low = mean_test(values, low)
+    _, below_high, above_high = mean_test(values, high, greater=False)
+    return max(above_low, below_high), min(1.0, 2 * min(below_low, above_high))
 
 def detectable(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
     "The smallest true effect a one-sided z-test at `alpha` detects with probability `power`, given its standard error."
