@@ -9,8 +9,9 @@ import numpy as np
 
 # %% auto 0
 __all__ = ['welch_greater', 'paired_greater', 'depth_trend', 'monotone', 'top_mean', 'rank_trend', 'mean_test', 'all_of',
-           'at_least', 'equivalent', 'mean_within', 'detectable', 'correlation_vs', 'bootstrap_greater', 'excess_trend',
-           'excess_greater', 'one_training_per_setting', 'ordered', 'mcnemar', 'in_top_share']
+           'at_least', 'equivalent', 'mean_within', 'detectable', 'correlation_vs', 'bootstrap_greater',
+           'tail_asymmetry', 'excess_trend', 'excess_greater', 'one_training_per_setting', 'ordered', 'mcnemar',
+           'in_top_share']
 
 # %% ../nbs/00b_stats.ipynb 5
 def welch_greater(a, b) -> tuple[float, float]:
@@ -127,6 +128,16 @@ def bootstrap_greater(replicates) -> tuple[float, float]:
     replicates × parts for "every part is > 0", combined by `all_of`)."""
     d = np.asarray(replicates, dtype=float).reshape(len(replicates), -1)
     return all_of(*[(float((d[:, j] <= 0).mean()), float((d[:, j] >= 0).mean())) for j in range(d.shape[1])])
+
+def tail_asymmetry(values, q: float = 0.05, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """((q_{1−q} − median) − (median − q_q) of `values`, how much longer the upper tail is than the lower; p that it is
+    > 0; p that it is < 0), by a bootstrap over the values: the test of "a long positive tail" that no single value
+    can carry (moment skewness can)."""
+    v = np.asarray(values, dtype=float).ravel(); v = v[np.isfinite(v)]
+    if not 0 < q < 0.5: raise ValueError(f"q must lie in (0, 0.5), got {q}")
+    stat = lambda a: np.quantile(a, 1 - q, axis=-1) + np.quantile(a, q, axis=-1) - 2 * np.median(a, axis=-1)
+    boot = stat(v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))])
+    return float(stat(v)), *bootstrap_greater(boot)
 
 # %% ../nbs/00b_stats.ipynb 20
 def excess_trend(scores, held, x=None, n_perm: int = 2000, increasing: bool = True, seed: int = 0) -> tuple[float, float, float]:
