@@ -19,9 +19,9 @@ from .registry import (SCALES, Artifact, artifact_matches, check_parameters, cla
 from .report import seed_run_root, verify, write_report
 
 # %% auto 0
-__all__ = ['TIMEOUTS', 'REHEARSAL_DIR', 'REHEARSAL_GUARD', 'EXECUTORS', 'COLD_SECONDS', 'check_kernel', 'NotebookJob',
-           'run_papermill', 'ArtifactResult', 'RunSummary', 'prepare_rehearsal', 'rehearsal_markdown',
-           'encoder_cache_empty', 'Reproduction', 'writable_out_dir', 'reproduce']
+__all__ = ['TIMEOUTS', 'REHEARSAL_DIR', 'REHEARSAL_GUARD', 'REFERENCE_THREADS', 'EXECUTORS', 'COLD_SECONDS', 'check_kernel',
+           'NotebookJob', 'run_papermill', 'ArtifactResult', 'RunSummary', 'prepare_rehearsal', 'rehearsal_markdown',
+           'thread_note', 'encoder_cache_empty', 'Reproduction', 'writable_out_dir', 'reproduce']
 
 # %% ../nbs/22_runner.ipynb 4
 # (per-cell timeout, whole-notebook wall-clock guard) in seconds; None = no limit
@@ -206,6 +206,18 @@ def _env_overrides(jobs: int, threads: int | None = None) -> dict:
 def _child_env(jobs: int) -> dict:
     "The executed notebooks' environment: this one with `_env_overrides`."
     return dict(os.environ, **_env_overrides(jobs))
+
+REFERENCE_THREADS = 1   # the committed cpu runs: `--jobs 2` on 2 cores, one thread per notebook
+
+def thread_note(env: dict, reference: int = REFERENCE_THREADS) -> str | None:
+    """A warning when the notebooks of environment `env` train with another thread count than the committed runs: float
+    sums then run in another order, trained encoders differ and the difference grows over training. None when they match."""
+    import torch
+    n = int(env.get('MEMSSL_THREADS') or torch.get_num_threads())
+    if n == reference: return None
+    return (f"note: each notebook trains with {n} thread{'s' * (n != 1)}, the committed runs with {reference}: their encoders "
+            f"differ, so numbers (and verdicts near their thresholds) can differ from the committed ones. To compare like "
+            f"with like, run with MEMSSL_THREADS={reference} (or --jobs 2 on 2 cores, as the README's command does).")
 
 EXECUTORS = ('local', 'submitit')
 COLD_SECONDS = 'cold_seconds.json'   # in figures/<scale>/ (committed): each artifact's seconds from an empty encoder cache
@@ -426,6 +438,8 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
         ex = submitit_executor(out_dir/'.submitit', cluster, array_parallelism=jobs, **params)
         env = _env_overrides(1 if ex.cluster == 'slurm' else jobs, params.get('cpus_per_task'))
     else: env = _child_env(jobs)
+    note = thread_note(env) if compare is not None and scale == 'cpu' and ex is None and verbose else None
+    if note: print(note, file=sys.stderr)
     # always set: an offset or a rehearsal flag left in the shell must not leak into a real run
     env = {**env, SEED_OFFSET_ENV: str(seed_offset), REHEARSAL_ENV: '0', **rehearsal}
     run = Reproduction(scale, selected, nb_root, out_dir, execute, env, kernel_name, cell_timeout, guard, force, jobs,
