@@ -1062,8 +1062,7 @@ def median_variant_tests(F8: pd.DataFrame, U_most: list, U_least: list, level: f
               for name, U, M in [('most', U_most, med_most), ('least', U_least, med_least)] for l in RESNET9_CONVS}
     r_pooled = {k: pearsonr(a, b)[0] for k, (a, b) in pooled.items() if a.std() > 0 and b.std() > 0}
     agree = [correlation_vs(r, len(pooled[k][0]), level) for k, r in r_pooled.items()]
-    higher = lambda A, B, l: (lambda p: (p, 1 - p))(welch_greater(torch.cat([r.score[l] for r in A]), torch.cat([r.score[l] for r in B]))[1])
-    ranks = all_of(*[higher(A, B, l) for A, B in [(U_most, U_least), (med_most, med_least)] for l in RESNET9_CONVS])
+    ranks = all_of(*[(p, 1 - p) for T in (most_least_table(U_most, U_least), most_least_table(med_most, med_least)) for p in T.p])
     p_agree = all_of(*agree)
     m_most, m_least = F8[F8.subset == 'most'].set_index('layer'), F8[F8.subset == 'least'].set_index('layer')
     return {'similar': dict(ours=dict(min_pearson=min(r_pooled.values()), mean_pearson=float(np.mean(list(r_pooled.values())))), paper_value='"very similar" (figure)',
