@@ -27,7 +27,7 @@ __all__ = ['LEVELS', 'LobachevaConfig', 'LobachevaStudy', 'lobacheva_study', 're
            'fixed_stat', 'uniformity_tests', 'curve_departure_tests', 'plot_binomial_panels', 'averaged_binomial_table',
            'mae_at', 'c2_statistic', 'averaged_uniformity_tests', 'averaging_tests', 'augmentation_epochs',
            'augmentation_table', 'augmentation_tests', 'plot_augmentations', 'class_curves', 'class_spread_test',
-           'plot_class_curves', 'probe_features', 'probe_table', 'class_separation', 'network_table',
+           'plot_class_curves', 'probe_features', 'probe_table', 'class_separation', 'network_table', 'network_summary',
            'paired_over_networks', 'semantic_pair_test', 'tsne_class_knn', 'knn_test', 'plot_probe', 'plot_tsne',
            'plot_class_kl']
 
@@ -507,14 +507,13 @@ def probe_features(study: LobachevaStudy, probe_train: ImageSet, probe_test: Ima
     feats['raw pixels'] = (probe_train.images.flatten(1).float() / 255, probe_test.images.flatten(1).float() / 255)
     return feats
 
-def probe_table(feats: dict, probe_train: ImageSet, probe_test: ImageSet) -> tuple[pd.DataFrame, dict]:
-    "(train and test accuracy of a linear probe per feature set, per-point test correctness per feature set)."
-    rows, correct = [], {}
+def probe_table(feats: dict, probe_train: ImageSet, probe_test: ImageSet) -> pd.DataFrame:
+    "Train and test accuracy of a linear probe per feature set."
+    rows = []
     for k, (ftr, fte) in feats.items():
         acc, model = linear_probe(ftr, probe_train.labels, fte, probe_test.labels, return_model=True)
-        correct[k] = model.predict(np.asarray(fte, dtype=np.float64)) == probe_test.labels.numpy()
         rows.append(dict(features=k, train_acc=float((model.predict(np.asarray(ftr, dtype=np.float64)) == probe_train.labels.numpy()).mean()), test_acc=acc))
-    return pd.DataFrame(rows), correct
+    return pd.DataFrame(rows)
 
 def class_separation(feats: dict, labels, regimes=('supervised', 'simclr')) -> tuple[dict, dict]:
     "(symmetrised KL matrix between class Gaussians of the train features, its mean off-diagonal value) per regime."
@@ -527,8 +526,12 @@ def network_table(study: LobachevaStudy, probe_train: ImageSet, probe_test: Imag
     for i in range(study.config.n_networks):
         feats = probe_features(study, probe_train, probe_test, network=i)
         _, kl = class_separation(feats, probe_train.labels.numpy(), regimes=list(feats))
-        rows.append(probe_table(feats, probe_train, probe_test)[0].assign(network=i, class_kl=lambda t: t.features.map(kl)))
+        rows.append(probe_table(feats, probe_train, probe_test).assign(network=i, class_kl=lambda t: t.features.map(kl)))
     return pd.concat(rows, ignore_index=True)[['network', 'features', 'train_acc', 'test_acc', 'class_kl']]
+
+def network_summary(table: pd.DataFrame) -> pd.DataFrame:
+    "Mean and sd over the networks of each feature set's probe accuracies and class KL (rows of `network_table`, in its order)."
+    return table.groupby('features', sort=False)[['train_acc', 'test_acc', 'class_kl']].agg(['mean', 'std'])
 
 def paired_over_networks(table: pd.DataFrame, a: str, b: str, margin: float = 0.0, col: str = 'test_acc') -> dict:
     "Does feature set `a` exceed `b` in `col` (by more than `margin`)? One-sample t-test of the per-network differences."
@@ -565,7 +568,7 @@ def knn_test(knn: dict, correct: dict, a: str, others) -> dict:
 def plot_probe(table: pd.DataFrame, dataset: str):
     "Linear-probe test accuracy per feature set: the mean over the networks (bar) and each network (dot)."
     import matplotlib.pyplot as plt
-    names = list(dict.fromkeys(table.features)); mean = table.groupby('features').test_acc.mean()[names]
+    mean = network_summary(table)[('test_acc', 'mean')]; names = list(mean.index)
     fig, ax = plt.subplots(figsize=(5, 2.8))
     ax.barh(names, mean, color='C0', alpha=0.6); ax.set_xlim(0, 1); ax.set_xlabel(f'linear-probe test accuracy ({dataset}), {table.network.nunique()} networks')
     ax.scatter(table.test_acc, [names.index(f) for f in table.features], color='k', s=6, zorder=3)
