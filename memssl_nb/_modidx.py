@@ -1335,4 +1335,5 @@ d = { 'settings': { 'branch': 'main',
                                     'memssl_nb.zhangcao.sweep_runs': ('zhangcao.html#sweep_runs', 'memssl_nb/zhangcao.py'),
                                     'memssl_nb.zhangcao.threshold_p': ('zhangcao.html#threshold_p', 'memssl_nb/zhangcao.py'),
                                     'memssl_nb.zhangcao.threshold_table': ('zhangcao.html#threshold_table', 'memssl_nb/zhangcao.py'),
-                                    'memssl_nb.zhangcao.threshold_tests': ('zhangcao.html#threshold_tests', 'memssl_nb/zhangcao.py')}}}
+                                    'memssl_nb.zhangcao.threshold_tests': ('zhangcao.html#threshold_tests', 'memssl_nb/zhangcao.py'),
+                                    'memssl_nb.zhangcao.whp_bound': ('zhangcao.html#whp_bound', 'memssl_nb/zhangcao.py')}}}
