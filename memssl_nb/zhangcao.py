@@ -13,11 +13,12 @@ from .stats import mean_test, rank_trend, all_of
 from .theory import PatchSetup, label_complexity, pretraining_sweep, coefficient_dynamics, plot_error_heatmaps
 
 # %% auto 0
-__all__ = ['WHP_DELTA', 'ZhangCaoConfig', 'cached_runs', 'grid_runs', 'sweep_runs', 'grid_cells', 'split_methods', 'error_table',
-           'threshold_p', 'whp_bound', 'supervised_boundary_tests', 'finetuning_tests', 'first_n', 'few_label_tests',
-           'labels_needed', 'labels_needed_per_seed', 'guarantee_tests', 'plot_label_curves', 'label_curve_table',
-           'alignment_tests', 'threshold_table', 'threshold_tests', 'early_stopping_tests', 'coefficient_runs',
-           'coefficient_table', 'mechanism_tests', 'plot_alignment', 'plot_early_stopping', 'plot_coefficients']
+__all__ = ['WHP_DELTA', 'WHP_RUNS', 'ZhangCaoConfig', 'cached_runs', 'grid_runs', 'sweep_runs', 'grid_cells', 'split_methods',
+           'error_table', 'threshold_p', 'whp_bound', 'supervised_boundary_tests', 'finetuning_tests', 'first_n',
+           'few_label_tests', 'labels_needed', 'labels_needed_per_seed', 'guarantee_tests', 'plot_label_curves',
+           'label_curve_table', 'alignment_tests', 'threshold_table', 'threshold_tests', 'early_stopping_tests',
+           'coefficient_runs', 'coefficient_table', 'mechanism_tests', 'plot_alignment', 'plot_early_stopping',
+           'plot_coefficients']
 
 # %% ../nbs/15a_zhangcao.ipynb 5
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def threshold_p(values, threshold: float, below: bool = True) -> dict:
     return dict(p_value=p, p_against=p_against)
 
 WHP_DELTA = 0.1   # the theorems bound a run "with probability ≥ 1 − δ": a run-level bound must hold in ≥ 90 % of the runs
+WHP_RUNS = f'≥ {1 - WHP_DELTA:.0%} of the runs'   # how the claims' tests say it
 
 def whp_bound(values, bound: float, below: bool = True, delta: float = WHP_DELTA) -> dict:
     """A run-level bound read as the theorems state it, with high probability: the share of runs within `bound` (≤ it, or
@@ -119,7 +121,7 @@ def supervised_boundary_tests(df: pd.DataFrame, sup: pd.DataFrame) -> dict:
                                   'share of runs with zero training error': fitted['share'], 'max train loss': below_runs.train_loss.max(), 'cells': len(below)},
                             condition=bool(below.test_error.min() >= 0.2 and fitted['condition']) if len(below) else None,
                             **threshold_p(below_runs.test_error, 0.2, below=False),
-                            test=f'one-sample t-test over the runs: mean test error > 0.2; every cell ≥ 0.2, ≥ {1 - WHP_DELTA:.0%} of the runs with zero training error'),
+                            test=f'one-sample t-test over the runs: mean test error > 0.2; every cell ≥ 0.2, {WHP_RUNS} with zero training error'),
         'succeeds_above': dict(ours={'max test error (n·SNR³≥5)': above.test_error.max(), 'cells': len(above)},
                                condition=(above.test_error.max() <= 0.05) if len(above) else None, **threshold_p(above_runs.test_error, 0.05),
                                test='one-sample t-test over the runs: mean test error < 0.05; every cell ≤ 0.05'),
@@ -221,13 +223,13 @@ def guarantee_tests(df: pd.DataFrame, ft: pd.DataFrame, th: pd.DataFrame) -> dic
     return {
         'train_loss': dict(ours={'max train loss': ft_runs.train_loss.max(), 'share of runs ≤ 0.05': fit_bound['share']},
                            condition=fit_bound['condition'], **threshold_p(ft_runs.train_loss, 0.05),
-                           test=f'one-sample t-test over the runs: mean training loss < 0.05; ≥ {1 - WHP_DELTA:.0%} of the runs ≤ 0.05'),
+                           test=f'one-sample t-test over the runs: mean training loss < 0.05; {WHP_RUNS} ≤ 0.05'),
         'test_loss': dict(ours={'max test loss (n ≥ 8)': rich_runs.test_loss.max() if len(rich_runs) else None,
                                 'share of runs ≤ 0.05': test_bound['share'],
                                 'max test error (n ≥ 8)': rich_runs.test_error.max() if len(rich_runs) else None, 'runs': len(rich_runs),
                                 'max test loss with fewer labels': few.test_loss.max() if len(few) else None},
                           condition=test_bound['condition'], **threshold_p(rich_runs.test_loss, 0.05),
-                          test=f'one-sample t-test over the runs: mean test loss < 0.05; ≥ {1 - WHP_DELTA:.0%} of the runs ≤ 0.05'),
+                          test=f'one-sample t-test over the runs: mean test loss < 0.05; {WHP_RUNS} ≤ 0.05'),
         'snr_free': dict(ours={'smallest n per SNR (n₀·SNR² ≥ 10)': need_ft},
                          condition=(len(need_ft) > 1 and None not in need_ft and len(set(need_ft)) == 1) if need_ft else None,
                          p_value=p_free[0], p_against=p_free[1],
@@ -266,14 +268,14 @@ def label_curve_table(cells: pd.DataFrame, snrs=(0.1, 0.2)) -> pd.DataFrame:
 def alignment_tests(sweep: pd.DataFrame) -> dict:
     "ZC-F3: alignment low for n₀·SNR² ≤ 1, high for ≥ 2.5, and rising with n₀·SNR²."
     low, high = sweep[sweep.n0_snr2 <= 1], sweep[sweep.n0_snr2 >= 2.5]
-    lo_bound, hi_bound, share = whp_bound(low.alignment, 0.3), whp_bound(high.alignment, 0.85, below=False), f'{1 - WHP_DELTA:.0%}'
+    lo_bound, hi_bound = whp_bound(low.alignment, 0.3), whp_bound(high.alignment, 0.85, below=False)
     out = {'low': dict(ours={'max alignment': low.alignment.max() if len(low) else None, 'share of runs ≤ 0.3': lo_bound['share'], 'runs': len(low)},
                        condition=lo_bound['condition'], **threshold_p(low.alignment, 0.3),
-                       test=f'one-sample t-test over the runs: mean alignment < 0.3; ≥ {share} of the runs ≤ 0.3',
+                       test=f'one-sample t-test over the runs: mean alignment < 0.3; {WHP_RUNS} ≤ 0.3',
                        why=None if len(low) else 'no run with n₀·SNR² ≤ 1 at this scale'),
            'high': dict(ours={'min alignment': high.alignment.min() if len(high) else None, 'share of runs ≥ 0.85': hi_bound['share'], 'runs': len(high)},
                         condition=hi_bound['condition'], **threshold_p(high.alignment, 0.85, below=False),
-                        test=f'one-sample t-test over the runs: mean alignment > 0.85; ≥ {share} of the runs ≥ 0.85',
+                        test=f'one-sample t-test over the runs: mean alignment > 0.85; {WHP_RUNS} ≥ 0.85',
                         why=None if len(high) else 'no run with n₀·SNR² ≥ 2.5 at this scale')}
     if sweep.n0_snr2.nunique() > 2:
         rho, p, p_fall = rank_trend(sweep.alignment.values, sweep.n0_snr2.values)
@@ -293,15 +295,14 @@ def threshold_tests(sweep: pd.DataFrame) -> dict:
     "ZC-T1: fine-tuned error near chance below the threshold, nearly perfect in [2.5, 10), zero from 10 on."
     low, mid, top = sweep[sweep.n0_snr2 <= 1], sweep[(sweep.n0_snr2 >= 2.5) & (sweep.n0_snr2 < 10)], sweep[sweep.n0_snr2 >= 10]
     b_low, b_mid, b_top = whp_bound(low.test_error, 0.4, below=False), whp_bound(mid.test_error, 0.07), whp_bound(top.test_error, 0.01)
-    share = f'{1 - WHP_DELTA:.0%}'
     return {'below': dict(ours={'min error': low.test_error.min() if len(low) else None, 'share of runs ≥ 0.4': b_low['share']}, condition=b_low['condition'],
-                          **threshold_p(low.test_error, 0.4, below=False), test=f'one-sample t-test over the runs: mean error > 0.4; ≥ {share} of the runs ≥ 0.4',
+                          **threshold_p(low.test_error, 0.4, below=False), test=f'one-sample t-test over the runs: mean error > 0.4; {WHP_RUNS} ≥ 0.4',
                           why=None if len(low) else 'no such run at this scale'),
             'mid': dict(ours={'max error': mid.test_error.max() if len(mid) else None, 'share of runs ≤ 0.07': b_mid['share'], 'runs': len(mid)}, condition=b_mid['condition'],
-                        **threshold_p(mid.test_error, 0.07), test=f'one-sample t-test over the runs: mean error < 0.07; ≥ {share} of the runs ≤ 0.07',
+                        **threshold_p(mid.test_error, 0.07), test=f'one-sample t-test over the runs: mean error < 0.07; {WHP_RUNS} ≤ 0.07',
                         why=None if len(mid) else 'no such run at this scale'),
             'top': dict(ours={'max error': top.test_error.max() if len(top) else None, 'share of runs ≤ 0.01': b_top['share'], 'runs': len(top)}, condition=b_top['condition'],
-                        **threshold_p(top.test_error, 0.01), test=f'one-sample t-test over the runs: mean error < 0.01; ≥ {share} of the runs ≤ 0.01',
+                        **threshold_p(top.test_error, 0.01), test=f'one-sample t-test over the runs: mean error < 0.01; {WHP_RUNS} ≤ 0.01',
                         why=None if len(top) else 'no such run at this scale')}
 
 def early_stopping_tests(es: pd.DataFrame, short_steps: int, long_steps: int) -> dict:
