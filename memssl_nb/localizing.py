@@ -500,10 +500,12 @@ def layer_profile(res, top_k: int, reading: str = 'conv') -> tuple[pd.DataFrame,
                        f'LM_{top}': lm[top], f'dLM_{top}': dlm[top], f'LM_{least}': lm[least]}).join(PAPER_T1.add_prefix('paper_'))
     return T1, lm, dlm, sem
 
-def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int, reading: str = 'conv', held=None) -> dict:
+def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int, reading: str = 'conv', held=None, alpha: float = 0.05) -> dict:
     """Table 1's four statements: the rise with depth, ΔLM > 0 at every conv, ΔLM ≈ 0 at the residual sums, Top ≫ Least.
-    With `held` (the held-out points' LayerMem, `depth_layermem(run, n, 'extra')`) the rise and the per-conv steps are
-    the candidates' excess over the held-out points (`excess_trend`, `excess_greater`), the f/g pair's own drift removed."""
+    With `held` (the held-out points' LayerMem, `depth_layermem(run, n, 'extra')`) the rise, the per-conv steps and the
+    residual sums' steps are the candidates' excess over the held-out points (`excess_trend`, `excess_greater`), the f/g
+    pair's own drift removed. "ΔLM ≈ 0 at a residual sum" means |its step| < the mean conv step, point by point (TOST on
+    c − r and c + r); it needs a yardstick: the mean conv step must itself be decidedly > 0 at `alpha`."""
     conv_lm = lm.loc[RESNET9_CONVS, 'all'].values
     taps = dict(zip(RESNET9_T1_LAYERS, table1_taps(reading)))
     score_of = lambda r, l: r.layer(taps[l]).score.double().numpy()
@@ -516,16 +518,21 @@ def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int, re
     step_tests = ({l: mean_test(d) for l, d in step.items()} if held is None else
                   {l: excess_p(excess_greater(score_of(res, l), score_of(res, prev), score_of(held, l), score_of(held, prev))[1])
                    for prev, l in zip(RESNET9_CONVS, RESNET9_CONVS[1:])})
-    score = lambda l: score_of(res, l)
-    margin = float(conv_d.mean())
-    res_step = {r: score(r) - score(RESNET9_T1_LAYERS[RESNET9_T1_LAYERS.index(r) - 1]) for r in ['res2', 'res6']}
-    flat = {r: (max(mean_test(d, margin, greater=False)[1], mean_test(d, -margin)[1]),
-                min(1.0, 2 * min(mean_test(d, margin)[1], mean_test(d, -margin, greater=False)[1]))) for r, d in res_step.items()}
+    conv_step = lambda r: np.mean([score_of(r, l) - score_of(r, prev) for prev, l in zip(RESNET9_CONVS, RESNET9_CONVS[1:])], 0)   # per point
+    res_step = lambda r, name: score_of(r, name) - score_of(r, RESNET9_T1_LAYERS[RESNET9_T1_LAYERS.index(name) - 1])
+    # one-sided (p, p against) that the candidates' mean of a per-point quantity is > 0 (with `held`: > the held-out points')
+    above = (lambda q: mean_test(q(res))[1:]) if held is None else (lambda q: (welch_greater(q(res), q(held))[1], welch_greater(q(held), q(res))[1]))
+    margin = float(conv_step(res).mean() - (0 if held is None else conv_step(held).mean()))
+    p_yard = above(conv_step)[0]
+    flat = {}
+    for r in ('res2', 'res6'):
+        below, over_neg = above(lambda x: conv_step(x) - res_step(x, r)), above(lambda x: conv_step(x) + res_step(x, r))
+        flat[r] = (max(below[0], over_neg[0]), min(1.0, 2 * min(below[1], over_neg[1])))
     sub = res.subsets(top_k, 'embedding')
     pt = {l: welch_greater(res.layer(t).score[sub[f'top{top_k}']], res.layer(t).score[sub[f'least{top_k}']])
           for l, t in zip(RESNET9_T1_LAYERS, table1_taps(reading))}
     p_step = all_of(*[t[1:] for t in step_tests.values()])
-    p_flat = all_of(*flat.values()) if margin > 0 else (1.0, 1.0)   # no rise at the convs: no yardstick for "≈ 0"
+    p_flat = all_of(*flat.values()) if p_yard < alpha else (1.0, 1.0)   # no decided rise at the convs: no yardstick for "≈ 0"
     p_tl = all_of(*[(p, 1 - p) for _, p in pt.values()])
     return {'rise': dict(ours=dict(spearman_rho=rho, LM=conv_lm.round(4), **({} if held is None else {'LM_held_out': conv_scores(held).mean(0).round(4)})),
                          paper_value=PAPER_T1.LM.values, p_value=p_up, p_against=p_down,
@@ -538,9 +545,10 @@ def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int, re
                                          'per conv, a one-sided Welch t-test of the candidates\' step (score at the conv − at the conv before) against the held-out points\' step') +
                                         '; holds when every conv rises, contradicted when any falls (Bonferroni over 7)'),
             'residual_flat': dict(ours=res_d.round(4).to_dict(), paper_value={'res2': .002, 'res6': .003}, p_value=p_flat[0], p_against=p_flat[1],
-                                  test=f'paired equivalence test (TOST) over the candidates per residual sum: |ΔLM| < the mean conv ΔLM ({margin:.4f}); '
-                                       'contradicted when a residual sum is decidedly outside that margin',
-                                  why=None if margin > 0 else f'the convs do not rise on average (mean ΔLM {margin:.4f}), so "below the conv ΔLM" has no yardstick'),
+                                  test='equivalence test (TOST) per residual sum, point by point: |its step| < the mean conv step (c − r > 0 and c + r > 0'
+                                       + (', each the candidates\' excess over the held-out points, Welch' if held is not None else ', paired t-tests') +
+                                       f'); contradicted when a residual sum is decidedly outside; needs the mean conv step decidedly > 0 (measured {margin:.4f}, p = {p_yard:.2g})',
+                                  why=None if p_yard < alpha else f'the convs do not decidedly rise (mean conv ΔLM {margin:.4f}, one-sided p = {p_yard:.2g}), so "below the conv ΔLM" has no yardstick'),
             'top_least': dict(ours={l: round(v[0], 2) for l, v in pt.items()}, paper_value={'conv1': [.144, .003], 'res6': [.817, .086]},
                               p_value=p_tl[0], p_against=p_tl[1], test='one-sided Welch t-test per layer; holds when all 10 layers decide, contradicted when any is reversed (Bonferroni)')}
 

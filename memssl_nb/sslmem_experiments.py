@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_sslmem_experiments.ipynb 2
 from __future__ import annotations
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import math
 import numpy as np, pandas as pd
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -18,19 +18,19 @@ from .sslmem import sslmem
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .objectives import nt_xent
 from .objectives import masked_augment
-from .stats import monotone, mean_test, equivalent, all_of, correlation_vs, mcnemar, one_training_per_setting, tail_asymmetry
+from .stats import monotone, mean_test, equivalent, all_of, correlation_vs, mcnemar, one_training_per_setting, tail_asymmetry, trend_over_trainings
 
 # %% auto 0
 __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'AUGMENT_STRENGTHS', 'SET_PAIRS', 'FrameworkConfig', 'framework_config',
            'AtypicalConfig', 'atypical_config', 'scoring_augment', 'score_run', 'by_set', 'frac_mem',
            'atypical_ranking', 'downstream_sets', 'downstream_accuracy', 'removal_sets', 'removal_experiment',
-           'summarize_run', 'protocol_sweep', 'dp_variants', 'toy_1d_sslmem', 'SSLMemF1Config', 'SSLMemF10Config',
-           'SSLMemRemovalConfig', 'SSLMemSetsConfig', 'SSLMemSweepsConfig', 'toy_1d_tests', 'inliers_low_test',
-           'toy_1d_table', 'plot_toy_1d', 'removal_table', 'plot_removal', 'paired_removal', 'removal_tests',
-           'probe_correctness', 'intervention_sweeps', 'extreme_test', 'sweep_tests', 'dp_tests', 'sweep_panel',
-           'plot_sweeps', 'accuracy_falls', 'set_tests', 'plot_sets', 'supervised_memorization', 'supervised_tests',
-           'plot_supervised', 'candidate_groups', 'atypical_tests', 'plot_candidates', 'framework_table',
-           'framework_tests', 'plot_frameworks']
+           'seed_pairs', 'summarize_run', 'protocol_sweep', 'dp_variants', 'toy_1d_sslmem', 'SSLMemF1Config',
+           'SSLMemF10Config', 'SSLMemRemovalConfig', 'SSLMemSetsConfig', 'SSLMemSweepsConfig', 'toy_1d_tests',
+           'inliers_low_test', 'toy_1d_table', 'plot_toy_1d', 'removal_table', 'plot_removal', 'paired_removal',
+           'removal_tests', 'probe_correctness', 'intervention_sweeps', 'sweep_trend', 'point_means', 'sweep_tests',
+           'dp_tests', 'sweep_panel', 'plot_sweeps', 'accuracy_falls', 'set_tests', 'plot_sets',
+           'supervised_memorization', 'supervised_tests', 'plot_supervised', 'candidate_groups', 'atypical_tests',
+           'plot_candidates', 'framework_table', 'framework_tests', 'plot_frameworks']
 
 # %% ../nbs/18_sslmem_experiments.ipynb 5
 SSLMEM_PAPER_SETUP = {
@@ -190,9 +190,14 @@ def removal_experiment(cfg: ProtocolConfig, data: ImageSet, pool, scores, fracti
     return pd.DataFrame(rows)
 
 # %% ../nbs/18_sslmem_experiments.ipynb 16
+def seed_pairs(run: ProtocolRun) -> list[tuple[int, ProtocolRun]]:
+    "(seed, `run` with that seed's f/g pair alone) for every pair of `run`."
+    return [(s, replace(run, f=[f], g=[g])) for s, f, g in zip(run.config.seeds, run.f, run.g)]
+
 def summarize_run(run: ProtocolRun, n_pairs: int = 20, downstream=None) -> dict:
-    "Avg. Mem. (S_C, S_C without atypical points, atypical points, S_I, S_E) and mean probe accuracy of the f encoders."
-    df = score_run(run, n_pairs=n_pairs)
+    """Avg. Mem. (S_C, S_C without atypical points, atypical points, S_I, S_E) and mean probe accuracy of the f encoders;
+    the score table has one row per point and seed (each f/g pair scored on its own)."""
+    df = pd.concat([score_run(pair, n_pairs=n_pairs).assign(seed=s) for s, pair in seed_pairs(run)], ignore_index=True)
     c = df[df.set == 'S_C']
     out = dict(avg_mem=c.score.mean(), avg_mem_normal=c.score[~c.atypical].mean(),
                avg_mem_atypical=c.score[c.atypical].mean() if c.atypical.any() else float('nan'),
@@ -325,8 +330,9 @@ class SSLMemSweepsConfig(Preset):
     dp_norm: str | None = 'group'   # ResNet normalisation for DP (None for ViTs)
 SSLMemSweepsConfig.SCALES = {
     'smoke': SSLMemSweepsConfig(),
-    'cpu': SSLMemSweepsConfig(config_changes={'seeds': [0]}, lambdas=[0.0, 1.0, 4.0], epoch_grid=[50, 100, 200], strengths=['weak', 'normal', 'strong'], n_pairs=20, dp_changes={'objective': 'mae', 'epochs': 60}),
-    'paper': SSLMemSweepsConfig(config_changes={'seeds': [0]}, lambdas=[0.0, 0.1, 0.4], epoch_grid=[100, 300, 600], strengths=['weak', 'normal', 'strong'], n_pairs=10, dp_changes={'objective': 'mae', 'arch': 'vit_tiny', 'width': 1.0, 'objective_kw': [['image_size', 32], ['in_channels', 3], ['patch', 4]]}, dp_norm=None, strength_presets={'weak': 'ssl_weak', 'normal': 'ssl_normal', 'strong': 'ssl_strong'}),
+    # two trainings per variant: the trend tests take the trainings as their unit (sweep_trend); DP keeps one (its baseline does not memorize here)
+    'cpu': SSLMemSweepsConfig(config_changes={'seeds': [0, 1]}, lambdas=[0.0, 1.0, 4.0], epoch_grid=[50, 100, 200], strengths=['weak', 'normal', 'strong'], n_pairs=20, dp_changes={'objective': 'mae', 'epochs': 60, 'seeds': [0]}),
+    'paper': SSLMemSweepsConfig(config_changes={'seeds': [0, 1]}, lambdas=[0.0, 0.1, 0.4], epoch_grid=[100, 300, 600], strengths=['weak', 'normal', 'strong'], n_pairs=10, dp_changes={'objective': 'mae', 'arch': 'vit_tiny', 'width': 1.0, 'objective_kw': [['image_size', 32], ['in_channels', 3], ['patch', 4]]}, dp_norm=None, strength_presets={'weak': 'ssl_weak', 'normal': 'ssl_normal', 'strong': 'ssl_strong'}),
 }
 
 # %% ../nbs/18_sslmem_experiments.ipynb 25
@@ -430,45 +436,51 @@ def intervention_sweeps(base: ProtocolConfig, preset, downstream) -> dict:
         if name == 'eq3': out['eq3_correct'] = probe_correctness(base, variants, downstream, base.dataset)
     return out
 
-def extreme_test(tabs: dict, first, last, alternative: str) -> float:
-    "One-sided Welch t-test p on the per-point S_C scores of two variants."
-    from scipy import stats
-    a = tabs[first].score[tabs[first].set == 'S_C'].to_numpy(); b = tabs[last].score[tabs[last].set == 'S_C'].to_numpy()
-    return stats.ttest_ind(a, b, equal_var=False, alternative=alternative).pvalue
+def sweep_trend(tabs: dict, order, decreasing: bool, name: str) -> dict:
+    """The evidence for "memorization moves along a sweep": each training's Avg. Mem. of S_C (the mean score of its own
+    f/g pair, `tabs` from `protocol_sweep`) against its variant's place in `order`, `trend_over_trainings`; inconclusive
+    with one training per variant (`one_training_per_setting`)."""
+    per = {v: tabs[v][tabs[v].set == 'S_C'].groupby('seed').score.mean() for v in order}
+    groups = [s.to_numpy() for s in per.values()]
+    if sum(map(len, groups)) >= 3: slope, p, p_against = trend_over_trainings(groups, decreasing=decreasing)
+    else: slope, p, p_against = float(groups[-1].mean() - groups[0].mean()) / (len(groups) - 1), None, None   # two trainings: a slope without an error
+    test = dict(ours={str(v): round(float(s.mean()), 4) for v, s in per.items()} |
+                     {'per training': {str(v): [round(float(x), 4) for x in s] for v, s in per.items()}, 'slope per step': round(slope, 4)},
+                p_value=p, p_against=p_against, **({} if p is not None else {'condition': bool(slope < 0 if decreasing else slope > 0)}),
+                test=f"least-squares trend of each training's Avg. Mem. of S_C along the {name} order ({' → '.join(map(str, order))}), "
+                     f"one-sided t-test of the slope over the {sum(map(len, per.values()))} trainings")
+    return one_training_per_setting(test, min(map(len, per.values())))
+
+def point_means(tab: pd.DataFrame, set_name: str) -> pd.Series:
+    "Each point's score in `set_name`, averaged over the seeds' f/g pairs (one value per point, not per point and seed)."
+    return tab[tab.set == set_name].groupby('point').score.mean()
 
 def sweep_tests(sweeps: dict, preset, acc: str) -> dict:
     "SSLMem-EQ3's and SSLMem-DYN's statements: memorization falls with λ and augmentation strength, rises with epochs; accuracy falls with λ; S_I < 0."
     (eq3, eq3_tabs), (ep, ep_tabs), (au, au_tabs) = sweeps['eq3'], sweeps['epochs'], sweeps['augmentation']
-    a = preset.alpha
-    p_l = extreme_test(eq3_tabs, preset.lambdas[0], preset.lambdas[-1], 'greater')
-    p_e = extreme_test(ep_tabs, preset.epoch_grid[-1], preset.epoch_grid[0], 'greater')
-    p_s = extreme_test(au_tabs, preset.strengths[0], preset.strengths[-1], 'greater')
-    negative = lambda tabs: [mean_test(t.score[t.set == 'S_I'], 0.0, greater=False)[1:] for t in tabs.values()]
+    negative = lambda tabs: [mean_test(point_means(t, 'S_I'), 0.0, greater=False)[1:] for t in tabs.values()]
     p_rev = all_of(*negative(ep_tabs), *negative(au_tabs))
-    return {'lambda_mem': dict(ours=dict(zip(map(str, eq3['lambda']), eq3.avg_mem.round(4))), condition=monotone(eq3.avg_mem), p_value=p_l,
-                               test=f'monotone trend + Welch t-test one-sided on S_C scores (λ min > λ max), alpha {a}'),
-            'lambda_acc': accuracy_falls(eq3[acc], sweeps['eq3_correct'], preset.lambdas[0], preset.lambdas[-1], 'λ', a, map(str, eq3['lambda'])),
-            'epochs': dict(ours=dict(zip(map(str, ep.epochs), ep.avg_mem.round(4))), condition=monotone(ep.avg_mem, decreasing=False), p_value=p_e,
-                           test=f'monotone trend + Welch t-test one-sided on S_C scores, alpha {a}'),
-            'strength': dict(ours=dict(zip(au.augmentation, au.avg_mem.round(4))), condition=monotone(au.avg_mem), p_value=p_s,
-                             test=f'monotone trend + Welch t-test one-sided on S_C scores, alpha {a}'),
+    return {'lambda_mem': sweep_trend(eq3_tabs, preset.lambdas, True, 'λ'),
+            'lambda_acc': accuracy_falls(eq3[acc], sweeps['eq3_correct'], preset.lambdas[0], preset.lambdas[-1], 'λ', preset.alpha, map(str, eq3['lambda'])),
+            'epochs': sweep_trend(ep_tabs, preset.epoch_grid, False, 'epochs'),
+            'strength': sweep_trend(au_tabs, preset.strengths, True, 'augmentation strength'),
             'reverse': dict(ours=dict(zip(map(str, ep.epochs), ep.mean_S_I.round(4))) | dict(zip(au.augmentation, au.mean_S_I.round(4))),
-                            p_value=p_rev[0], p_against=p_rev[1], test='one-sample t-test per variant: mean S_I score < 0, every variant (contradicted if any is > 0, Bonferroni)')}
+                            p_value=p_rev[0], p_against=p_rev[1], test='one-sample t-test per variant over the S_I points (each averaged over the seeds): '
+                                                                       'mean S_I score < 0, every variant (contradicted if any is > 0, Bonferroni)')}
 
 def dp_tests(dp: pd.DataFrame, dp_tabs: dict, alpha: float, acc: str, correct: dict) -> dict:
     "SSLMem-DP's statements: smaller ε lowers memorization (if the non-private baseline memorizes at all) and accuracy; S_I ≤ 0."
     from scipy import stats
     names = list(dp.target_epsilon)
-    t0 = dp_tabs[names[0]]   # the non-private baseline must show memorization before privacy can lower it
-    p0 = stats.ttest_ind(t0.score[t0.set == 'S_C'], t0.score[t0.set == 'S_E'], equal_var=False, alternative='greater').pvalue
-    p = extreme_test(dp_tabs, names[0], names[-1], 'greater')
+    c0, e0 = point_means(dp_tabs[names[0]], 'S_C'), point_means(dp_tabs[names[0]], 'S_E')   # the non-private baseline must memorize
+    p0 = stats.ttest_ind(c0, e0, equal_var=False, alternative='greater').pvalue                  # before privacy can lower it
     ours = dict(zip(names, dp.avg_mem.round(4))) | {'epsilon_reached': dict(zip(names, dp.epsilon.round(2)))}
-    negative = [mean_test(t.score[t.set == 'S_I'], 0.0, greater=False)[1:] for t in dp_tabs.values()]
+    negative = [mean_test(point_means(t, 'S_I'), 0.0, greater=False)[1:] for t in dp_tabs.values()]
     p_rev = all_of(*negative)
-    mem = (dict(ours=ours, condition=monotone(dp.avg_mem), p_value=p,
-                test=f'monotone trend + Welch t-test one-sided on S_C scores (ε = {names[0]} > ε = {names[-1]}), alpha {alpha}') if p0 < alpha else
-           dict(ours=ours, p_value=1.0, p_against=1.0, test='none possible', why=f'the non-private baseline (ε = ∞) shows no memorization to lower: mean S_C {t0.score[t0.set == "S_C"].mean():.4f} '
-                                               f'vs S_E {t0.score[t0.set == "S_E"].mean():.4f}, Welch one-sided p = {p0:.2g} (measured: {ours})'))
+    if p0 < alpha:
+        mem = sweep_trend(dp_tabs, names, True, 'privacy'); mem['ours'] = mem['ours'] | {'epsilon_reached': ours['epsilon_reached']}
+    else: mem = dict(ours=ours, p_value=1.0, p_against=1.0, test='none possible', why=f'the non-private baseline (ε = ∞) shows no memorization to lower: mean S_C {c0.mean():.4f} '
+                                                      f'vs S_E {e0.mean():.4f}, Welch one-sided p = {p0:.2g} (measured: {ours})')
     return {'memorization': mem,
             'accuracy': accuracy_falls(dp[acc], correct, names[0], names[-1], 'ε', alpha, names),
             'reverse': dict(ours=dict(zip(names, dp.mean_S_I.round(4))), p_value=p_rev[0], p_against=p_rev[1],

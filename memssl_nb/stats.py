@@ -10,8 +10,8 @@ import numpy as np
 # %% auto 0
 __all__ = ['welch_greater', 'paired_greater', 'depth_trend', 'monotone', 'top_mean', 'rank_trend', 'mean_test', 'all_of',
            'at_least', 'equivalent', 'mean_within', 'detectable', 'correlation_vs', 'bootstrap_greater',
-           'tail_asymmetry', 'excess_trend', 'excess_greater', 'one_training_per_setting', 'ordered', 'mcnemar',
-           'in_top_share']
+           'tail_asymmetry', 'excess_trend', 'excess_greater', 'one_training_per_setting', 'ordered',
+           'trend_over_trainings', 'mcnemar', 'in_top_share']
 
 # %% ../nbs/00b_stats.ipynb 5
 def welch_greater(a, b) -> tuple[float, float]:
@@ -194,6 +194,20 @@ def ordered(table, decreasing: bool = False) -> tuple[float, float, float]:
     return float(up.statistic), float(up.pvalue), float(down.pvalue)
 
 # %% ../nbs/00b_stats.ipynb 29
+def trend_over_trainings(values_by_setting, decreasing: bool = False) -> tuple[float, float, float]:
+    """(least-squares slope per step of the claimed order, one-sided p that the values rise (fall, `decreasing`) along it,
+    p for the opposite): `values_by_setting` lists, setting by setting in the claimed order, one value per training."""
+    from scipy import stats
+    groups = [np.asarray(v, dtype=float).ravel() for v in values_by_setting]
+    if len(groups) < 2 or any(len(g) == 0 for g in groups): raise ValueError(f"need ≥ 2 settings with ≥ 1 training each, got sizes {[len(g) for g in groups]}")
+    y = np.concatenate(groups); x = np.concatenate([np.full(len(g), i, dtype=float) for i, g in enumerate(groups)])
+    if len(y) < 3: raise ValueError(f"need ≥ 3 trainings in all for a slope with an error, got {len(y)}")
+    fit = stats.linregress(x, y)
+    if not np.isfinite(fit.stderr) or fit.stderr == 0: return float(fit.slope), float(fit.slope > 0), float(fit.slope < 0)
+    t = fit.slope / fit.stderr; up, down = float(stats.t.sf(t, len(y) - 2)), float(stats.t.cdf(t, len(y) - 2))
+    return (float(fit.slope), down, up) if decreasing else (float(fit.slope), up, down)
+
+# %% ../nbs/00b_stats.ipynb 32
 def mcnemar(correct_a, correct_b) -> float:
     "One-sided exact McNemar p-value that predictor a (per-point correctness `correct_a`) beats b on the same points."
     from scipy import stats
@@ -202,7 +216,7 @@ def mcnemar(correct_a, correct_b) -> float:
     wins, losses = int((a & ~b).sum()), int((~a & b).sum())
     return float(stats.binomtest(wins, wins + losses, 0.5, alternative='greater').pvalue) if wins + losses else 1.0
 
-# %% ../nbs/00b_stats.ipynb 32
+# %% ../nbs/00b_stats.ipynb 35
 def in_top_share(best, others, share: float = 0.25) -> tuple[float, float]:
     """(p for, p against) of "fewer than `share` of the N = len(others) + 1 predictors beat `best`", from per-point
     correctness on the same points: exact McNemar tests of `best` against each other predictor, Holm-adjusted."""
