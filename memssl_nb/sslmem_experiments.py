@@ -18,7 +18,7 @@ from .sslmem import sslmem
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .objectives import nt_xent
 from .objectives import masked_augment
-from .stats import monotone, mean_test, equivalent, all_of, correlation_vs, mcnemar, one_training_per_setting, tail_asymmetry, trend_over_trainings
+from .stats import mean_test, equivalent, all_of, correlation_vs, one_training_per_setting, tail_asymmetry, trend_over_trainings, welch_greater
 
 # %% auto 0
 __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'AUGMENT_STRENGTHS', 'SET_PAIRS', 'FrameworkConfig', 'framework_config',
@@ -27,10 +27,10 @@ __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'AUGMENT_STRENGTHS', 'SET_PAIRS',
            'seed_pairs', 'summarize_run', 'protocol_sweep', 'dp_variants', 'toy_1d_sslmem', 'SSLMemF1Config',
            'SSLMemF10Config', 'SSLMemRemovalConfig', 'SSLMemSetsConfig', 'SSLMemSweepsConfig', 'toy_1d_tests',
            'inliers_low_test', 'toy_1d_table', 'plot_toy_1d', 'removal_table', 'plot_removal', 'paired_removal',
-           'removal_tests', 'probe_correctness', 'intervention_sweeps', 'sweep_trend', 'point_means', 'sweep_tests',
-           'dp_tests', 'sweep_panel', 'plot_sweeps', 'accuracy_falls', 'set_tests', 'plot_sets',
-           'supervised_memorization', 'supervised_tests', 'plot_supervised', 'candidate_groups', 'atypical_tests',
-           'plot_candidates', 'framework_table', 'framework_tests', 'plot_frameworks']
+           'removal_tests', 'probe_correctness', 'intervention_sweeps', 'settings_trend', 'sweep_trend', 'point_means',
+           'reverse_effect', 'sweep_tests', 'dp_tests', 'sweep_panel', 'plot_sweeps', 'accuracy_falls', 'set_tests',
+           'plot_sets', 'supervised_memorization', 'supervised_tests', 'plot_supervised', 'candidate_groups',
+           'atypical_tests', 'plot_candidates', 'framework_table', 'framework_tests', 'plot_frameworks']
 
 # %% ../nbs/18_sslmem_experiments.ipynb 5
 SSLMEM_PAPER_SETUP = {
@@ -415,8 +415,7 @@ def removal_tests(res: pd.DataFrame, col: str) -> dict:
 # %% ../nbs/18_sslmem_experiments.ipynb 28
 def probe_correctness(base: ProtocolConfig, variants: dict, downstream: dict, dataset: str) -> dict[str, np.ndarray]:
     """{variant: [f seeds, test points of `downstream[dataset]`], did the linear probe of that seed's f encoder classify the
-    point correctly}: two variants pair point by point and seed by seed (McNemar). The encoders come from the cache the
-    sweep filled (`protocol_sweep` first)."""
+    point correctly}, in the order of `variants`. The encoders come from the cache the sweep filled (`protocol_sweep` first)."""
     out = {}
     for name, changes in variants.items():
         run = run_protocol(base.replace(**changes), progress_bar=False)
@@ -436,55 +435,62 @@ def intervention_sweeps(base: ProtocolConfig, preset, downstream) -> dict:
         if name == 'eq3': out['eq3_correct'] = probe_correctness(base, variants, downstream, base.dataset)
     return out
 
-def sweep_trend(tabs: dict, order, decreasing: bool, name: str) -> dict:
-    """The evidence for "memorization moves along a sweep": each training's Avg. Mem. of S_C (the mean score of its own
-    f/g pair, `tabs` from `protocol_sweep`) against its variant's place in `order`, `trend_over_trainings`; inconclusive
-    with one training per variant (`one_training_per_setting`)."""
-    per = {v: tabs[v][tabs[v].set == 'S_C'].groupby('seed').score.mean() for v in order}
-    groups = [s.to_numpy() for s in per.values()]
+def settings_trend(per: dict, decreasing: bool, what: str, name: str) -> dict:
+    """A claim's test fields for "`what` moves along a sweep": `per` maps each variant, in the claimed order, to one value
+    per training; `trend_over_trainings` over them, inconclusive with one training per variant (`one_training_per_setting`)."""
+    groups = [np.asarray(v, dtype=float).ravel() for v in per.values()]
     if sum(map(len, groups)) >= 3: slope, p, p_against = trend_over_trainings(groups, decreasing=decreasing)
     else: slope, p, p_against = float(groups[-1].mean() - groups[0].mean()) / (len(groups) - 1), None, None   # two trainings: a slope without an error
-    test = dict(ours={str(v): round(float(s.mean()), 4) for v, s in per.items()} |
-                     {'per training': {str(v): [round(float(x), 4) for x in s] for v, s in per.items()}, 'slope per step': round(slope, 4)},
+    test = dict(ours={str(v): round(float(g.mean()), 4) for v, g in zip(per, groups)} |
+                     {'per training': {str(v): [round(float(x), 4) for x in g] for v, g in zip(per, groups)}, 'slope per step': round(slope, 4)},
                 p_value=p, p_against=p_against, **({} if p is not None else {'condition': bool(slope < 0 if decreasing else slope > 0)}),
-                test=f"least-squares trend of each training's Avg. Mem. of S_C along the {name} order ({' → '.join(map(str, order))}), "
-                     f"one-sided t-test of the slope over the {sum(map(len, per.values()))} trainings")
-    return one_training_per_setting(test, min(map(len, per.values())))
+                test=f"least-squares trend of each training's {what} along the {name} order ({' → '.join(map(str, per))}), "
+                     f"one-sided t-test of the slope over the {sum(map(len, groups))} trainings")
+    return one_training_per_setting(test, min(map(len, groups)))
+
+def sweep_trend(tabs: dict, order, decreasing: bool, name: str) -> dict:
+    """The evidence for "memorization moves along a sweep": each training's Avg. Mem. of S_C (the mean score of its own
+    f/g pair, `tabs` from `protocol_sweep`) against its variant's place in `order` (`settings_trend`)."""
+    return settings_trend({v: tabs[v][tabs[v].set == 'S_C'].groupby('seed').score.mean() for v in order}, decreasing, 'Avg. Mem. of S_C', name)
 
 def point_means(tab: pd.DataFrame, set_name: str) -> pd.Series:
     "Each point's score in `set_name`, averaged over the seeds' f/g pairs (one value per point, not per point and seed)."
     return tab[tab.set == set_name].groupby('point').score.mean()
 
-def sweep_tests(sweeps: dict, preset, acc: str) -> dict:
-    "SSLMem-EQ3's and SSLMem-DYN's statements: memorization falls with λ and augmentation strength, rises with epochs; accuracy falls with λ; S_I < 0."
+def reverse_effect(tabs: dict) -> dict:
+    """"S_I stays below S_E in every variant" (the reverse effect: g saw S_I, f did not): a one-sided Welch test per
+    variant of S_I's points against S_E's (each point averaged over the seeds). S_E, seen by neither encoder, carries the
+    f/g pair's own level, which can sit far from 0 (+0.03 for a whole DP pair here); contradicted if any variant is
+    decidedly above (Bonferroni)."""
+    i, e = {v: point_means(t, 'S_I') for v, t in tabs.items()}, {v: point_means(t, 'S_E') for v, t in tabs.items()}
+    p, p_against = all_of(*[(welch_greater(e[v], i[v])[1], welch_greater(i[v], e[v])[1]) for v in tabs])
+    return dict(ours={f'{v}: S_I − S_E': round(float(i[v].mean() - e[v].mean()), 4) for v in tabs}, p_value=p, p_against=p_against,
+                test='one-sided Welch test per variant: S_I below S_E (each point averaged over the seeds), every variant '
+                     '(contradicted if any is decidedly above, Bonferroni)')
+
+def sweep_tests(sweeps: dict, preset) -> dict:
+    "SSLMem-EQ3's and SSLMem-DYN's statements: memorization falls with λ and augmentation strength, rises with epochs; accuracy falls with λ; S_I below S_E."
     (eq3, eq3_tabs), (ep, ep_tabs), (au, au_tabs) = sweeps['eq3'], sweeps['epochs'], sweeps['augmentation']
-    negative = lambda tabs: [mean_test(point_means(t, 'S_I'), 0.0, greater=False)[1:] for t in tabs.values()]
-    p_rev = all_of(*negative(ep_tabs), *negative(au_tabs))
     return {'lambda_mem': sweep_trend(eq3_tabs, preset.lambdas, True, 'λ'),
-            'lambda_acc': accuracy_falls(eq3[acc], sweeps['eq3_correct'], preset.lambdas[0], preset.lambdas[-1], 'λ', preset.alpha, map(str, eq3['lambda'])),
+            'lambda_acc': accuracy_falls(sweeps['eq3_correct'], 'λ'),
             'epochs': sweep_trend(ep_tabs, preset.epoch_grid, False, 'epochs'),
             'strength': sweep_trend(au_tabs, preset.strengths, True, 'augmentation strength'),
-            'reverse': dict(ours=dict(zip(map(str, ep.epochs), ep.mean_S_I.round(4))) | dict(zip(au.augmentation, au.mean_S_I.round(4))),
-                            p_value=p_rev[0], p_against=p_rev[1], test='one-sample t-test per variant over the S_I points (each averaged over the seeds): '
-                                                                       'mean S_I score < 0, every variant (contradicted if any is > 0, Bonferroni)')}
+            'reverse': reverse_effect({f'{e} epochs': ep_tabs[e] for e in preset.epoch_grid} | {f'{s} augmentation': au_tabs[s] for s in preset.strengths})}
 
-def dp_tests(dp: pd.DataFrame, dp_tabs: dict, alpha: float, acc: str, correct: dict) -> dict:
-    "SSLMem-DP's statements: smaller ε lowers memorization (if the non-private baseline memorizes at all) and accuracy; S_I ≤ 0."
+def dp_tests(dp: pd.DataFrame, dp_tabs: dict, alpha: float, correct: dict) -> dict:
+    "SSLMem-DP's statements: smaller ε lowers memorization (if the non-private baseline memorizes at all) and accuracy; S_I at or below S_E."
     from scipy import stats
     names = list(dp.target_epsilon)
     c0, e0 = point_means(dp_tabs[names[0]], 'S_C'), point_means(dp_tabs[names[0]], 'S_E')   # the non-private baseline must memorize
     p0 = stats.ttest_ind(c0, e0, equal_var=False, alternative='greater').pvalue                  # before privacy can lower it
     ours = dict(zip(names, dp.avg_mem.round(4))) | {'epsilon_reached': dict(zip(names, dp.epsilon.round(2)))}
-    negative = [mean_test(point_means(t, 'S_I'), 0.0, greater=False)[1:] for t in dp_tabs.values()]
-    p_rev = all_of(*negative)
     if p0 < alpha:
         mem = sweep_trend(dp_tabs, names, True, 'privacy'); mem['ours'] = mem['ours'] | {'epsilon_reached': ours['epsilon_reached']}
     else: mem = dict(ours=ours, p_value=1.0, p_against=1.0, test='none possible', why=f'the non-private baseline (ε = ∞) shows no memorization to lower: mean S_C {c0.mean():.4f} '
                                                       f'vs S_E {e0.mean():.4f}, Welch one-sided p = {p0:.2g} (measured: {ours})')
     return {'memorization': mem,
-            'accuracy': accuracy_falls(dp[acc], correct, names[0], names[-1], 'ε', alpha, names),
-            'reverse': dict(ours=dict(zip(names, dp.mean_S_I.round(4))), p_value=p_rev[0], p_against=p_rev[1],
-                            test='one-sample t-test per privacy level: mean S_I score < 0, every level (contradicted if any is > 0, Bonferroni)')}
+            'accuracy': accuracy_falls(correct, 'privacy (ε)'),
+            'reverse': reverse_effect({f'ε {n}': dp_tabs[n] for n in names})}
 
 def sweep_panel(ax, x, t: pd.DataFrame, xlabel: str, title: str, acc: str):
     "Avg. Mem. of S_C, of the injected atypical points and mean S_I over the variants, with the probe accuracy on a second axis."
@@ -506,17 +512,12 @@ def plot_sweeps(sweeps: dict, acc: str, scale: str):
     return f1, f2
 
 # %% ../nbs/18_sslmem_experiments.ipynb 29
-def accuracy_falls(acc: pd.Series, correct: dict, first, last, name: str, alpha: float, labels) -> dict:
-    """The evidence for "accuracy falls along a sweep" (SSLMem-EQ3's λ, SSLMem-DP's ε): the mean probe accuracies must fall
-    monotonically (the paper's shape), and an exact one-sided McNemar test on the same test points, f seeds pooled, must
-    find the first setting more accurate than the last (`correct`: `probe_correctness`, one row per training). With one
-    training per setting the test compares two encoders, not two settings: inconclusive (`one_training_per_setting`)."""
-    a, b = np.ravel(correct[first]), np.ravel(correct[last])
-    test = dict(ours=dict(zip(map(str, labels), acc.round(4))) | {'test points × seeds': len(a)}, condition=monotone(acc),
-                p_value=mcnemar(a, b), p_against=mcnemar(b, a),
-                test=f'monotone mean accuracy + exact one-sided McNemar on the test points, f seeds pooled ({name} {first} more accurate '
-                     f'than {name} {last}), alpha {alpha}')
-    return one_training_per_setting(test, len(correct[first]))
+def accuracy_falls(correct: dict, name: str) -> dict:
+    """The evidence for "accuracy falls along a sweep" (SSLMem-EQ3's λ, SSLMem-DP's ε): each training's linear-probe
+    accuracy (`correct`: `probe_correctness`, one row per training, variants in the claimed order) against its variant's
+    place in the order (`settings_trend`). A McNemar test on the test points of all trainings pooled, used before, tells
+    the encoders apart, not the settings; with one training per setting the claim stays inconclusive."""
+    return settings_trend({v: np.asarray(c, dtype=float).mean(1) for v, c in correct.items()}, True, 'linear-probe accuracy', name)
 
 # %% ../nbs/18_sslmem_experiments.ipynb 33
 SET_PAIRS = (('S_C', 'S_S', 'greater'), ('S_C', 'S_E', 'greater'), ('S_I', 'S_S', 'less'), ('S_I', 'S_E', 'less'))
