@@ -31,26 +31,26 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'LocT11Config', 'LocT13Config', 'LocT15Config', 'LocT2Config', 'LocT21Config', 'LocT27Config', 'LocT6Config',
            'pruning_experiment', 'pruning_table', 'pruning_order_test', 'plot_pruning', 'unitmem_during_training',
            'training_curve_tests', 'plot_unitmem_curve', 'depth_layermem', 'table1_taps', 'layer_profile',
-           'layer_profile_tests', 'plot_layer_profile', 'breakdown', 'breakdown_tests', 'plot_breakdown', 'conv_taps',
-           'layer_agreement_table', 'agreement_tests', 'plot_agreement', 'top_candidates', 'shared_top_test',
-           'plot_top_candidates', 'seed_agreement_table', 'seed_agreement_tests', 'plot_seed_agreement', 'subset_draws',
-           'subset_size_table', 'subset_size_test', 'plot_subset_sizes', 'distance_profiles', 'distance_tests',
-           'plot_distance_profiles', 'parse_pm', 'architecture_changes', 'architecture_rows', 'architecture_layermem',
-           'architecture_tests', 'plot_architecture', 'block_sets', 'exchange_encoders', 'exchange_table',
-           'exchange_tests', 'plot_exchange', 'candidate_unitmem', 'most_least', 'most_least_table', 'top_unit_ratios',
-           'most_least_tests', 'plot_most_least', 'median_variant_table', 'median_variant_tests', 'plot_median_variant',
-           'owner_tables', 'owner_tests', 'plot_unit_owner', 'augmentation_effect', 'augmentation_effect_test',
-           'composition_table', 'composition_test', 'plot_composition', 'concept_table', 'concept_tests',
-           'LayerExchange', 'three_layer_table', 'three_layer_tests', 'plot_three_layer', 'single_layer_tables',
-           'single_layer_tests', 'plot_single_layer', 'combination_table', 'combination_tests', 'plot_combinations',
-           'bn_similarity', 'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion',
-           'unit_insertions', 'insertion_runs', 'insertion_curve', 'insertion_table', 'insertion_endpoints',
-           'over_encoders', 'insertion_tests', 'insertion_variant_tests', 'plot_insertion', 'ssl_and_supervised',
-           'unit_class_table', 'unit_class_tests', 'plot_unit_class_means', 'plot_unit_class_scatter',
-           'measuring_augmentation_table', 'measuring_augmentation_tests', 'training_variants',
-           'augmentation_strength_tests', 'weight_decay_table', 'weight_decay_tests', 'framework_comparison',
-           'plot_training_variants', 'vit_sublayer_tests', 'bn_similarity_test', 'dataset_unitmem', 'unit_summary',
-           'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
+           'within_conv_step', 'layer_profile_tests', 'plot_layer_profile', 'breakdown', 'breakdown_tests',
+           'plot_breakdown', 'conv_taps', 'layer_agreement_table', 'agreement_tests', 'plot_agreement',
+           'top_candidates', 'shared_top_test', 'plot_top_candidates', 'seed_agreement_table', 'seed_agreement_tests',
+           'plot_seed_agreement', 'subset_draws', 'subset_size_table', 'subset_size_test', 'plot_subset_sizes',
+           'distance_profiles', 'distance_tests', 'plot_distance_profiles', 'parse_pm', 'architecture_changes',
+           'architecture_rows', 'architecture_layermem', 'architecture_tests', 'plot_architecture', 'block_sets',
+           'exchange_encoders', 'exchange_table', 'exchange_tests', 'plot_exchange', 'candidate_unitmem', 'most_least',
+           'most_least_table', 'top_unit_ratios', 'most_least_tests', 'plot_most_least', 'median_variant_table',
+           'median_variant_tests', 'plot_median_variant', 'owner_tables', 'owner_tests', 'plot_unit_owner',
+           'augmentation_effect', 'augmentation_effect_test', 'composition_table', 'composition_test',
+           'plot_composition', 'concept_table', 'concept_tests', 'LayerExchange', 'three_layer_table',
+           'three_layer_tests', 'plot_three_layer', 'single_layer_tables', 'single_layer_tests', 'plot_single_layer',
+           'combination_table', 'combination_tests', 'plot_combinations', 'bn_similarity', 'finetune_table',
+           'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'unit_insertions', 'insertion_runs',
+           'insertion_curve', 'insertion_table', 'insertion_endpoints', 'over_encoders', 'insertion_tests',
+           'insertion_variant_tests', 'plot_insertion', 'ssl_and_supervised', 'unit_class_table', 'unit_class_tests',
+           'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
+           'measuring_augmentation_tests', 'training_variants', 'augmentation_strength_tests', 'weight_decay_table',
+           'weight_decay_tests', 'framework_comparison', 'plot_training_variants', 'vit_sublayer_tests',
+           'bn_similarity_test', 'dataset_unitmem', 'unit_summary', 'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -500,6 +500,24 @@ def layer_profile(res, top_k: int, reading: str = 'conv') -> tuple[pd.DataFrame,
                        f'LM_{top}': lm[top], f'dLM_{top}': dlm[top], f'LM_{least}': lm[least]}).join(PAPER_T1.add_prefix('paper_'))
     return T1, lm, dlm, sem
 
+def within_conv_step(conv, steps: dict, conv_held=None, steps_held=None, alpha: float = 0.05) -> tuple[float, float, float, float]:
+    """(p, p against, yardstick, its p) of "every step in `steps` is ≈ 0 next to the convs": per point, |step| < the
+    point's mean conv step `conv` (TOST on c − s > 0 and c + s > 0, contradicted when either is decidedly reversed,
+    Bonferroni; every step must hold). With the held-out points' `conv_held` and `steps_held` each mean is the
+    candidates' excess over theirs (Welch), otherwise a one-sample t-test. The yardstick (the mean conv step) must itself
+    be decidedly > 0 at `alpha`; without it the claim has no scale: (1, 1)."""
+    held = conv_held is not None
+    above = ((lambda q, qh: (welch_greater(q, qh)[1], welch_greater(qh, q)[1])) if held else (lambda q, qh: mean_test(q)[1:]))
+    yard, p_yard = float(np.mean(conv) - (np.mean(conv_held) if held else 0)), above(conv, conv_held)[0]
+    if p_yard >= alpha: return 1.0, 1.0, yard, p_yard
+    parts = []
+    for n, s in steps.items():
+        sh = steps_held[n] if held else None
+        below = above(conv - s, conv_held - sh if held else None); over_neg = above(conv + s, conv_held + sh if held else None)
+        parts.append((max(below[0], over_neg[0]), min(1.0, 2 * min(below[1], over_neg[1]))))
+    p, p_against = all_of(*parts)
+    return p, p_against, yard, p_yard
+
 def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int, reading: str = 'conv', held=None, alpha: float = 0.05) -> dict:
     """Table 1's four statements: the rise with depth, ΔLM > 0 at every conv, ΔLM ≈ 0 at the residual sums, Top ≫ Least.
     With `held` (the held-out points' LayerMem, `depth_layermem(run, n, 'extra')`) the rise, the per-conv steps and the
@@ -519,20 +537,12 @@ def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int, re
                   {l: excess_p(excess_greater(score_of(res, l), score_of(res, prev), score_of(held, l), score_of(held, prev))[1])
                    for prev, l in zip(RESNET9_CONVS, RESNET9_CONVS[1:])})
     conv_step = lambda r: np.mean([score_of(r, l) - score_of(r, prev) for prev, l in zip(RESNET9_CONVS, RESNET9_CONVS[1:])], 0)   # per point
-    res_step = lambda r, name: score_of(r, name) - score_of(r, RESNET9_T1_LAYERS[RESNET9_T1_LAYERS.index(name) - 1])
-    # one-sided (p, p against) that the candidates' mean of a per-point quantity is > 0 (with `held`: > the held-out points')
-    above = (lambda q: mean_test(q(res))[1:]) if held is None else (lambda q: (welch_greater(q(res), q(held))[1], welch_greater(q(held), q(res))[1]))
-    margin = float(conv_step(res).mean() - (0 if held is None else conv_step(held).mean()))
-    p_yard = above(conv_step)[0]
-    flat = {}
-    for r in ('res2', 'res6'):
-        below, over_neg = above(lambda x: conv_step(x) - res_step(x, r)), above(lambda x: conv_step(x) + res_step(x, r))
-        flat[r] = (max(below[0], over_neg[0]), min(1.0, 2 * min(below[1], over_neg[1])))
+    res_steps = lambda r: {n: score_of(r, n) - score_of(r, RESNET9_T1_LAYERS[RESNET9_T1_LAYERS.index(n) - 1]) for n in ('res2', 'res6')}
+    p_flat, pa_flat, margin, p_yard = within_conv_step(conv_step(res), res_steps(res), *((conv_step(held), res_steps(held)) if held is not None else ()), alpha=alpha)
     sub = res.subsets(top_k, 'embedding')
     pt = {l: welch_greater(res.layer(t).score[sub[f'top{top_k}']], res.layer(t).score[sub[f'least{top_k}']])
           for l, t in zip(RESNET9_T1_LAYERS, table1_taps(reading))}
     p_step = all_of(*[t[1:] for t in step_tests.values()])
-    p_flat = all_of(*flat.values()) if p_yard < alpha else (1.0, 1.0)   # no decided rise at the convs: no yardstick for "≈ 0"
     p_tl = all_of(*[(p, 1 - p) for _, p in pt.values()])
     return {'rise': dict(ours=dict(spearman_rho=rho, LM=conv_lm.round(4), **({} if held is None else {'LM_held_out': conv_scores(held).mean(0).round(4)})),
                          paper_value=PAPER_T1.LM.values, p_value=p_up, p_against=p_down,
@@ -544,7 +554,7 @@ def layer_profile_tests(res, lm: pd.DataFrame, dlm: pd.DataFrame, top_k: int, re
                                    test=('per conv, a one-sided paired t-test over the candidates (score at the conv − at the conv before)' if held is None else
                                          'per conv, a one-sided Welch t-test of the candidates\' step (score at the conv − at the conv before) against the held-out points\' step') +
                                         '; holds when every conv rises, contradicted when any falls (Bonferroni over 7)'),
-            'residual_flat': dict(ours=res_d.round(4).to_dict(), paper_value={'res2': .002, 'res6': .003}, p_value=p_flat[0], p_against=p_flat[1],
+            'residual_flat': dict(ours=res_d.round(4).to_dict(), paper_value={'res2': .002, 'res6': .003}, p_value=p_flat, p_against=pa_flat,
                                   test='equivalence test (TOST) per residual sum, point by point: |its step| < the mean conv step (c − r > 0 and c + r > 0'
                                        + (', each the candidates\' excess over the held-out points, Welch' if held is not None else ', paired t-tests') +
                                        f'); contradicted when a residual sum is decidedly outside; needs the mean conv step decidedly > 0 (measured {margin:.4f}, p = {p_yard:.2g})',

@@ -479,10 +479,9 @@ def sweep_tests(sweeps: dict, preset) -> dict:
 
 def dp_tests(dp: pd.DataFrame, dp_tabs: dict, alpha: float, correct: dict) -> dict:
     "SSLMem-DP's statements: smaller ε lowers memorization (if the non-private baseline memorizes at all) and accuracy; S_I at or below S_E."
-    from scipy import stats
     names = list(dp.target_epsilon)
     c0, e0 = point_means(dp_tabs[names[0]], 'S_C'), point_means(dp_tabs[names[0]], 'S_E')   # the non-private baseline must memorize
-    p0 = stats.ttest_ind(c0, e0, equal_var=False, alternative='greater').pvalue                  # before privacy can lower it
+    p0 = welch_greater(c0, e0)[1]                                                              # before privacy can lower it
     ours = dict(zip(names, dp.avg_mem.round(4))) | {'epsilon_reached': dict(zip(names, dp.epsilon.round(2)))}
     if p0 < alpha:
         mem = sweep_trend(dp_tabs, names, True, 'privacy'); mem['ours'] = mem['ours'] | {'epsilon_reached': ours['epsilon_reached']}

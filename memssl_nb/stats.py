@@ -203,8 +203,9 @@ def trend_over_trainings(values_by_setting, decreasing: bool = False) -> tuple[f
     y = np.concatenate(groups); x = np.concatenate([np.full(len(g), i, dtype=float) for i, g in enumerate(groups)])
     if len(y) < 3: raise ValueError(f"need ≥ 3 trainings in all for a slope with an error, got {len(y)}")
     fit = stats.linregress(x, y)
-    if not np.isfinite(fit.stderr) or fit.stderr == 0: return float(fit.slope), float(fit.slope > 0), float(fit.slope < 0)
-    t = fit.slope / fit.stderr; up, down = float(stats.t.sf(t, len(y) - 2)), float(stats.t.cdf(t, len(y) - 2))
+    if not np.isfinite(fit.stderr) or fit.stderr == 0:   # the values lie on the line: they decide by its side (the t-test's limit)
+        up, down = (0.0 if fit.slope > 0 else 1.0), (0.0 if fit.slope < 0 else 1.0)
+    else: t = fit.slope / fit.stderr; up, down = float(stats.t.sf(t, len(y) - 2)), float(stats.t.cdf(t, len(y) - 2))
     return (float(fit.slope), down, up) if decreasing else (float(fit.slope), up, down)
 
 # %% ../nbs/00b_stats.ipynb 32
