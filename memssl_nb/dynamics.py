@@ -50,7 +50,7 @@ WEAK_DIGITS = {'crop': {'scale': (0.85, 1.0)}}
 def lobacheva_regimes(epochs: dict | None = None, width: float = 0.25, batch_size: int = 128, label_seed: int = 0,
                       arch: str = 'resnet9', image_size: int = 16, overrides: dict | None = None, **spec_kw) -> dict[str, Regime]:
     "The paper's four regimes (SimCLR, supervised, random labels with and without augmentation), digits settings; `overrides[regime]` changes TrainSpec fields."
-    ep = {'simclr': 20, 'supervised': 20, 'random': 20, 'random+aug': 30} | (epochs or {})
+    ep = {'simclr': 20, 'supervised': 50, 'random': 20, 'random+aug': 30} | (epochs or {})   # the cpu preset's (LobachevaConfig, chapter 14a)
     base = TrainSpec(arch=arch, width=width, batch_size=batch_size, image_size=image_size, **spec_kw)
     specs = {
         'simclr': base.replace(objective='simclr', objective_kw={'temperature': 0.1}, augment='digits',
