@@ -452,9 +452,16 @@ def settings_trend(per: dict, decreasing: bool, what: str, name: str) -> dict:
     return one_training_per_setting(test, min(map(len, groups)))
 
 def sweep_trend(tabs: dict, order, decreasing: bool, name: str) -> dict:
-    """The evidence for "memorization moves along a sweep": each training's Avg. Mem. of S_C (the mean score of its own
-    f/g pair, `tabs` from `protocol_sweep`) against its variant's place in `order` (`settings_trend`)."""
-    return settings_trend({v: tabs[v][tabs[v].set == 'S_C'].groupby('seed').score.mean() for v in order}, decreasing, 'Avg. Mem. of S_C', name)
+    """The evidence for "memorization moves along a sweep": each training's Avg. Mem. of S_C over its own held-out level
+    (its f/g pair's mean score on S_C less that on S_E; `tabs` from `protocol_sweep`) against its variant's place in
+    `order` (`settings_trend`). S_E, seen by neither encoder, carries the pair's own level, which the symmetric f/g design
+    expects at 0 but which differs from pair to pair as much as the settings do; subtracting it removes that noise, not
+    memorization."""
+    def excess(t: pd.DataFrame) -> pd.Series:
+        m = t[t.set.isin(['S_C', 'S_E'])].groupby(['seed', 'set']).score.mean().unstack()
+        if 'S_E' not in m: raise ValueError("sweep_trend needs the held-out points S_E in every score table (score_run's default sets)")
+        return m['S_C'] - m['S_E']
+    return settings_trend({v: excess(tabs[v]) for v in order}, decreasing, 'Avg. Mem. of S_C over S_E', name)
 
 def point_means(tab: pd.DataFrame, set_name: str) -> pd.Series:
     "Each point's score in `set_name`, averaged over the seeds' f/g pairs (one value per point, not per point and seed)."
