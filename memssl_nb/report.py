@@ -17,7 +17,7 @@ from .registry import (SCALES, Artifact, artifact_status, constraints_hash, fail
 # %% auto 0
 __all__ = ['EVIDENCE_COLUMNS', 'markdown_table', 'p_against_of', 'write_report', 'reference_outputs', 'Comparison',
            'compare_outputs', 'comparison_path', 'verify', 'seed_run_root', 'stability', 'stability_markdown',
-           'budget_runs', 'budget_table', 'budget_markdown', 'evidence_table', 'evidence_markdown']
+           'budget_runs', 'budget_table', 'budget_markdown', 'budget_reasons', 'evidence_table', 'evidence_markdown']
 
 # %% ../nbs/23_report.ipynb 4
 def _fmt(x) -> str:
@@ -82,7 +82,8 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
           f"Each claim is decided by a test with two one-sided p-values, one for the paper's statement (p) and one for its "
           f"opposite (p against): it **holds** when p ≤ {ALPHA}, is **contradicted** when p against ≤ {ALPHA}, and is "
           f"**inconclusive** otherwise: the evidence at this scale is too weak to say, which is not evidence against the paper "
-          f"(its *why* says what effect the test could have detected, or that only a point estimate exists). Facts without "
+          f"(its *why* says what effect the test could have detected, or that only a point estimate exists; where a smaller-budget "
+          f"run is kept, every claim that does not hold also gives its verdict and p-values there). Facts without "
           f"sampling noise (counts, weights left unchanged) are decided exactly; **not checkable** marks what cannot exist "
           f"at this scale.", "",
           "## Summary", "",
@@ -97,6 +98,7 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
         except (ValueError, KeyError) as e: md += [f"*{saved.name} could not be read: {e}*", ""]
     md += stability_markdown(scale, out_root)
     md += budget_markdown(scale, out_root)
+    reasons = budget_reasons(scale, out_root)   # the effect at two budgets, beside each non-holding claim's own why
     md += evidence_markdown({p: [c for a in arts.values() if a.paper == p and status[a.id] == 'done' for i in a.ids
                                  for c in (claims[i] or [])] for p in papers})
 
@@ -121,7 +123,8 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
                 if not cl: md += ["*This artifact states no claims.*", ""]; continue
                 md += ["| statement | paper | ours | test | p | p against | verdict | why |", "|---|---|---|---|---|---|---|---|"]
                 md += [f"| {_fmt(c.get('statement'))} | {_fmt(c.get('paper_value'))} | {_fmt(c.get('ours'))} | "
-                       f"{_fmt(c.get('test'))} | {_fmt(c.get('p_value'))} | {_fmt(p_against_of(c))} | **{_fmt(c.get('verdict'))}** | {_fmt(c.get('why'))} |"
+                       f"{_fmt(c.get('test'))} | {_fmt(c.get('p_value'))} | {_fmt(p_against_of(c))} | **{_fmt(c.get('verdict'))}** | "
+                       f"{_fmt('; '.join(w for w in (c.get('why'), reasons.get((i, c.get('statement')))) if w) or None)} |"
                        for c in cl]
                 md += [""]
 
@@ -389,6 +392,17 @@ def budget_markdown(scale: str = 'cpu', out_root=FIGURES_DIR) -> list[str]:
                f"{_fmt(r.p_against_then)} → {_fmt(r.p_against_now)} | {r.moved} |" for r in g.itertuples()]
         md += [""]
     return md
+
+def budget_reasons(scale: str = 'cpu', out_root=FIGURES_DIR) -> dict[tuple[str, str], str]:
+    """{(output, statement): the claim at each smaller budget and here} for every claim that does not hold: the measured
+    reason the report's *why* column gives it beside its own (the effect at two budgets, and which way it moved)."""
+    out = {}
+    for r in budget_table(scale, out_root).itertuples():
+        then = 'not run' if r.verdict_then is None else f"{r.verdict_then} (p {_fmt(r.p_then)}, p against {_fmt(r.p_against_then)})"
+        now = f"{r.verdict_now} (p {_fmt(r.p_now)}, p against {_fmt(r.p_against_now)})"
+        line = f"at `{r.budget}`: {then}; here: {now}: {r.moved}"
+        out[(r.output, r.statement)] = line if (r.output, r.statement) not in out else f"{out[(r.output, r.statement)]}; {line}"
+    return out
 
 # %% ../nbs/23_report.ipynb 17
 EVIDENCE_COLUMNS = ('inconclusive', 'no test', 'no direction', 'toward, ≤ 2×', 'toward, 2–4×', 'toward, > 4×',

@@ -115,3 +115,21 @@ def test_staged_outputs_move_into_place_only_on_success(tmp_path):
     s = runner.reproduce('smoke', registry=arts, nb_root=FIXTURES, out_root=tmp_path, execute=half, verbose=False, compare=None)
     assert s.failed == ['A'] and not (tmp_path / 'smoke' / 'A.png').exists()
     assert not list((tmp_path / 'smoke' / '.staging').glob('*'))
+
+
+def test_report_gives_each_claim_that_does_not_hold_its_verdict_at_the_smaller_budget(tmp_path):
+    arts = [registry.Artifact('A', 'P', 'a', 'ok_artifact.ipynb')]
+    def execute(job):
+        cs = claims.ClaimSet('A')
+        cs.check('the slope is positive', ours=0.5, p_value=0.2, test='t-test')
+        cs.check('one is positive', ours=1, condition=True, exact=True)
+        cs.save(job.parameters['out_dir'])
+    smaller = tmp_path / 'budget-width-0.25' / 'smoke'; smaller.mkdir(parents=True)
+    then = claims.ClaimSet('A'); then.check('the slope is positive', ours=0.1, p_value=0.6, test='t-test'); then.save(smaller)
+    s = runner.reproduce('smoke', registry=arts, nb_root=FIXTURES, out_root=tmp_path, execute=execute, verbose=False, compare=None)
+    assert s.exit_code == 0
+    rows = (tmp_path / 'smoke' / 'REPORT.md').read_text().splitlines()
+    slope = next(r for r in rows if r.startswith('| the slope is positive'))
+    assert ('at `width-0.25`: inconclusive (p 0.6, p against 0.4); here: inconclusive (p 0.2, p against 0.8): '
+            'toward the paper |') in slope
+    assert 'width-0.25' not in next(r for r in rows if r.startswith('| one is positive'))   # a claim that holds needs no reason
