@@ -221,12 +221,12 @@ class LocT1Config(Preset):
     top_k: int = 10   # Top/Least subset size (Table 1)
     agree_k: int = 8   # top-k of Tables 3 and 28
     sizes: list = field(default_factory=lambda: [8, 16])   # |D'| of Table 19
-    n_draws: int = 10   # random subsets per size (the
+    n_draws: int = 10   # random subsets per size (the paper: 3 batch compositions); the draws cost no training
     protocol_changes: dict = field(default_factory=lambda: {})   # overrides of protocol_config(scale) (none: the shared f/g pairs of the scale)
     t1_reading: str = 'conv'   # Table 1's rows at each conv's raw output ('conv', the paper's) or at block outputs ('block')
 LocT1Config.SCALES = {
     'smoke': LocT1Config(),
-    'cpu': LocT1Config(n_pairs=10, top_k=50, agree_k=25, sizes=[25, 50, 100, 150]),
+    'cpu': LocT1Config(n_pairs=10, top_k=50, agree_k=25, sizes=[25, 50, 100, 150], n_draws=30),
     'paper': LocT1Config(n_pairs=10, top_k=50, agree_k=100, sizes=[100, 500, 1000, 5000]),
 }
 

@@ -49,7 +49,7 @@ class ProtocolConfig(Preset):
     lr: float = 2e-3
     weight_decay: float = 1e-6
     warmup_epochs: int = 0
-    seeds: tuple = (0, 1, 2)
+    seeds: tuple = (0, 1, 2)             # the cpu preset pools 5 f/g pairs (after the calibration table)
     dp: tuple = ()                       # DP-SGD setting as (key, value) pairs (chapter 05c); () = non-private
 
     def __post_init__(self):
@@ -68,7 +68,7 @@ class ProtocolConfig(Preset):
 
 ProtocolConfig.SCALES = {
     'smoke': ProtocolConfig(pool_size=160, n_extra=32, width=0.25, epochs=2, batch_size=64, seeds=(0,)),
-    'cpu':   ProtocolConfig(width=0.5),
+    'cpu':   ProtocolConfig(width=0.5, seeds=(0, 1, 2, 3, 4)),
     'paper': ProtocolConfig(dataset='cifar10', image_size=32, pool_size=None, fractions=(0.8, 0.1, 0.1), n_extra=5000,
                             width=1.0, augment='ssl_normal', normalize=True, epochs=600, batch_size=1024,
                             warmup_epochs=60, lr=2e-3, seeds=(0, 1, 2)),
