@@ -46,11 +46,12 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'combination_table', 'combination_tests', 'plot_combinations', 'bn_similarity', 'finetune_table',
            'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'unit_insertions', 'insertion_runs',
            'insertion_curve', 'insertion_table', 'insertion_endpoints', 'over_encoders', 'insertion_tests',
-           'insertion_variant_tests', 'plot_insertion', 'ssl_and_supervised', 'unit_class_table', 'unit_class_tests',
-           'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
-           'measuring_augmentation_tests', 'training_variants', 'augmentation_strength_tests', 'weight_decay_table',
-           'weight_decay_tests', 'framework_comparison', 'plot_training_variants', 'vit_sublayer_tests',
-           'bn_similarity_test', 'dataset_unitmem', 'unit_summary', 'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
+           'insertion_variant_tests', 'plot_insertion', 'supervised_twin', 'ssl_and_supervised', 'unit_class_table',
+           'unit_class_tests', 'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
+           'relative_spread', 'augmentation_spreads', 'measuring_augmentation_tests', 'training_variants',
+           'augmentation_strength_tests', 'weight_decay_table', 'weight_decay_tests', 'framework_comparison',
+           'plot_training_variants', 'vit_sublayer_tests', 'bn_similarity_test', 'dataset_unitmem', 'unit_summary',
+           'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -1584,11 +1585,15 @@ def plot_insertion(T14: pd.DataFrame, insertions: list):
     return fig
 
 # %% ../nbs/19_localizing.ipynb 48
-def ssl_and_supervised(run: ProtocolRun, sl_epochs: int, sl_width: float) -> dict:
-    "{'SSL': the protocol's f (seed 0), 'SL': a supervised encoder trained on the same points}."
+def supervised_twin(run: ProtocolRun, sl_epochs: int, sl_width: float, pair: int = 0):
+    "A supervised encoder trained on the points of f, with the seed of the protocol's `pair`-th f/g pair."
     cfg, idx = run.config, run.split.f_indices
-    sl = train_encoder(cfg.train_spec(idx.tolist(), cfg.seeds[0]).replace(objective='supervised', epochs=sl_epochs, width=sl_width), run.data, progress_bar=False)
-    return {'SSL': run.f[0], 'SL': sl}
+    return train_encoder(cfg.train_spec(idx.tolist(), cfg.seeds[pair]).replace(objective='supervised', epochs=sl_epochs, width=sl_width),
+                         run.data, progress_bar=False)
+
+def ssl_and_supervised(run: ProtocolRun, sl_epochs: int, sl_width: float) -> dict:
+    "{'SSL': the protocol's f (seed 0), 'SL': its supervised twin (`supervised_twin`)}."
+    return {'SSL': run.f[0], 'SL': supervised_twin(run, sl_epochs, sl_width)}
 
 def unit_class_table(run: ProtocolRun, encoders: dict, n_views: int) -> tuple[pd.DataFrame, dict]:
     "(Figure 2's table: mean UnitMem and ClassMem per encoder and conv, the share of units with UnitMem > ClassMem, the probe accuracy; the results)."
@@ -1678,26 +1683,45 @@ def measuring_augmentation_table(run: ProtocolRun, encoders: dict, n_views: int)
     rows = [dict(encoder=n, measured_with=s, unitmem=u.mean().item()) for (n, s), u in units.items()]
     return pd.DataFrame(rows).pivot(index='measured_with', columns='encoder', values='unitmem'), units
 
-def measuring_augmentation_tests(F9: pd.DataFrame, units: dict) -> dict:
+def relative_spread(F9: pd.DataFrame) -> pd.Series:
+    "Per encoder of a Figure 9 table: (max − min) / mean of its mean UnitMem over the augmentation sets (clean excluded)."
+    aug = F9.drop(index='none (clean)', errors='ignore')
+    return (aug.max() - aug.min()) / aug.mean()
+
+def augmentation_spreads(run: ProtocolRun, sl_epochs: int, sl_width: float, n_views: int) -> pd.DataFrame:
+    "Figure 9's relative spread (`relative_spread`) of each f/g pair's f ('SSL') and its supervised twin ('SL'), one row per seed."
+    rows = {}
+    for i, seed in enumerate(run.config.seeds[:len(run.f)]):
+        F9, _ = measuring_augmentation_table(run, {'SSL': run.f[i], 'SL': supervised_twin(run, sl_epochs, sl_width, i)}, n_views)
+        rows[seed] = relative_spread(F9)[['SSL', 'SL']]
+    return pd.DataFrame(rows).T.rename_axis('seed')
+
+def measuring_augmentation_tests(F9: pd.DataFrame, units: dict, spreads: pd.DataFrame | None = None) -> dict:
     """Figure 9's statements: SSL is less sensitive to the measuring set; the training augmentation gives the strongest signal;
-    clean is lower for SL. The same units are measured under every set, so the sets are compared unit by unit (paired)."""
+    clean is lower for SL. The same units are measured under every set, so the sets are compared unit by unit (paired).
+    With `spreads` of two or more seeds (`augmentation_spreads`) the sensitivity is compared over the seeds, paired by seed:
+    each seed's SSL and SL encoder are one replicate of the comparison. Otherwise over the units of the one pair in `units`."""
     aug_rows = [r for r in F9.index if r != 'none (clean)']
     paired = lambda n, a, b: (lambda p: (p, 1 - p))(paired_greater(units[n, a], units[n, b])[1])
     best = {n: all_of(*[paired(n, 'training', s) for s in aug_rows if s != 'training']) for n in ['SSL', 'SL']}
     clean = paired('SL', 'training', 'none (clean)')
-    spread = {n: F9.loc[aug_rows, n].max() - F9.loc[aug_rows, n].min() for n in ['SSL', 'SL']}
-    rel = {n: spread[n] / F9.loc[aug_rows, n].mean() for n in spread}
+    rel = relative_spread(F9)[['SSL', 'SL']].to_dict()
     # bootstrap over the units (each encoder's units resampled together across the sets they are measured under)
     rng, B = np.random.default_rng(0), 2000
     def boot_rel(n):
         u = torch.stack([units[n, r] for r in aug_rows]).double().numpy()            # sets × units
         means = u[:, rng.integers(0, u.shape[1], (B, u.shape[1]))].mean(-1)         # sets × B
         return (means.max(0) - means.min(0)) / means.mean(0)
-    ssl = boot_rel('SSL')                                                            # drawn first, as before
-    less = bootstrap_greater(boot_rel('SL') - ssl)                                  # SL's spread − SSL's > 0
+    if spreads is not None and len(spreads) >= 2:
+        p = paired_greater(spreads.SL, spreads.SSL)[1]                              # SL's spread − SSL's > 0, paired by seed
+        less, how = (p, 1 - p), f'one-sided paired t-test over the {len(spreads)} seeds (one SSL encoder and its supervised twin each)'
+        rel |= {f'{n} per seed': spreads[n].round(4).tolist() for n in ('SSL', 'SL')}
+    else:
+        ssl = boot_rel('SSL')                                                        # drawn first, as before
+        less, how = bootstrap_greater(boot_rel('SL') - ssl), 'bootstrap over the units of the one encoder pair (2,000 draws)'
     return {'ssl_less_sensitive': dict(ours=dict(relative_spread=rel), p_value=less[0], p_against=less[1],
                                        paper_value='SSL nearly identical, SL larger differences (figure)',
-                                       test='(max − min)/mean of the unit means over the 4 augmentation sets: SSL < SL, bootstrap over the units (2,000 draws)'),
+                                       test=f'(max − min)/mean of the unit means over the 4 augmentation sets: SSL < SL, {how}'),
             'training_best_ssl': dict(ours=F9['SSL'].round(3).to_dict(), p_value=best['SSL'][0], p_against=best['SSL'][1], paper_value='training set strongest (figure)',
                                       test='one-sided paired t-tests over the units: training set > each other set (all three; contradicted if any is reversed)'),
             'training_best_sl': dict(ours=F9['SL'].round(3).to_dict(), p_value=best['SL'][0], p_against=best['SL'][1], paper_value='training set best (figure)',
