@@ -8,10 +8,10 @@ import math
 import numpy as np
 
 # %% auto 0
-__all__ = ['welch_greater', 'paired_greater', 'depth_trend', 'monotone', 'top_mean', 'rank_trend', 'mean_test', 'all_of',
-           'at_least', 'equivalent', 'mean_within', 'detectable', 'correlation_vs', 'bootstrap_greater',
-           'tail_asymmetry', 'excess_trend', 'excess_greater', 'one_training_per_setting', 'ordered',
-           'trend_over_trainings', 'mcnemar', 'in_top_share']
+__all__ = ['welch_greater', 'paired_greater', 'exceedance_greater', 'depth_trend', 'monotone', 'top_mean', 'rank_trend',
+           'mean_test', 'all_of', 'at_least', 'equivalent', 'mean_within', 'detectable', 'correlation_vs',
+           'bootstrap_greater', 'tail_asymmetry', 'excess_trend', 'excess_greater', 'one_training_per_setting',
+           'ordered', 'trend_over_trainings', 'mcnemar', 'in_top_share']
 
 # %% ../nbs/00b_stats.ipynb 5
 def welch_greater(a, b) -> tuple[float, float]:
@@ -27,6 +27,18 @@ def paired_greater(a, b) -> tuple[float, float]:
     return float(r.statistic), float(r.pvalue)
 
 # %% ../nbs/00b_stats.ipynb 8
+def exceedance_greater(a, b, q: float = 0.95) -> tuple[float, float, float]:
+    """(share of `a` above the r-th largest value of `b`, r = ⌈(1 − q)·len(b)⌉; that threshold; exact one-sided p that
+    more of `a` exceed it than if `a` and `b` were exchangeable): a hypergeometric tail over the pooled ranks."""
+    from scipy.stats import hypergeom
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if not 0 < q < 1: raise ValueError(f'q must lie in (0, 1), got {q}')
+    if len(a) == 0 or len(b) == 0: raise ValueError(f'both samples need values (got {len(a)} and {len(b)})')
+    r = max(1, math.ceil(round((1 - q) * len(b), 9)))
+    threshold = float(np.sort(b)[-r]); k = int((a > threshold).sum())
+    return k / len(a), threshold, float(hypergeom.cdf(r - 1, len(a) + len(b), len(b), k + r - 1))
+
+# %% ../nbs/00b_stats.ipynb 11
 def depth_trend(values) -> tuple[float, float]:
     "(Spearman rho, two-sided p) of `values` against their position (depth)."
     from scipy.stats import spearmanr
@@ -44,7 +56,7 @@ def top_mean(values, frac: float = 0.1) -> float:
     if not len(v): raise ValueError("top_mean of no values")
     return float(v[:max(1, int(round(frac * len(v))))].mean())
 
-# %% ../nbs/00b_stats.ipynb 11
+# %% ../nbs/00b_stats.ipynb 14
 def rank_trend(y, x=None, increasing: bool = True) -> tuple[float, float, float]:
     """(Spearman ρ of `y` against `x` (default: position), one-sided p for a rising (or falling) trend, one-sided p for
     the opposite trend); exact over all orderings for up to 8 points, the t approximation beyond."""
@@ -114,7 +126,7 @@ def detectable(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
     from scipy.stats import norm
     return float((norm.ppf(1 - alpha) + norm.ppf(power)) * se)
 
-# %% ../nbs/00b_stats.ipynb 14
+# %% ../nbs/00b_stats.ipynb 17
 def correlation_vs(r: float, n: int, level: float, spearman: bool = False) -> tuple[float, float]:
     "(p that the true correlation is above `level`, p that it is below) for a correlation `r` of `n` pairs, by Fisher's z."
     from scipy.stats import norm
@@ -122,7 +134,7 @@ def correlation_vs(r: float, n: int, level: float, spearman: bool = False) -> tu
     z = (np.arctanh(np.clip(r, -1 + 1e-12, 1 - 1e-12)) - np.arctanh(level)) / se
     return float(norm.sf(z)), float(norm.cdf(z))
 
-# %% ../nbs/00b_stats.ipynb 17
+# %% ../nbs/00b_stats.ipynb 20
 def bootstrap_greater(replicates) -> tuple[float, float]:
     """(p for, p against) of "the statistic is > 0" from its bootstrap `replicates` (one value per replicate, or
     replicates × parts for "every part is > 0", combined by `all_of`)."""
@@ -139,7 +151,7 @@ def tail_asymmetry(values, q: float = 0.05, n_boot: int = 2000, seed: int = 0) -
     boot = stat(v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))])
     return float(stat(v)), *bootstrap_greater(boot)
 
-# %% ../nbs/00b_stats.ipynb 20
+# %% ../nbs/00b_stats.ipynb 23
 def excess_trend(scores, held, x=None, n_perm: int = 2000, increasing: bool = True, seed: int = 0) -> tuple[float, float, float]:
     """(Spearman ρ of the excess profile mean(`scores`) − mean(`held`) (points × layers each) against `x` (default: the
     layer position), one-sided p for a rising (falling) trend, p for the opposite), by `n_perm` permutations of the
@@ -165,7 +177,7 @@ def excess_greater(scores_a, scores_b, held_a, held_b) -> tuple[float, float]:
     points' same step (Welch): a drop between two layers that is memorization's, not the f/g pair's."""
     return welch_greater(np.asarray(scores_a, float) - np.asarray(scores_b, float), np.asarray(held_a, float) - np.asarray(held_b, float))
 
-# %% ../nbs/00b_stats.ipynb 23
+# %% ../nbs/00b_stats.ipynb 26
 def one_training_per_setting(test: dict, n_trainings: int) -> dict:
     """The claim fields `test` of a comparison between training settings measured on `n_trainings` encoders per setting:
     unchanged with ≥ 2; with one, inconclusive (its p-values move into `ours` as the within-encoder test, and the point
@@ -181,7 +193,7 @@ def one_training_per_setting(test: dict, n_trainings: int) -> dict:
     return {**test, 'ours': ours, 'condition': condition, 'p_value': None, 'p_against': None,
             'why': why if not test.get('why') else f"{test['why']}; {why}"}
 
-# %% ../nbs/00b_stats.ipynb 26
+# %% ../nbs/00b_stats.ipynb 29
 def ordered(table, decreasing: bool = False) -> tuple[float, float, float]:
     """(Page's L, p that the columns of `table` (blocks × settings, in the claimed order) rise (fall, `decreasing`) within
     the blocks, p for the opposite order): Page's trend test over blocks such as layers or seeds."""
@@ -193,7 +205,7 @@ def ordered(table, decreasing: bool = False) -> tuple[float, float, float]:
     up, down = page_trend_test(x), page_trend_test(x[:, ::-1])
     return float(up.statistic), float(up.pvalue), float(down.pvalue)
 
-# %% ../nbs/00b_stats.ipynb 29
+# %% ../nbs/00b_stats.ipynb 32
 def trend_over_trainings(values_by_setting, decreasing: bool = False) -> tuple[float, float, float]:
     """(least-squares slope per step of the claimed order, one-sided p that the values rise (fall, `decreasing`) along it,
     p for the opposite): `values_by_setting` lists, setting by setting in the claimed order, one value per training."""
@@ -208,7 +220,7 @@ def trend_over_trainings(values_by_setting, decreasing: bool = False) -> tuple[f
     else: t = fit.slope / fit.stderr; up, down = float(stats.t.sf(t, len(y) - 2)), float(stats.t.cdf(t, len(y) - 2))
     return (float(fit.slope), down, up) if decreasing else (float(fit.slope), up, down)
 
-# %% ../nbs/00b_stats.ipynb 32
+# %% ../nbs/00b_stats.ipynb 35
 def mcnemar(correct_a, correct_b) -> float:
     "One-sided exact McNemar p-value that predictor a (per-point correctness `correct_a`) beats b on the same points."
     from scipy import stats
@@ -217,7 +229,7 @@ def mcnemar(correct_a, correct_b) -> float:
     wins, losses = int((a & ~b).sum()), int((~a & b).sum())
     return float(stats.binomtest(wins, wins + losses, 0.5, alternative='greater').pvalue) if wins + losses else 1.0
 
-# %% ../nbs/00b_stats.ipynb 35
+# %% ../nbs/00b_stats.ipynb 38
 def in_top_share(best, others, share: float = 0.25) -> tuple[float, float]:
     """(p for, p against) of "fewer than `share` of the N = len(others) + 1 predictors beat `best`", from per-point
     correctness on the same points: exact McNemar tests of `best` against each other predictor, Holm-adjusted."""
