@@ -18,7 +18,7 @@ from .sslmem import sslmem
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .objectives import nt_xent
 from .objectives import masked_augment
-from .stats import exceedance_greater, mean_test, equivalent, all_of, correlation_vs, one_training_per_setting, tail_asymmetry, trend_over_trainings, welch_greater
+from .stats import exceedance_greater, exceedance_rank, mean_test, equivalent, all_of, correlation_vs, one_training_per_setting, tail_asymmetry, trend_over_trainings, welch_greater
 
 # %% auto 0
 __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'AUGMENT_STRENGTHS', 'SET_PAIRS', 'FrameworkConfig', 'framework_config',
@@ -129,9 +129,8 @@ def frac_mem(df: pd.DataFrame, q: float = 0.95, column: str = 'score') -> dict:
     (its ⌈(1 − q)·|S_E|⌉-th largest score), with the exact exceedance test (`exceedance_greater`, chapter 00b)."""
     c, e = df.loc[df.set == 'S_C', column].to_numpy(), df.loc[df.set == 'S_E', column].to_numpy()
     share, thr, p = exceedance_greater(c, e, q)
-    r = max(1, math.ceil(round((1 - q) * len(e), 9)))
     return dict(avg_mem=float(c.mean()), avg_mem_extra=float(e.mean()), avg_mem_p=welch_greater(c, e)[1], threshold=thr,
-                frac_mem=share, frac_null=r / (len(e) + 1), frac_mem_p=p)
+                frac_mem=share, frac_null=exceedance_rank(len(e), q) / (len(e) + 1), frac_mem_p=p)
 
 def atypical_ranking(df: pd.DataFrame, column: str = 'score', set_name: str = 'S_C') -> dict:
     "AUROC of atypical vs normal points of `set_name` by score, their mean rank percentile and share of the top decile."

@@ -8,8 +8,8 @@ import math
 import numpy as np
 
 # %% auto 0
-__all__ = ['welch_greater', 'paired_greater', 'exceedance_greater', 'depth_trend', 'monotone', 'top_mean', 'rank_trend',
-           'mean_test', 'all_of', 'at_least', 'equivalent', 'mean_within', 'detectable', 'correlation_vs',
+__all__ = ['welch_greater', 'paired_greater', 'exceedance_rank', 'exceedance_greater', 'depth_trend', 'monotone', 'top_mean',
+           'rank_trend', 'mean_test', 'all_of', 'at_least', 'equivalent', 'mean_within', 'detectable', 'correlation_vs',
            'bootstrap_greater', 'tail_asymmetry', 'excess_trend', 'excess_greater', 'one_training_per_setting',
            'ordered', 'trend_over_trainings', 'mcnemar', 'in_top_share']
 
@@ -27,6 +27,10 @@ def paired_greater(a, b) -> tuple[float, float]:
     return float(r.statistic), float(r.pvalue)
 
 # %% ../nbs/00b_stats.ipynb 8
+def exceedance_rank(n: int, q: float = 0.95) -> int:
+    "r = ⌈(1 − q)·n⌉, at least 1: which largest of `n` reference values is the `q`-quantile threshold of `exceedance_greater`."
+    return max(1, math.ceil(round((1 - q) * n, 9)))
+
 def exceedance_greater(a, b, q: float = 0.95) -> tuple[float, float, float]:
     """(share of `a` above the r-th largest value of `b`, r = ⌈(1 − q)·len(b)⌉; that threshold; exact one-sided p that
     more of `a` exceed it than if `a` and `b` were exchangeable): a hypergeometric tail over the pooled ranks."""
@@ -34,7 +38,7 @@ def exceedance_greater(a, b, q: float = 0.95) -> tuple[float, float, float]:
     a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
     if not 0 < q < 1: raise ValueError(f'q must lie in (0, 1), got {q}')
     if len(a) == 0 or len(b) == 0: raise ValueError(f'both samples need values (got {len(a)} and {len(b)})')
-    r = max(1, math.ceil(round((1 - q) * len(b), 9)))
+    r = exceedance_rank(len(b), q)
     threshold = float(np.sort(b)[-r]); k = int((a > threshold).sum())
     return k / len(a), threshold, float(hypergeom.cdf(r - 1, len(a) + len(b), len(b), k + r - 1))
 
