@@ -253,11 +253,11 @@ def augmentation_spread(r_aug, extreme: float = 0.1) -> dict:
     r_aug = np.asarray(r_aug, float)
     return dict(within_std=r_aug.std(0), extreme_fraction=float(((r_aug <= extreme) | (r_aug >= 1 - extreme)).mean()))
 
-def binomial_mae_null(n_objects: int, n: int, p0: float, draws: int = 200, seed: int = 0) -> np.ndarray:
-    "MAEs (`binomial_mae`, one draw each) of `draws` samples that do follow Binomial(n, p₀)/n: the null distribution."
+def binomial_mae_null(n_objects: int, n: int, p0: float, samples: int = 200, draws: int = 10, seed: int = 0) -> np.ndarray:
+    "`binomial_mae` (p̂₀ estimated, `draws` reference draws) of `samples` data sets that do follow Binomial(n, p₀)/n: its null distribution."
     rng = np.random.default_rng(seed)
-    return np.array([binomial_mae(rng.binomial(n, p0, n_objects) / n, n, p0, draws=1, seed=seed + 1 + i)[0]
-                     for i in range(draws)])
+    return np.array([binomial_mae(rng.binomial(n, p0, n_objects) / n, n, draws=draws, seed=seed + 1 + i)[0]
+                     for i in range(samples)])
 
 def bootstrap_stat(fn, dyns: dict, n_boot: int = 200, seed: int = 0) -> np.ndarray:
     "`fn(dyns)` on `n_boot` bootstrap replicates, each resampling the networks of every regime independently."

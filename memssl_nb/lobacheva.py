@@ -265,7 +265,7 @@ def binomial_table(dyn: dict, levels=LEVELS) -> pd.DataFrame:
             if t is None: rows.append(dict(regime=k, level=lv, epoch=None)); continue
             c = binomial_chi2(d.counts_fixed(t), d.n_networks)
             mae, mae_sd = binomial_mae(d.r_fixed()[t - 1], d.n_networks)
-            null = binomial_mae_null(d.n_objects, d.n_networks, c['p0'], draws=200)
+            null = binomial_mae_null(d.n_objects, d.n_networks, c['p0'], samples=200)
             rows.append(dict(regime=k, level=lv, epoch=t, p0=c['p0'], chi2=c['chi2'], dof=c['dof'],
                              chi2_per_dof=c['chi2'] / c['dof'] if c['dof'] else np.nan, p_value=c['p_value'], mae=mae,
                              mae_sd=mae_sd, mae_null_p=float((null >= mae).mean())))

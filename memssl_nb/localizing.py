@@ -876,7 +876,8 @@ def architecture_layermem(scale: str, preset, arch: str):
 
 def architecture_tests(T: pd.DataFrame, res, held, arch: str) -> dict:
     """Tables 15–17's statements: LM rises through the convs and the blocks, drops after avg-pool and lower still in the
-    head; each as the candidates' excess over the held-out points `held` (one f/g pair: its own drift removed)."""
+    head; each as the candidates' excess over the held-out points `held` (the f/g pairs' own drift removed). Measured on
+    one f/g pair, each is inconclusive (`one_training_per_setting`): its test separates this training, not the architecture."""
     s, h = (lambda tap: res.layer(tap).score.double().numpy()), (lambda tap: held.layer(tap).score.double().numpy())
     lm = T.set_index('tap').LM
     conv, blocks = T[T.kind == 'conv'], T[T.kind.isin(['stem', 'block'])]
@@ -888,7 +889,7 @@ def architecture_tests(T: pd.DataFrame, res, held, arch: str) -> dict:
     t_pool, p_pool = excess_greater(s(last), s('avgpool'), h(last), h('avgpool'))
     head = {t: excess_greater(s('avgpool'), s(t), h('avgpool'), h(t)) for t in ['head.hidden', 'head.out']}
     p_head = all_of(*[(p, 1 - p) for _, p in head.values()])
-    return {'convs': dict(ours=dict(spearman_rho=rho_c, first=conv.LM.iloc[0], last=conv.LM.iloc[-1], n_convs=len(conv)),
+    tests = {'convs': dict(ours=dict(spearman_rho=rho_c, first=conv.LM.iloc[0], last=conv.LM.iloc[-1], n_convs=len(conv)),
                           paper_value=dict(spearman_rho=depth_trend(paper_conv)[0], first=paper_conv[0], last=paper_conv[-1]),
                           test=f'Spearman of the excess profile LM(candidates) − LM({len(held)} held out) with the conv index, one-sided, by permutations of the points (excess_trend)',
                           p_value=p_c, p_against=pa_c),
@@ -902,6 +903,7 @@ def architecture_tests(T: pd.DataFrame, res, held, arch: str) -> dict:
                          paper_value=dict(avg_pool=PAPER_T15_TAIL[arch][0][0], fc=PAPER_T15_TAIL[arch][1][0], softmax=PAPER_T15_TAIL[arch][2][0]),
                          test='one-sided Welch t-tests: the candidates\' drop LM(avg-pool) − LM(head row) exceeds the held-out points\', both rows (contradicted if either is reversed, Bonferroni)',
                          p_value=p_head[0], p_against=p_head[1])}
+    return {k: one_training_per_setting(t, res.dist_f_all.shape[0]) for k, t in tests.items()}
 
 def plot_architecture(T: pd.DataFrame, arch: str):
     "LayerMem per row (conv, block, stem, pool, head) with the paper's conv values on a second axis."
