@@ -445,7 +445,7 @@ def training_curve_tests(F4: pd.DataFrame, units: dict) -> dict:
             'early': dict(ours=dict(first_half_gain=early_gain, second_half_gain=late_gain), condition=early_gain > 0, p_value=p_early, p_against=pa_early,
                           test=f'one-sample t-test over the {len(u(start, "conv4_2"))} units of layer 8: gain up to epoch {half} − gain after it > 0 (and the first-half gain > 0)'),
             'all_layers': dict(ours=(F4.iloc[-1] > F4.iloc[0]).to_dict(), p_value=p_layers[0], p_against=p_layers[1],
-                               test='one-sample t-tests over the units of each conv: end − start > 0 in at least 6 of the 8 convs (Bonferroni over the sets of 6; '
+                               test='one-sample t-tests over the units of each conv: end − start > 0 in at least 6 of the 8 convs (at_least: 3 × the 6th smallest p, a partial conjunction; '
                                     'contradicted when 3 convs are decidedly below their start)')}
 
 def plot_unitmem_curve(F4: pd.DataFrame):
@@ -1655,7 +1655,7 @@ def unit_class_tests(F2: pd.DataFrame, res: dict) -> dict:
                                        test='binomial test per layer: more than half of the units have UnitMem > ClassMem, all 8 layers'),
             'sl_above_diagonal': dict(ours=l_.loc[late, 'frac_units_unit_gt_class'].round(2).to_dict(), p_value=sl_above[0], p_against=sl_above[1],
                                       paper_value='mostly above in late layers (figure)',
-                                      test='binomial test per late layer: more than half of the units have ClassMem > UnitMem, in ≥ 2 of layers 6–8 (at_least, Bonferroni over the 3 pairs)')}
+                                      test='binomial test per late layer: more than half of the units have ClassMem > UnitMem, in ≥ 2 of layers 6–8 (at_least: 2 × the 2nd smallest p, a partial conjunction)')}
 
 def plot_unit_class_means(F2: pd.DataFrame):
     "Mean UnitMem and ClassMem per conv, SSL and SL side by side (Figure 2)."

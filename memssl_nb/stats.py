@@ -99,13 +99,14 @@ def all_of(*tests) -> tuple[float, float]:
     return float(max(t[0] for t in tests)), float(min(1.0, len(tests) * min(t[1] for t in tests)))
 
 def at_least(k: int, *tests) -> tuple[float, float]:
-    """(p for, p against) of "at least `k` of the m parts hold" from one-sided (p for, p against) pairs: it holds when some
-    k parts all do (the k-th smallest p, Bonferroni over the C(m, k) sets of k parts) and is contradicted when m − k + 1
-    parts are (likewise). `k` = m is `all_of`; `k` = 1 is Bonferroni's "any"."""
+    """(p for, p against) of "at least `k` of the m parts hold" from one-sided (p for, p against) pairs: Benjamini and
+    Heller's (2008) Bonferroni partial-conjunction p, (m − k + 1) × the k-th smallest p, valid under any dependence
+    between the parts; contradicted when m − k + 1 parts are (k × the (m − k + 1)-th smallest p against). `k` = m is
+    `all_of`; `k` = 1 is Bonferroni's "any"."""
     m = len(tests)
     if not 1 <= k <= m: raise ValueError(f"at_least needs 1 <= k <= the number of tests ({m}), got k = {k}")
     p, pa = sorted(t[0] for t in tests), sorted(t[1] for t in tests)
-    return float(min(1.0, math.comb(m, k) * p[k - 1])), float(min(1.0, math.comb(m, m - k + 1) * pa[m - k]))
+    return float(min(1.0, (m - k + 1) * p[k - 1])), float(min(1.0, k * pa[m - k]))
 
 def equivalent(a, b, margin: float) -> tuple[float, float, float]:
     """(mean(a) − mean(b), p that the means differ by less than `margin` (two one-sided Welch tests, TOST), p that they
