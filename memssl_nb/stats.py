@@ -184,8 +184,8 @@ def excess_greater(scores_a, scores_b, held_a, held_b) -> tuple[float, float]:
 
 # %% ../nbs/00b_stats.ipynb 26
 def one_training_per_setting(test: dict, n_trainings: int) -> dict:
-    """The claim fields `test` of a comparison between training settings measured on `n_trainings` encoders per setting:
-    unchanged with ≥ 2; with one, inconclusive (its p-values move into `ours` as the within-encoder test, and the point
+    """The claim fields `test` of a claim about training settings (a comparison between them, or one setting's profile)
+    measured on `n_trainings` encoders per setting: unchanged with ≥ 2; with one, inconclusive (its p-values move into `ours` as the within-encoder test, and the point
     estimate's direction becomes its `condition`)."""
     if n_trainings >= 2: return test
     p, pa = test.get('p_value'), test.get('p_against')
