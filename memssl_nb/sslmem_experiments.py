@@ -18,7 +18,7 @@ from .sslmem import sslmem
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .objectives import nt_xent
 from .objectives import masked_augment
-from .stats import exceedance_greater, exceedance_rank, mean_test, equivalent, all_of, correlation_vs, one_training_per_setting, tail_asymmetry, trend_over_trainings, welch_greater
+from .stats import exceedance_greater, exceedance_rank, mean_test, mean_within, equivalent, all_of, correlation_vs, one_training_per_setting, paired_greater, tail_asymmetry, trend_over_trainings, welch_greater
 
 # %% auto 0
 __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'AUGMENT_STRENGTHS', 'SET_PAIRS', 'FrameworkConfig', 'framework_config',
@@ -569,16 +569,25 @@ def plot_sets(scores: dict, title: str):
     fig.suptitle(title)
     return fig
 
-def supervised_memorization(cfg: ProtocolConfig, sup_changes: dict, run: ProtocolRun, df: pd.DataFrame) -> pd.DataFrame:
-    "`df` (the SSLMem scores of `run`) with mem_sup of supervised f/g classifiers of `cfg` + `sup_changes` and which points are mislabelled."
+def supervised_memorization(cfg: ProtocolConfig, sup_changes: dict, run: ProtocolRun, df: pd.DataFrame, n_pairs: int) -> pd.DataFrame:
+    """`df` (the SSLMem scores of `run`, from `score_run` with `n_pairs`) with which points the label noise of `sup_changes`
+    hits, and both scores of every point under both labellings: mem_sup of supervised f/g classifiers of `cfg` +
+    `sup_changes` (`supmem`) and of the same classifiers trained on the true labels (`supmem_true`); SSLMem of the SSL
+    encoders of `cfg` retrained on the mislabelled data (`score_flipped`; `score` is the clean one)."""
     from memssl_nb.supmem import supmem_pair
-    from memssl_nb.objectives import OBJECTIVES
-    sup = run_protocol(cfg.replace(**sup_changes), progress_bar=False)
-    # labels never enter SSL training: the SSL scores of the mislabelled points are those of the clean protocol
-    assert torch.equal(sup.data.images, run.data.images) and not OBJECTIVES[cfg.objective].needs_labels
+    noise = {k: v for k, v in sup_changes.items() if k.startswith('atypical_')}
+    if noise.get('atypical_kind') != 'mislabel' or not noise.get('atypical_fraction', 0) > 0:
+        raise ValueError(f"sup_changes must mislabel some points (atypical_kind='mislabel', atypical_fraction > 0); got {noise}")
     pts = torch.as_tensor(df.point.to_numpy())
-    mem_sup = torch.stack([supmem_pair(f, g, sup.data.images[pts], sup.data.labels[pts]) for f, g in zip(sup.f, sup.g)]).mean(0)
-    return df.assign(supmem=mem_sup.numpy(), mislabelled=sup.is_atypical(pts).numpy())
+    sup, sup_true = (run_protocol(cfg.replace(**{**sup_changes, **changes}), progress_bar=False)
+                     for changes in ({}, dict(atypical_kind=None, atypical_fraction=0.0)))
+    mem_sup = [torch.stack([supmem_pair(f, g, s.data.images[pts], s.data.labels[pts]) for f, g in zip(s.f, s.g)]).mean(0)
+               for s in (sup, sup_true)]
+    flipped = score_run(run_protocol(cfg.replace(**noise), progress_bar=False), n_pairs=n_pairs)
+    # the same images, points and views: only the labels differ between the two trainings of each kind
+    assert torch.equal(sup.data.images, run.data.images) and (flipped.point.to_numpy() == df.point.to_numpy()).all()
+    return df.assign(supmem=mem_sup[0].numpy(), supmem_true=mem_sup[1].numpy(), score_flipped=flipped.score.to_numpy(),
+                     mislabelled=sup.is_atypical(pts).numpy())
 
 def supervised_tests(df_sup: pd.DataFrame, alpha: float) -> dict:
     "SSLMem-SUP's statements: SSLMem and mem_sup correlate positively but imperfectly; only mem_sup reacts to label noise."
@@ -587,21 +596,24 @@ def supervised_tests(df_sup: pd.DataFrame, alpha: float) -> dict:
     rho = stats.spearmanr(clean.score, clean.supmem)
     k = max(1, len(clean) // 10)
     top_overlap = len(set(clean.nlargest(k, 'score').point) & set(clean.nlargest(k, 'supmem').point)) / k
-    u_sup = stats.mannwhitneyu(noisy.supmem, clean.supmem, alternative='greater')
+    _, p_sup = paired_greater(noisy.supmem, noisy.supmem_true); _, p_sup_against = paired_greater(noisy.supmem_true, noisy.supmem)
+    change = (noisy.score_flipped - noisy.score).to_numpy()
     margin = clean.score.std() / 2  # a medium standardised effect (Cohen's d = 0.5)
-    _, p_same, p_differ = equivalent(noisy.score, clean.score, margin)
+    p_same, p_differ = mean_within(change, -margin, margin)
     above, below = correlation_vs(rho.statistic, len(clean), 0.8, spearman=True)
     return {'correlated': dict(ours=dict(spearman=rho.statistic, top10_overlap=top_overlap), condition=rho.statistic > 0 and rho.pvalue / 2 < 0.05,
                                test='Spearman rank correlation, one-sided p < 0.05 (clean S_C)', p_value=rho.pvalue / 2 if rho.statistic > 0 else 1 - rho.pvalue / 2),
             'imperfect': dict(ours=rho.statistic, test="Spearman's ρ < 0.8, one-sided Fisher z test", p_value=below, p_against=above),
-            'sup_reacts': dict(ours=dict(mislabelled=noisy.supmem.mean(), clean=clean.supmem.mean()), condition=u_sup.pvalue < alpha,
-                               test=f'Mann-Whitney U one-sided, alpha {alpha}', p_value=u_sup.pvalue),
-            'ssl_ignores': dict(ours=dict(mislabelled=noisy.score.mean(), clean=clean.score.mean(), margin=margin), p_value=p_same, p_against=p_differ,
-                                test='equivalence test (two one-sided Welch tests): |mean SSLMem of mislabelled − clean| < half the clean scores\' std '
-                                     '(labels never enter SSL training)')}
+            'sup_reacts': dict(ours=dict(flipped_label=noisy.supmem.mean(), true_label=noisy.supmem_true.mean()), condition=p_sup < alpha,
+                               p_value=p_sup, p_against=p_sup_against,
+                               test=f'paired t-test one-sided over the mislabelled candidates: mem_sup with the flipped label > with the true label '
+                                    f'(classifiers trained on each labelling), alpha {alpha}'),
+            'ssl_ignores': dict(ours=dict(mean_change=change.mean(), max_abs_change=np.abs(change).max(), margin=margin), p_value=p_same, p_against=p_differ,
+                                test="paired equivalence test (TOST over the mislabelled candidates): SSLMem from SSL encoders retrained on the flipped "
+                                     "labels − SSLMem from the clean ones within ± half the clean candidates' std")}
 
 def plot_supervised(df_sup: pd.DataFrame, title: str):
-    "SSLMem′ against mem_sup on the candidates (mislabelled in red), and both scores for clean vs mislabelled candidates."
+    "SSLMem′ against mem_sup on the candidates (mislabelled in red), and how much each score of a mislabelled candidate changes with its label."
     import matplotlib.pyplot as plt
     from scipy import stats
     c = df_sup[df_sup.set == 'S_C']; clean, noisy = c[~c.mislabelled], c[c.mislabelled]
@@ -609,12 +621,15 @@ def plot_supervised(df_sup: pd.DataFrame, title: str):
     axes[0].scatter(clean.score, clean.supmem, s=10, alpha=.6, label='S_C'); axes[0].scatter(noisy.score, noisy.supmem, s=18, color='crimson', label='S_C mislabelled')
     axes[0].set_xlabel('SSLMem′ (self-supervised)'); axes[0].set_ylabel('supervised mem p_f − p_g'); axes[0].legend(fontsize=8)
     axes[0].set_title(f'Spearman ρ (clean S_C) = {stats.spearmanr(clean.score, clean.supmem).statistic:.2f}')
-    axes[1].boxplot([clean.score, noisy.score], positions=[0, 1], widths=.5); axes[1].boxplot([clean.supmem, noisy.supmem], positions=[3, 4], widths=.5)
-    axes[1].set_xticks([0, 1, 3, 4], ['SSLMem\nclean', 'SSLMem\nmislab.', 'sup\nclean', 'sup\nmislab.']); axes[1].set_title('only the supervised score reacts to label noise')
-    fig.suptitle(title)
+    changes = {'SSLMem′': noisy.score_flipped - noisy.score, 'mem_sup': noisy.supmem - noisy.supmem_true}
+    for j, (name, v) in enumerate(changes.items()):
+        axes[1].boxplot([v], positions=[j], widths=.5); axes[1].scatter(np.full(len(v), j + .35), v, s=10, alpha=.6)
+    axes[1].axhline(0, color='grey', lw=.8, ls=':'); axes[1].set_xticks(range(2), list(changes))
+    axes[1].set_ylabel('score change, flipped − true label'); axes[1].set_title('each mislabelled candidate', fontsize=10)
+    fig.suptitle(title); fig.tight_layout()
     return fig
 
-# %% ../nbs/18_sslmem_experiments.ipynb 38
+# %% ../nbs/18_sslmem_experiments.ipynb 39
 def candidate_groups(df: pd.DataFrame, n_show: int) -> tuple[pd.DataFrame, dict]:
     "(the S_C rows sorted by score, {'most memorized' | 'median' | 'least memorized': `n_show` rows each})."
     c = df[df.set == 'S_C'].sort_values('score', ascending=False).reset_index(drop=True)
