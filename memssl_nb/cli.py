@@ -60,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True, metavar='{list,reproduce,report,verify,audit,demo}')
     p = sub.add_parser('list', help='registered artifacts and their status at a scale')
     _locations(p)
-    p.add_argument('--only', default=None, metavar='PATTERN', help="glob(s) on artifact ids, e.g. 'SSLMem-*'")
+    p.add_argument('--only', action='append', default=None, metavar='PATTERN', help="glob(s) on artifact ids, e.g. 'SSLMem-*' (comma-separated or repeated)")
     p = sub.add_parser('reproduce', help='run the artifact notebooks with papermill and rebuild the report')
     _locations(p)
-    p.add_argument('--only', default=None, metavar='PATTERN', help="glob(s) on artifact ids, comma-separated")
+    p.add_argument('--only', action='append', default=None, metavar='PATTERN', help="glob(s) on artifact ids, comma-separated or repeated")
     p.add_argument('--jobs', '-j', type=int, default=1, metavar='N', help='notebooks run concurrently (default: 1)')
     p.add_argument('--force', action='store_true', help='re-run artifacts whose inputs did not change')
     p.add_argument('--timeout', type=float, default=None, metavar='SECONDS',
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `memssl` command; returns the exit code (2: input it cannot use, with a message, no traceback)."
     try: args = build_parser().parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if getattr(args, 'only', None): args.only = ','.join(args.only)   # `--only A --only B` means both, as `--only A,B` does
     if getattr(args, 'seed_offset', 0) < 0: print(f"memssl {args.command}: --seed-offset must be ≥ 0", file=sys.stderr); return 2
     if args.command in ('list', 'report', 'verify'): args.out_root = seed_run_root(args.out_root, args.seed_offset)
     try: return COMMANDS[args.command](args)
