@@ -168,8 +168,11 @@ class Dynamics:
     @property
     def n_objects(self) -> int: return self.hits.shape[4]
     def r(self, view: int = 0) -> np.ndarray:
-        "r_t(x) [epochs, K]: share of correct (network, augmentation) pairs."
-        return self.hits[:, :, :, view].mean((1, 2))
+        "r_t(x) [epochs, K]: share of correct (network, augmentation) pairs (computed once per view, returned read-only)."
+        cache = self.__dict__.setdefault('_r', {})   # matched curves and bootstraps ask for it dozens of times per replicate
+        if view not in cache:
+            cache[view] = self.hits[:, :, :, view].mean((1, 2)); cache[view].setflags(write=False)
+        return cache[view]
     def r_fixed(self, aug: int = 0, view: int = 0) -> np.ndarray:
         "r̃_t(x̃_aug) [epochs, K]: share of networks correct on one fixed augmentation."
         return self.hits[:, :, aug, view].mean(1)
