@@ -4,7 +4,7 @@
 
 # %% ../nbs/25_audit.ipynb 3
 from __future__ import annotations
-import base64, difflib, html, importlib, inspect, io, json, re
+import base64, difflib, html, importlib, inspect, io, json, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,9 +23,9 @@ from .unitmem import unit_activations, unitmem_from_activations, classmem, UnitM
 # %% auto 0
 __all__ = ['ARCH_SOURCES', 'HEAD_NAMES', 'IMAGE_EXTENSIONS', 'IMAGENET_STATS', 'AuditError', 'build_architecture',
            'flatten_state', 'read_checkpoint', 'match_state', 'load_encoder', 'AuditImages', 'load_images',
-           'first_conv_channels', 'default_layers', 'layer_shapes', 'TransformAugment', 'audit_augment', 'AuditResult',
-           'audit', 'plot_unitmem_by_layer', 'unit_owner_grid', 'image_grid_of', 'plot_layer_profile', 'write_report',
-           'audit_files']
+           'first_conv_channels', 'default_layers', 'layer_shapes', 'TransformAugment', 'normalization_stats',
+           'audit_clean', 'audit_augment', 'AuditResult', 'audit', 'plot_unitmem_by_layer', 'unit_owner_grid',
+           'image_grid_of', 'plot_layer_profile', 'write_report', 'audit_files']
 
 # %% ../nbs/25_audit.ipynb 6
 ARCH_SOURCES = ('memssl', 'torchvision', 'timm')
@@ -291,6 +291,22 @@ class TransformAugment:
             if seed is not None: torch.manual_seed(seed)
             return torch.stack([self.transform(img) for img in x])
 
+def normalization_stats(normalize, images: torch.Tensor) -> tuple:
+    "(mean, std) per channel of `normalize`: 'none' (None, None), 'imagenet', 'data' (the images' own), or (mean, std)."
+    if not isinstance(normalize, str): return tuple(normalize)
+    if normalize not in ('none', 'imagenet', 'data'):
+        raise AuditError(f"normalize must be 'none', 'imagenet', 'data' or (mean, std); got {normalize!r}")
+    if normalize == 'imagenet' and images.shape[1] != 3: raise AuditError("normalize='imagenet' needs RGB images")
+    if normalize == 'data': x = images.double().div(255); return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+    return {'none': (None, None), 'imagenet': IMAGENET_STATS}[normalize]
+
+def audit_clean(aug, images: torch.Tensor, normalize='none') -> Augment:
+    """The clean pass of ClassMem (Eq. 13: no augmentation), fed as the audited views are: an `Augment`'s size and
+    normalisation; for another transform, `normalize`'s (its own normalisation cannot be read from it)."""
+    if isinstance(aug, Augment): return aug.with_preset('none')
+    mean, std = normalization_stats(normalize, images)
+    return Augment('none', size=tuple(images.shape[-2:]), mean=mean, std=std)
+
 def audit_augment(augment, images: torch.Tensor, normalize='none'):
     "`augment` as the engine's callable: a preset name, an `Augment`, a 'module:attribute' transform, or any transform."
     if isinstance(augment, str) and ':' in augment:
@@ -299,15 +315,8 @@ def audit_augment(augment, images: torch.Tensor, normalize='none'):
         except (ImportError, AttributeError) as e: raise AuditError(f"cannot import the transform {augment!r}: {e}") from e
     if isinstance(augment, str):
         if augment not in PRESETS: raise AuditError(f"unknown augmentation preset {augment!r}; presets: {', '.join(PRESETS)}")
-        if isinstance(normalize, str):
-            if normalize not in ('none', 'imagenet', 'data'):
-                raise AuditError(f"normalize must be 'none', 'imagenet', 'data' or (mean, std); got {normalize!r}")
-            c = images.shape[1]
-            stats = {'none': (None, None), 'imagenet': IMAGENET_STATS,
-                     'data': ((x := images.double().div(255)).mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist())}[normalize]
-            if normalize == 'imagenet' and c != 3: raise AuditError("normalize='imagenet' needs RGB images")
-        else: stats = normalize
-        return Augment(augment, size=tuple(images.shape[-2:]), mean=stats[0], std=stats[1])
+        mean, std = normalization_stats(normalize, images)
+        return Augment(augment, size=tuple(images.shape[-2:]), mean=mean, std=std)
     if not callable(augment): raise AuditError(f"augment must be a preset name or a callable; got {type(augment).__name__}")
     if isinstance(augment, Augment): return augment
     n_args = len([p for p in inspect.signature(augment).parameters.values() if p.default is p.empty
@@ -422,7 +431,11 @@ def audit(encoder: nn.Module, images: AuditImages, reference: nn.Module | None =
     unit = unitmem_from_activations(acts, 'mean', cfg)
     cm = None
     if images.labels is not None and len(images.labels.unique()) >= 2:
-        cm = classmem(encoder, x, images.labels, layers, None, batch_size=batch_size, device=device, progress=progress)
+        if not isinstance(aug, Augment) and isinstance(normalize, str) and normalize == 'none':
+            warnings.warn("ClassMem's clean pass feeds the images in [0, 1]: if your transform normalises, pass "
+                          "normalize=(mean, std) (--normalize) so the clean images are fed as your views are", stacklevel=2)
+        cm = classmem(encoder, x, images.labels, layers, audit_clean(aug, x, normalize), batch_size=batch_size,
+                      device=device, progress=progress)
     sm = lm = None
     if reference is not None:
         sm = sslmem(encoder, reference, x, aug, n_pairs, seed=seed, batch_size=batch_size, view_block=view_block,

@@ -339,6 +339,10 @@ class Augment:
         aug.preset = config.get('preset', 'none')
         return aug
 
+    def with_preset(self, preset: str, **overrides) -> Augment:
+        "Another preset's ops ('none': clean images) with this augmentation's output size and normalisation: inputs fed to an encoder as in its training."
+        return Augment(preset, size=self.size, mean=self.mean, std=self.std, **overrides)
+
     def __repr__(self):
         fmt = lambda v: f"({', '.join(f'{a:g}' for a in v)})" if isinstance(v, tuple) else (f'{v:g}' if isinstance(v, float) else repr(v))
         ops = ', '.join(f"{op}({', '.join(f'{k}={fmt(v)}' for k, v in p.items())})" for op, p in self.ops.items())
@@ -401,7 +405,7 @@ class Augment:
         x = as_image_batch(x).repeat(n, 1, 1, 1)
         return list(self._apply(x, self.sample_params(x.shape[0], x.shape[2], x.shape[3], generator)).chunk(n))
 
-# %% ../nbs/02_augment.ipynb 44
+# %% ../nbs/02_augment.ipynb 46
 def plot_views(images: dict, n_views: int = 6, seed: int = 0):
     "Figure with one row per `{preset_or_Augment: image [C, H, W]}`: the image, then `n_views` augmented views."
     import matplotlib.pyplot as plt
@@ -418,7 +422,7 @@ def plot_views(images: dict, n_views: int = 6, seed: int = 0):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/02_augment.ipynb 47
+# %% ../nbs/02_augment.ipynb 49
 def to_torchvision(aug: Augment, image_size: int | None = None):
     "The per-image `torchvision.transforms.v2` pipeline equivalent to `aug` (reference and benchmark)."
     import torchvision.transforms.v2 as T

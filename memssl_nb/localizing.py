@@ -1157,7 +1157,7 @@ def augmentation_effect(run: ProtocolRun, U_all: list) -> pd.DataFrame:
     """Figure 5: mean UnitMem per conv over the candidates with the training views and without augmentation (f encoders' mean),
     with the one-sided p of a paired t-test over the units of all f encoders (augmented > clean) and of its opposite."""
     from memssl_nb.unitmem import unitmem
-    cleans = [unitmem(e, run.data.images[run.split.candidates], None, layers=RESNET9_CONVS, progress=False) for e in run.f_encoders]
+    cleans = [unitmem(t.encoder, run.data.images[run.split.candidates], t.clean, layers=RESNET9_CONVS, progress=False) for t in run.f]   # normalised as in training
     rows = []
     for l in RESNET9_CONVS:
         a, c_ = torch.cat([u.score[l] for u in U_all]), torch.cat([c_.score[l] for c_ in cleans])
@@ -1614,7 +1614,7 @@ def unit_class_table(run: ProtocolRun, encoders: dict, n_views: int) -> tuple[pd
     train_set, test_set = run.data.subset(idx), load_dataset(run.config.dataset, 'test', size=run.config.image_size)
     acc = {n: probe_accuracy(t.encoder, train_set, test_set, clean=t.clean) for n, t in encoders.items()}
     X, y = run.data.images[idx], run.data.labels[idx]
-    res = {n: (unitmem(t.encoder, X, t.augment, layers=RESNET9_CONVS, n_views=n_views, progress=False), classmem(t.encoder, X, y, layers=RESNET9_CONVS, progress=False))
+    res = {n: (unitmem(t.encoder, X, t.augment, layers=RESNET9_CONVS, n_views=n_views, progress=False), classmem(t.encoder, X, y, layers=RESNET9_CONVS, augment=t.clean, progress=False))
            for n, t in encoders.items()}
     F2 = pd.DataFrame([dict(encoder=n, layer=l, paper_layer=PAPER_LAYER[l], unitmem=u.score[l].mean().item(), classmem=c_.score[l].mean().item(),
                             frac_units_unit_gt_class=(u.score[l] > c_.score[l]).float().mean().item(), probe_acc=acc[n])
@@ -1681,16 +1681,15 @@ def plot_unit_class_scatter(res: dict):
 
 def measuring_augmentation_table(run: ProtocolRun, encoders: dict, n_views: int) -> tuple[pd.DataFrame, dict]:
     """(Figure 9: mean UnitMem of the last conv per encoder, measured with its training augmentation, three of the paper's sets
-    and none; the per-unit scores behind it, {(encoder, set): tensor})."""
-    from memssl_nb.augment import Augment
+    and none, each with the encoder's training normalisation; the per-unit scores behind it, {(encoder, set): tensor})."""
     from memssl_nb.unitmem import unitmem
     X = run.data.images[run.split.f_indices]
-    sets9 = {'training': None, 'ssl_independent': Augment('ssl_independent'), 'sl_weak': Augment('sl_weak'), 'ssl_strong': Augment('ssl_strong')}
     units = {}
-    for n, t in encoders.items():
+    for n, t in encoders.items():   # every set keeps the encoder's training normalisation (`Augment.with_preset`)
+        sets9 = {'training': t.augment, **{s: t.augment.with_preset(s) for s in ('ssl_independent', 'sl_weak', 'ssl_strong')}}
         for name, aug in sets9.items():
-            units[n, name] = unitmem(t.encoder, X, aug if aug is not None else t.augment, layers=['conv4_2'], n_views=n_views, progress=False).score['conv4_2']
-        units[n, 'none (clean)'] = unitmem(t.encoder, X, None, layers=['conv4_2'], progress=False).score['conv4_2']
+            units[n, name] = unitmem(t.encoder, X, aug, layers=['conv4_2'], n_views=n_views, progress=False).score['conv4_2']
+        units[n, 'none (clean)'] = unitmem(t.encoder, X, t.clean, layers=['conv4_2'], progress=False).score['conv4_2']
     rows = [dict(encoder=n, measured_with=s, unitmem=u.mean().item()) for (n, s), u in units.items()]
     return pd.DataFrame(rows).pivot(index='measured_with', columns='encoder', values='unitmem'), units
 
@@ -1740,7 +1739,7 @@ def measuring_augmentation_tests(F9: pd.DataFrame, units: dict, spreads: pd.Data
             'sl_clean_lower': dict(ours=F9.loc[['training', 'none (clean)'], 'SL'].round(3).to_dict(), p_value=clean[0], p_against=clean[1],
                                    paper_value='lower (figure 5)', test='one-sided paired t-test over the units of layer 8: clean < training augmentation')}
 
-# %% ../nbs/19_localizing.ipynb 52
+# %% ../nbs/19_localizing.ipynb 54
 AUGMENT_VARIANTS = {'weak': {'augment_kw': (('crop', {'scale': (0.7, 1.0)}), ('jitter', {'brightness': 0.2, 'contrast': 0.2, 'p': 0.5}))},
                     'normal': {},
                     'strong': {'augment_kw': (('crop', {'scale': (0.2, 1.0)}), ('jitter', {'brightness': 0.6, 'contrast': 0.6, 'p': 0.9}),
@@ -1832,7 +1831,7 @@ def plot_training_variants(LM: pd.DataFrame, UM: pd.DataFrame, variants: list, t
     ax[0].set_title(titles[0]); ax[1].set_title(titles[1]); ax[0].legend(fontsize=7)
     return fig
 
-# %% ../nbs/19_localizing.ipynb 54
+# %% ../nbs/19_localizing.ipynb 56
 PAPER_T10 = pd.DataFrame({'att_LM': [.006, .028, .046, .067, .092, .114, .140, .164, .191, .220, .249, .280],
                           'att_dLM': [np.nan, .006, .006, .006, .007, .008, .009, .008, .009, .009, .008, .009],
                           'fc_LM': [.020, .039, .060, .083, .105, .129, .155, .182, .210, .240, .271, .303],
@@ -1868,7 +1867,7 @@ def bn_similarity_test(T25: pd.DataFrame) -> dict:
     return dict(ours=dict(mean=T25.cosine.mean(), per_layer=T25.cosine.round(3).tolist()), p_value=mean_test(T25.cosine, 0.7)[1],
                 paper_value=dict(mean=0.823, per_layer=T25.paper_cosine.tolist()), test='one-sample t-test over the 8 layers: mean cosine > 0.7')
 
-# %% ../nbs/19_localizing.ipynb 58
+# %% ../nbs/19_localizing.ipynb 60
 def dataset_unitmem(scale: str, datasets, n_points: int, layer: str, n_views: int) -> dict:
     "UnitMem of `layer`'s units of the protocol's recipe trained on `n_points` random training points of each dataset."
     from memssl_nb.core import make_generator
