@@ -432,8 +432,8 @@ def audit(encoder: nn.Module, images: AuditImages, reference: nn.Module | None =
     cm = None
     if images.labels is not None and len(images.labels.unique()) >= 2:
         if not isinstance(aug, Augment) and isinstance(normalize, str) and normalize == 'none':
-            warnings.warn("ClassMem's clean pass feeds the images in [0, 1]: if your transform normalises, pass "
-                          "normalize=(mean, std) (--normalize) so the clean images are fed as your views are", stacklevel=2)
+            warnings.warn("ClassMem's clean pass feeds the images in [0, 1]: if your transform normalises, pass normalize="
+                          "'imagenet', 'data' or (mean, std) (--normalize) so the clean images are fed as your views are", stacklevel=2)
         cm = classmem(encoder, x, images.labels, layers, audit_clean(aug, x, normalize), batch_size=batch_size,
                       device=device, progress=progress)
     sm = lm = None

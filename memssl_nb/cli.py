@@ -42,7 +42,7 @@ def _audit_parser(sub):
     p.add_argument('--max-images', type=int, default=None, help='audit a seeded random sample of this many images')
     p.add_argument('--augment', default='ssl_normal', help="augmentation preset (ssl_normal, digits, ...) or module:attribute "
                    "of your torchvision transform (default: ssl_normal)")
-    p.add_argument('--normalize', default='none', choices=('none', 'imagenet', 'data'), help='input normalisation after a preset')
+    p.add_argument('--normalize', default='none', choices=('none', 'imagenet', 'data'), help="input normalisation after a preset, and of ClassMem's clean images")
     p.add_argument('--layers', default=None, help='comma-separated layer names (default: every block, see --list-layers)')
     p.add_argument('--list-layers', action='store_true', help='print the layers an audit would measure, with their shapes, and stop')
     p.add_argument('--n-views', type=int, default=10, help='augmented views per image for UnitMem (default: 10)')
