@@ -71,15 +71,17 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size=None) -> torch.Tenso
     B, C, H, W = x.shape
     oh, ow = (H, W) if size is None else _pair(size)
     top, left, h, w = boxes.to(device=x.device, dtype=x.dtype).unbind(1)
-    theta = x.new_zeros(B, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = w / W, (2 * left + w) / W - 1
-    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * top + h) / H - 1
-    grid = F.affine_grid(theta, [B, C, oh, ow], align_corners=False)
+    # the sampling grid of `F.affine_grid` for this axis-aligned box, built per axis: its columns share x, its rows y.
+    # Bit-identical to affine_grid's values (its batched matmul of tiny matrices cost more than the sampling itself)
+    axis = lambda n: (torch.linspace(-1, 1, n, dtype=x.dtype, device=x.device) * (n - 1) / n if n > 1
+                      else x.new_zeros(1))    # affine_grid's pixel centres (align_corners=False)
+    gx = axis(ow)[None] * (w / W)[:, None] + ((2 * left + w) / W - 1)[:, None]
+    gy = axis(oh)[None] * (h / H)[:, None] + ((2 * top + h) / H - 1)[:, None]
     lo_x, hi_x = (2 * left + 1) / W - 1, (2 * (left + w) - 1) / W - 1  # centres of the box's first and last pixel
     lo_y, hi_y = (2 * top + 1) / H - 1, (2 * (top + h) - 1) / H - 1
-    gx = torch.clamp(grid[..., 0], lo_x[:, None, None], hi_x[:, None, None])
-    gy = torch.clamp(grid[..., 1], lo_y[:, None, None], hi_y[:, None, None])
-    return F.grid_sample(x, torch.stack([gx, gy], -1), mode='bilinear', padding_mode='border', align_corners=False)
+    gx, gy = torch.clamp(gx, lo_x[:, None], hi_x[:, None]), torch.clamp(gy, lo_y[:, None], hi_y[:, None])
+    grid = torch.stack([gx[:, None, :].expand(B, oh, ow), gy[:, :, None].expand(B, oh, ow)], -1)
+    return F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
 
 def _where(mask: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     "`a` for the samples where `mask` is True, else `b` (`a` everywhere when mask is None)."
@@ -93,7 +95,7 @@ def vflip(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     "Mirror top-bottom the samples where `mask` is True (all when None)."
     return _where(mask, x.flip(-2), x)
 
-# %% ../nbs/02_augment.ipynb 18
+# %% ../nbs/02_augment.ipynb 20
 def _per_sample(v, x: torch.Tensor) -> torch.Tensor:
     "A float or `[B]` tensor as `[B or 1, 1, 1, 1]` on x's device and dtype."
     return torch.as_tensor(v, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
@@ -160,7 +162,7 @@ def grayscale(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor
     "Replace the samples where `mask` is True by their grayscale, kept as 3 channels; identity on 1 channel."
     return x if x.shape[-3] == 1 else _where(mask, rgb_to_gray(x).expand_as(x), x)
 
-# %% ../nbs/02_augment.ipynb 22
+# %% ../nbs/02_augment.ipynb 24
 JITTER_ADJUSTMENTS = ('brightness', 'contrast', 'saturation', 'hue')
 _ADJUST = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
@@ -181,7 +183,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor | N
             if len(idx): x.index_copy_(0, idx, adjust(x[idx], factors[idx, k]))
     return x
 
-# %% ../nbs/02_augment.ipynb 25
+# %% ../nbs/02_augment.ipynb 27
 def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     "Normalised 1-D Gaussian kernels `[B, kernel_size]`, one per sigma."
     u = torch.arange(kernel_size, dtype=sigma.dtype, device=sigma.device) - (kernel_size - 1) / 2
@@ -224,7 +226,7 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)) / \
         torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
 
-# %% ../nbs/02_augment.ipynb 28
+# %% ../nbs/02_augment.ipynb 30
 OP_ORDER = ('crop', 'hflip', 'vflip', 'jitter', 'gray', 'blur', 'invert', 'solarize')
 OP_DEFAULTS = {  # torchvision's defaults where it has one
     'crop': dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
@@ -254,7 +256,7 @@ PRESETS = {
     'digits': {'crop': dict(scale=(0.4, 1.0)), 'jitter': dict(brightness=0.4, contrast=0.4, p=0.8)},
 }
 
-# %% ../nbs/02_augment.ipynb 30
+# %% ../nbs/02_augment.ipynb 32
 def _float_range(op, name, v, low=None, high=None):
     try: lo, hi = (float(a) for a in v)
     except (TypeError, ValueError): raise ValueError(f"{op}.{name} must be a (low, high) pair, got {v!r}") from None
@@ -304,7 +306,7 @@ def _apply_override(ops: dict, key: str, value):
     elif isinstance(value, (int, float)) and 'p' in OP_DEFAULTS[op]: ops[op] = check_op_params(op, {**current, 'p': value})
     else: raise ValueError(f"override {key}={value!r}: pass a dict of parameters, a probability, True or None")
 
-# %% ../nbs/02_augment.ipynb 33
+# %% ../nbs/02_augment.ipynb 35
 AUGMENT_VERSION = 1  # bump when the semantics of an op change, so cached encoders are not reused by mistake
 
 class Augment:
@@ -405,7 +407,7 @@ class Augment:
         x = as_image_batch(x).repeat(n, 1, 1, 1)
         return list(self._apply(x, self.sample_params(x.shape[0], x.shape[2], x.shape[3], generator)).chunk(n))
 
-# %% ../nbs/02_augment.ipynb 46
+# %% ../nbs/02_augment.ipynb 48
 def plot_views(images: dict, n_views: int = 6, seed: int = 0):
     "Figure with one row per `{preset_or_Augment: image [C, H, W]}`: the image, then `n_views` augmented views."
     import matplotlib.pyplot as plt
@@ -422,7 +424,7 @@ def plot_views(images: dict, n_views: int = 6, seed: int = 0):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/02_augment.ipynb 49
+# %% ../nbs/02_augment.ipynb 51
 def to_torchvision(aug: Augment, image_size: int | None = None):
     "The per-image `torchvision.transforms.v2` pipeline equivalent to `aug` (reference and benchmark)."
     import torchvision.transforms.v2 as T
