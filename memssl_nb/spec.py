@@ -96,8 +96,7 @@ def build_augment(spec: TrainSpec, train_data: ImageSet) -> Augment:
 
 def build_clean(spec: TrainSpec, train_data: ImageSet) -> Augment:
     "No augmentation, only the normalisation the encoder was trained with (for evaluating on clean images)."
-    stats = dict(mean=train_data.mean.tolist(), std=train_data.std.tolist()) if spec.normalize else {}
-    return Augment('none', **stats)
+    return build_augment(spec, train_data).with_preset('none')
 
 def build_model(spec: TrainSpec, train_data: ImageSet) -> tuple[nn.Module, Objective]:
     "Encoder and objective with seeded initialisation."
