@@ -66,8 +66,10 @@ def sample_crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=
     return torch.stack([top, left, h, w], 1)
 
 # %% ../nbs/02_augment.ipynb 15
-def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size=None) -> torch.Tensor:
-    "Crop each image to its box (top, left, h, w) and resize it bilinearly to `size` (default: the input size)."
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size=None, hflip_mask: torch.Tensor | None = None,
+                 vflip_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop each image to its box (top, left, h, w) and resize it bilinearly to `size` (default: the input size),
+    mirrored left-right where `hflip_mask` and top-bottom where `vflip_mask` is True."""
     B, C, H, W = x.shape
     oh, ow = (H, W) if size is None else _pair(size)
     top, left, h, w = boxes.to(device=x.device, dtype=x.dtype).unbind(1)
@@ -80,20 +82,26 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size=None) -> torch.Tenso
     lo_x, hi_x = (2 * left + 1) / W - 1, (2 * (left + w) - 1) / W - 1  # centres of the box's first and last pixel
     lo_y, hi_y = (2 * top + 1) / H - 1, (2 * (top + h) - 1) / H - 1
     gx, gy = torch.clamp(gx, lo_x[:, None], hi_x[:, None]), torch.clamp(gy, lo_y[:, None], hi_y[:, None])
+    # a flip after the crop is the crop's grid read backwards: each output pixel is sampled at its mirror's coordinates,
+    # so the mirrored view comes out bit for bit, without a flip pass over the images
+    if hflip_mask is not None: gx = torch.where(hflip_mask.to(x.device)[:, None], gx.flip(1), gx)
+    if vflip_mask is not None: gy = torch.where(vflip_mask.to(x.device)[:, None], gy.flip(1), gy)
     grid = torch.stack([gx[:, None, :].expand(B, oh, ow), gy[:, :, None].expand(B, oh, ow)], -1)
     return F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
 
-def _where(mask: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    "`a` for the samples where `mask` is True, else `b` (`a` everywhere when mask is None)."
-    return a if mask is None else torch.where(mask.to(a.device).view(-1, 1, 1, 1), a, b)
+def _masked(mask: torch.Tensor | None, op, x: torch.Tensor) -> torch.Tensor:
+    "`op(x)` on the samples where `mask` is True (all when None), the others copied: only the chosen samples are computed."
+    if mask is None: return op(x)
+    idx = mask.to(x.device).nonzero().squeeze(1)
+    return x if len(idx) == 0 else x.index_copy(0, idx, op(x[idx]))
 
 def hflip(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     "Mirror left-right the samples where `mask` is True (all when None)."
-    return _where(mask, x.flip(-1), x)
+    return _masked(mask, lambda v: v.flip(-1), x)
 
 def vflip(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     "Mirror top-bottom the samples where `mask` is True (all when None)."
-    return _where(mask, x.flip(-2), x)
+    return _masked(mask, lambda v: v.flip(-2), x)
 
 # %% ../nbs/02_augment.ipynb 20
 def _per_sample(v, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +168,7 @@ def adjust_hue(x: torch.Tensor, factor) -> torch.Tensor:
 
 def grayscale(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     "Replace the samples where `mask` is True by their grayscale, kept as 3 channels; identity on 1 channel."
-    return x if x.shape[-3] == 1 else _where(mask, rgb_to_gray(x).expand_as(x), x)
+    return x if x.shape[-3] == 1 else _masked(mask, lambda v: rgb_to_gray(v).expand_as(v), x)
 
 # %% ../nbs/02_augment.ipynb 24
 JITTER_ADJUSTMENTS = ('brightness', 'contrast', 'saturation', 'hue')
@@ -215,11 +223,11 @@ def gaussian_blur(x: torch.Tensor, sigma, kernel_size: int = 5, mask: torch.Tens
 
 def invert(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     "1 - x for the samples where `mask` is True (all when None)."
-    return _where(mask, 1 - x, x)
+    return _masked(mask, lambda v: 1 - v, x)
 
 def solarize(x: torch.Tensor, threshold: float = 0.5, mask: torch.Tensor | None = None) -> torch.Tensor:
     "Invert the pixels >= `threshold` of the samples where `mask` is True (all when None)."
-    return _where(mask, torch.where(x >= threshold, 1 - x, x), x)
+    return _masked(mask, lambda v: torch.where(v >= threshold, 1 - v, v), x)
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     "(x - mean) / std per channel."
@@ -378,7 +386,10 @@ class Augment:
     def _apply(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         for op, p in self.ops.items():
             q = params[op]
-            if op == 'crop': x = resized_crop(x, q['boxes'], self.size)
+            if op == 'crop':   # the flips that follow the crop (OP_ORDER) are drawn by its grid
+                flips = [params[f]['mask'] if f in self.ops else None for f in ('hflip', 'vflip')]
+                x = resized_crop(x, q['boxes'], self.size, *flips)
+            elif op in ('hflip', 'vflip') and 'crop' in self.ops: continue
             elif op == 'hflip': x = hflip(x, q['mask'])
             elif op == 'vflip': x = vflip(x, q['mask'])
             elif op == 'jitter':
