@@ -89,11 +89,12 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size=None, hflip_mask: to
     grid = torch.stack([gx[:, None, :].expand(B, oh, ow), gy[:, :, None].expand(B, oh, ow)], -1)
     return F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
 
-def _masked(mask: torch.Tensor | None, op, x: torch.Tensor) -> torch.Tensor:
-    "`op(x)` on the samples where `mask` is True (all when None), the others copied: only the chosen samples are computed."
-    if mask is None: return op(x)
+def _masked(mask: torch.Tensor | None, op, x: torch.Tensor, *per_sample: torch.Tensor) -> torch.Tensor:
+    """`op(x, *per_sample)` on the samples where `mask` is True (all when None), the others copied: only the chosen
+    samples are computed, each with its own row of the `per_sample` parameters."""
+    if mask is None: return op(x, *per_sample)
     idx = mask.to(x.device).nonzero().squeeze(1)
-    return x if len(idx) == 0 else x.index_copy(0, idx, op(x[idx]))
+    return x if len(idx) == 0 else x.index_copy(0, idx, op(x[idx], *(p[idx] for p in per_sample)))
 
 def hflip(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     "Mirror left-right the samples where `mask` is True (all when None)."
@@ -207,10 +208,7 @@ def gaussian_blur(x: torch.Tensor, sigma, kernel_size: int = 5, mask: torch.Tens
     _check_kernel_size(kernel_size)
     B, C, H, W = x.shape
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(B)
-    if mask is not None:
-        idx = mask.to(x.device).nonzero().squeeze(1)
-        if len(idx) == 0: return x
-        return x.index_copy(0, idx, gaussian_blur(x[idx], sigma[idx], kernel_size))
+    if mask is not None: return _masked(mask, lambda v, s: gaussian_blur(v, s, kernel_size), x, sigma)
     pad = kernel_size // 2
     if pad >= min(H, W): raise ValueError(f"blur kernel_size {kernel_size} is too large for {H}x{W} images")
     k = gaussian_kernels(sigma, kernel_size).view(B, 1, 1, 1, kernel_size)
