@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 from .core import get_device, iter_batches, make_generator, progress, Summarized
-from .data import image_grid, load_dataset, DATASETS
+from .data import channel_stats, image_grid, load_dataset, DATASETS
 from .augment import Augment, PRESETS
 from .models import ENCODERS, build_encoder, available_taps
 from .sslmem import sslmem, check_images, SSLMemResult
@@ -297,7 +297,7 @@ def normalization_stats(normalize, images: torch.Tensor) -> tuple:
     if normalize not in ('none', 'imagenet', 'data'):
         raise AuditError(f"normalize must be 'none', 'imagenet', 'data' or (mean, std); got {normalize!r}")
     if normalize == 'imagenet' and images.shape[1] != 3: raise AuditError("normalize='imagenet' needs RGB images")
-    if normalize == 'data': x = images.double().div(255); return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+    if normalize == 'data': return tuple(s.tolist() for s in channel_stats(images))   # as a training normalisation computes them
     return {'none': (None, None), 'imagenet': IMAGENET_STATS}[normalize]
 
 def audit_clean(aug, images: torch.Tensor, normalize='none') -> Augment:

@@ -16,10 +16,10 @@ from .core import DATA_DIR, atomic_write_bytes, atomic_write_text, iter_batches,
 
 # %% auto 0
 __all__ = ['DATASETS', 'EMBEDDED', 'SPLITS', 'STL10_CLASSES', 'FASHION_MNIST_FILES', 'FASHION_MNIST_SYSTEM', 'TORCHVISION_LAYOUT',
-           'GENERATED', 'GENERATED_MANIFEST', 'SET_NAMES', 'ATYPICAL_KINDS', 'as_index', 'ImageSet', 'image_grid',
-           'resize_images', 'DatasetNotFound', 'clear_dataset_cache', 'write_generated_datasets', 'generated_files',
-           'load_dataset', 'MemSplit', 'make_split', 'inject_atypical', 'choose_atypical', 'split_by_classes',
-           'class_disjoint_halves']
+           'GENERATED', 'GENERATED_MANIFEST', 'SET_NAMES', 'ATYPICAL_KINDS', 'as_index', 'channel_stats', 'ImageSet',
+           'image_grid', 'resize_images', 'DatasetNotFound', 'clear_dataset_cache', 'write_generated_datasets',
+           'generated_files', 'load_dataset', 'MemSplit', 'make_split', 'inject_atypical', 'choose_atypical',
+           'split_by_classes', 'class_disjoint_halves']
 
 # %% ../nbs/01_data.ipynb 5
 def as_index(idx, n: int | None = None) -> torch.Tensor:
@@ -37,7 +37,7 @@ def as_index(idx, n: int | None = None) -> torch.Tensor:
     return t.to(torch.int64)
 
 # %% ../nbs/01_data.ipynb 7
-def _channel_stats(images: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(images: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     "Per-channel mean and std of uint8 images on the [0, 1] scale (float64 sums, in batches)."
     c = images.shape[1]
     s, s2, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
@@ -84,11 +84,11 @@ class ImageSet:
     @property
     def mean(self) -> torch.Tensor:
         "Per-channel mean on the [0, 1] scale, float32 `[C]` (`.tolist()` for JSON configs)."
-        return _channel_stats(self.images)[0].float()
+        return channel_stats(self.images)[0].float()
     @property
     def std(self) -> torch.Tensor:
         "Per-channel standard deviation on the [0, 1] scale, float32 `[C]`."
-        return _channel_stats(self.images)[1].float()
+        return channel_stats(self.images)[1].float()
 
     def subset(self, idx, name: str | None = None) -> ImageSet:
         "The images at `idx` (indices, slice or boolean mask), same classes."
