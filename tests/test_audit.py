@@ -109,6 +109,21 @@ def test_timm_vit(folder, tmp_path):
     assert 'classmem' not in units and len(pd.read_csv(tmp_path / 'r' / 'images.csv')) == 10
 
 
+@pytest.fixture(scope='module')
+def bad_inputs(tmp_path_factory):
+    "The wrong files the cases below point at, written once (the two checkpoints are 96 MB together)."
+    root = tmp_path_factory.mktemp('bad_inputs')
+    paths = {'r34': root / 'r34.pt', 'partial': root / 'partial.pt', 'junk': root / 'junk.pt',
+             'empty': root / 'empty', 'broken': root / 'broken', 'nowhere': root / 'nowhere'}
+    torch.save(build_architecture('torchvision/resnet34').state_dict(), paths['r34'])
+    sd = build_architecture('torchvision/resnet18').state_dict()
+    torch.save({k: v for k, v in sd.items() if not k.startswith('layer4')}, paths['partial'])
+    paths['junk'].write_bytes(b'\x00garbage')
+    paths['empty'].mkdir()
+    paths['broken'].mkdir(); (paths['broken'] / 'bad.png').write_bytes(b'not an image')
+    return paths
+
+
 @pytest.mark.parametrize('case, argv, message', [
     ('unknown architecture', ['--arch', 'torchvision/resnet81'], 'did you mean'),
     ('unknown source', ['--arch', 'keras/resnet18'], 'unknown architecture source'),
@@ -121,16 +136,8 @@ def test_timm_vit(folder, tmp_path):
     ('unknown layer', ['--arch', 'torchvision/resnet18', '--layers', 'layer5.0'], 'layer4.1'),
     ('not a folder or dataset', ['--arch', 'torchvision/resnet18', '--images', '{nowhere}'], 'neither an image folder'),
 ])
-def test_bad_input(case, argv, message, folder, tmp_path):
-    paths = {'r34': tmp_path / 'r34.pt', 'partial': tmp_path / 'partial.pt', 'junk': tmp_path / 'junk.pt',
-             'empty': tmp_path / 'empty', 'broken': tmp_path / 'broken', 'nowhere': tmp_path / 'nowhere'}
-    torch.save(build_architecture('torchvision/resnet34').state_dict(), paths['r34'])
-    sd = build_architecture('torchvision/resnet18').state_dict()
-    torch.save({k: v for k, v in sd.items() if not k.startswith('layer4')}, paths['partial'])
-    paths['junk'].write_bytes(b'\x00garbage')
-    paths['empty'].mkdir()
-    paths['broken'].mkdir(); (paths['broken'] / 'bad.png').write_bytes(b'not an image')
-    argv = [a.format(**paths) for a in argv]
+def test_bad_input(case, argv, message, folder, bad_inputs, tmp_path):
+    argv = [a.format(**bad_inputs) for a in argv]
     if '--images' not in argv: argv += ['--images', str(folder)]
     code, _, err = run_cli(*argv, '--out', tmp_path / 'out', '--n-views', 1)
     assert code == 2, (case, err)
