@@ -20,19 +20,21 @@ __all__ = ['tap_reader', 'layer_parents', 'measured_layers', 'LayerMemResult', '
 
 # %% ../nbs/11_layermem.ipynb 5
 class tap_reader:
-    "Reader for `alignment_distances`: `with tap_reader(enc, names) as read: read(x) -> {name: output}` (one forward, hooks)."
+    """Reader for `alignment_distances`: `with tap_reader(enc, names) as read: read(x, keep=None) -> {name: output}` (one
+    forward, hooks); with `keep(name, output)`, each value is what `keep` returns, computed as the layer runs."""
     def __init__(self, encoder: nn.Module, names: Sequence[str]):
         self.encoder, self.names, self.taps = encoder, list(names), None
     def __enter__(self):
         self.taps = LayerTaps(self.encoder, self.names).__enter__()
         return self.read
-    def read(self, x: torch.Tensor) -> dict:
+    def read(self, x: torch.Tensor, keep: Callable | None = None) -> dict:
+        self.taps.keep = keep
         try: self.encoder(x)
         except RuntimeError as e:
             if 'modified in place' not in str(e) or self.taps.clone: raise
             # a tapped output is changed in place later in the forward (e.g. `out += identity`): hook copies instead
             self.taps.__exit__(None, None, None)
-            self.taps = LayerTaps(self.encoder, self.names, clone=True).__enter__()
+            self.taps = LayerTaps(self.encoder, self.names, clone=True, keep=keep).__enter__()
             self.encoder(x)
         out = self.taps.outputs
         missing = [n for n in self.names if n not in out]
@@ -65,7 +67,7 @@ def measured_layers(encoder: nn.Module, layers: Sequence[str] | None, parents: d
     par = {**layer_parents(encoder, order, parents), **par}
     return order, par
 
-# %% ../nbs/11_layermem.ipynb 9
+# %% ../nbs/11_layermem.ipynb 11
 @dataclass(repr=False)
 class LayerMemResult(Summarized):
     "Per-point × per-layer memorization scores, the alignment distances behind them, and each layer's parent."
@@ -153,7 +155,7 @@ def layermem(f, g, images, augment: Callable, layers: Sequence[str] | None = Non
     return LayerMemResult(names, par, normalize_scores(dist_f, dist_g, normalization).float(), dist_f.float(),
                           dist_g.float(), df_all.float(), dg_all.float(), cfg)
 
-# %% ../nbs/11_layermem.ipynb 20
+# %% ../nbs/11_layermem.ipynb 22
 def layer_agreement(result: LayerMemResult, k: int = 100, layers: Sequence[str] | None = None) -> pd.DataFrame:
     "For each pair of layers: overlap of the top-`k` points (fraction) and Kendall's tau of the per-point scores."
     from scipy.stats import kendalltau

@@ -298,9 +298,11 @@ def _version(t: torch.Tensor) -> int | None:
     except RuntimeError: return None   # inference tensors have no version counter
 
 class LayerTaps:
-    "Context manager: forward hooks collecting the outputs of `layers` (tap names or module paths) in `.outputs`."
-    def __init__(self, model: nn.Module, layers: str | Iterable[str] | None = None, clone: bool = False, detach: bool = False):
-        self.model, self.clone, self.detach = model, clone, detach
+    """Context manager: forward hooks collecting the outputs of `layers` (tap names or module paths) in `.outputs`; with
+    `keep(name, output)`, what it returns is stored instead, computed as each layer runs."""
+    def __init__(self, model: nn.Module, layers: str | Iterable[str] | None = None, clone: bool = False, detach: bool = False,
+                 keep: Callable | None = None):
+        self.model, self.clone, self.detach, self.keep = model, clone, detach, keep
         self.paths = resolve_taps(model, layers)
         self.outputs: dict[str, torch.Tensor] = {}
         self._versions: dict[str, int | None] = {}
@@ -314,7 +316,8 @@ class LayerTaps:
             if isinstance(output, torch.Tensor):
                 if self.detach: output = output.detach()
                 if self.clone: output = output.clone()
-                self._versions[name] = _version(output)
+            if self.keep is not None: output = self.keep(name, output)
+            if isinstance(output, torch.Tensor): self._versions[name] = _version(output)
             self.outputs[name] = output
         return hook
 
@@ -340,14 +343,15 @@ class LayerTaps:
 
     def __getitem__(self, name: str) -> torch.Tensor: return self.outputs[name]
 
-def read_taps(model: nn.Module, x: torch.Tensor, layers: str | Iterable[str] | None = None, clone: bool = False) -> dict[str, torch.Tensor]:
-    "One forward of `model(x)`; the outputs of `layers` (default: all taps) in the order asked."
-    with LayerTaps(model, layers, clone=clone) as taps: model(x)
+def read_taps(model: nn.Module, x: torch.Tensor, layers: str | Iterable[str] | None = None, clone: bool = False,
+              keep: Callable | None = None) -> dict[str, torch.Tensor]:
+    "One forward of `model(x)`; the outputs of `layers` (default: all taps), or what `keep` makes of them, in the order asked."
+    with LayerTaps(model, layers, clone=clone, keep=keep) as taps: model(x)
     missing = [n for n in taps.paths if n not in taps.outputs]
     if missing: raise RuntimeError(f"layer(s) {missing} did not run during the forward")
     return {n: taps.outputs[n] for n in taps.paths}
 
-# %% ../nbs/03_models.ipynb 33
+# %% ../nbs/03_models.ipynb 35
 class ProjectionHead(nn.Sequential):
     "(Linear → BN → ReLU) × (layers−1) → Linear; `last_bn` appends an affine-free BN (SimSiam)."
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, bn: bool = True, last_bn: bool = False):

@@ -90,10 +90,10 @@ VIEW_MODES = ('two_augmented', 'clean_vs_augmented')
 REPRESENTATIONS = ('flatten', 'pool')
 
 class output_reader:
-    "Reader for the encoder's output: `with output_reader(enc) as read: read(x) -> {'output': enc(x)}`."
+    "Reader for the encoder's output: `with output_reader(enc) as read: read(x, keep=None) -> {'output': enc(x)}` (or `keep('output', enc(x))`)."
     names = ('output',)
     def __init__(self, encoder: nn.Module): self.encoder = encoder
-    def __enter__(self): return lambda x: {'output': self.encoder(x)}
+    def __enter__(self): return lambda x, keep=None: {'output': self.encoder(x) if keep is None else keep('output', self.encoder(x))}
     def __exit__(self, *exc): return False
 
 def pool_units(t: torch.Tensor) -> torch.Tensor:
@@ -152,33 +152,38 @@ def alignment_distances(f, g, images, augment: Callable, reader=output_reader, n
         if progress: blocks = progress_bar(blocks, desc=desc, total=-(-N // view_block))
         with measuring(*encoders) as to_input, ExitStack() as stack:
             reads = [stack.enter_context(reader(e)) for e in encoders]
-            def run(e, inp):
+            def run(e, inp, finish):
+                """Encoder `e` on `inp`: {tap: finish(tap, prepared output)}, each computed as its layer runs, so no raw tap
+                output outlives its layer (a forward tapped at every conv holds one tap's activations, not all of them)."""
                 nonlocal names, shapes, acc
-                out = reads[e](to_input(inp))
+                got = {}
+                def keep(name, t):
+                    t = t[0] if isinstance(t, (tuple, list)) else t
+                    got[name] = tuple(t.shape[1:])
+                    return finish(name, prep(t))
+                out = reads[e](to_input(inp), keep)
                 if names is None:
                     names = list(out)
                     acc = torch.zeros(len(encoders), N, len(names), dtype=torch.float64, device=device)
                 elif list(out) != names: raise ValueError(f"encoders expose different taps: {names} vs {list(out)}")
-                got = {k: tuple((v[0] if isinstance(v, (tuple, list)) else v).shape[1:]) for k, v in out.items()}
                 if shapes is None: shapes = got
                 elif got != shapes:
                     bad = [k for k in names if got[k] != shapes[k]]
                     raise ValueError(f"f and g must give representations of the same shape; at tap {bad[0]!r}: "
                                      f"{shapes[bad[0]]} vs {got[bad[0]]} (encoder #{e})")
-                return [prep(out[k]) for k in names]
+                return out
             for sl, x, v in blocks:
                 b = len(x)
-                refs = [run(e, x) for e in range(len(encoders))] if not two else None
+                refs = [run(e, x, lambda tap, r: r) for e in range(len(encoders))] if not two else None
                 step = max(1, batch_size // 2) if two else batch_size
                 for s in iter_batches(K * b, step):
                     inp = torch.cat([v[s], v[K * b + s.start:K * b + s.stop]]) if two else v[s]
                     pts = sl.start + torch.arange(s.start, s.stop, device=device) % b
                     m = s.stop - s.start
                     for e in range(len(encoders)):
-                        reps = run(e, inp)
-                        if two: d = [pair_distance(r[:m], r[m:], distance) for r in reps]
-                        else: d = [pair_distance(r, ref[pts - sl.start], distance) for r, ref in zip(reps, refs[e])]
-                        acc[e].index_add_(0, pts, torch.stack(d, 1).double())
+                        if two: d = run(e, inp, lambda tap, r: pair_distance(r[:m], r[m:], distance))
+                        else: d = run(e, inp, lambda tap, r: pair_distance(r, refs[e][tap][pts - sl.start], distance))
+                        acc[e].index_add_(0, pts, torch.stack([d[k] for k in names], 1).double())
         dist = (acc / K).cpu()
         return names, dist[:nf], dist[nf:]
     return cached_measurement('alignment', key, compute)
