@@ -16,7 +16,8 @@ from .models import build_encoder
 from .spec import TrainSpec, build_augment, build_model, make_optimizer, training_data
 from .train import LossModel, default_channels_last, train_encoder
 from .privacy import dp_gradients
-from .sslmem import benchmark_sslmem, official_style_sslmem, sslmem
+from .sslmem import alignment_distances, benchmark_sslmem, official_style_sslmem, sslmem
+from .layermem import layermem, tap_reader
 
 # %% auto 0
 __all__ = ['peak_memory', 'cpu_clock', 'native_bf16', 'benchmark_train_step', 'conv_peak_gflops', 'benchmark_levers',
@@ -326,35 +327,26 @@ def benchmark_checkpointing(spec: TrainSpec, data: ImageSet, repeats: int = 3) -
                 overhead_every=epoch['every_epoch'] / epoch['none'] - 1, overhead=epoch['default'] / epoch['none'] - 1)
 
 # %% ../nbs/90_benchmarks.ipynb 35
+class _reader_keeping_every_tap(tap_reader):
+    "`tap_reader` as the engine read taps before `LayerTaps(keep=...)`: every raw output held until the forward ends, then kept."
+    def read(self, x, keep=None):
+        out = super().read(x)
+        return out if keep is None else {name: keep(name, t) for name, t in out.items()}
+
 def _distances_kept_to_the_end(f, g, images, augment, layers, n_pairs: int, batch_size: int) -> torch.Tensor:
-    "The engine's two-view LayerMem distances [2, N, L] with every raw tap output kept until its forward ends."
-    from memssl_nb.models import read_taps
-    from memssl_nb.sslmem import view_blocks, prepare_rep, pair_distance
-    from memssl_nb.core import iter_batches
-    from memssl_nb.evaluate import measuring
-    acc = torch.zeros(2, len(images), len(layers), dtype=torch.float64)
-    with measuring(f, g) as to_input:
-        for sl, x, v in view_blocks(images, augment, 2 * n_pairs):
-            b = len(x)
-            for s in iter_batches(n_pairs * b, max(1, batch_size // 2)):
-                inp, m = to_input(torch.cat([v[s], v[n_pairs * b + s.start:n_pairs * b + s.stop]])), s.stop - s.start
-                pts = sl.start + torch.arange(s.start, s.stop) % b
-                for e, enc in enumerate((f, g)):
-                    out = read_taps(enc, inp, layers, clone=True)
-                    reps = [prepare_rep(out[k]) for k in layers]
-                    acc[e].index_add_(0, pts, torch.stack([pair_distance(r[:m], r[m:]) for r in reps], 1).double())
-    return (acc / n_pairs).float()     # float32, as the engine returns them
+    "The engine's two-view LayerMem distances [2, N, L] read through `_reader_keeping_every_tap`."
+    _, d_f, d_g = alignment_distances(f, g, images, augment, lambda e: _reader_keeping_every_tap(e, layers), n_pairs,
+                                      batch_size=batch_size, progress=False)
+    return torch.stack([d_f[0], d_g[0]]).float()     # float32, as the engine returns them
 
 def benchmark_tap_memory(f, g, images, augment, layers, n_pairs: int = 2, batch_size: int = 256) -> dict:
     "Peak memory and seconds of LayerMem over `layers`: the engine vs the same distances with every tap kept to the end."
-    from memssl_nb.layermem import layermem
     def timed(fn):
         t0 = time.perf_counter(); r = fn(); return r, time.perf_counter() - t0
     (res, t_e), mem_e = peak_memory(lambda: timed(lambda: layermem(f, g, images, augment, layers=list(layers), n_pairs=n_pairs,
                                                                    batch_size=batch_size, progress=False)))
-    (kept, t_k), mem_k = peak_memory(lambda: timed(lambda: _distances_kept_to_the_end(f, g, images, augment, list(layers),
-                                                                                      n_pairs, batch_size)))
-    cols = [res.layers.index(k) for k in layers]
-    diff = max((res.dist_f_all[0][:, cols] - kept[0]).abs().max().item(), (res.dist_g_all[0][:, cols] - kept[1]).abs().max().item())
+    (kept, t_k), mem_k = peak_memory(lambda: timed(lambda: _distances_kept_to_the_end(f, g, images, augment, res.layers,
+                                                                                      n_pairs, batch_size)))   # the same taps, parents included
+    diff = max((res.dist_f_all[0] - kept[0]).abs().max().item(), (res.dist_g_all[0] - kept[1]).abs().max().item())
     return dict(engine_mb=mem_e['rss_growth_mb'], kept_mb=mem_k['rss_growth_mb'], engine_s=t_e, kept_s=t_k,
                 kept_over_engine=mem_k['rss_growth_mb'] / max(mem_e['rss_growth_mb'], 1e-9), max_abs_difference=diff)
