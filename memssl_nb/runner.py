@@ -322,6 +322,18 @@ class Reproduction:
         cold = float(self.cold_seconds.get(a.id, 0.0))
         return (cold or stamp) if self.cold else (stamp or cold)
 
+    def chain_seconds(self) -> dict[str, float]:
+        """Per selected artifact: its `last_seconds` plus the longest chain of selected artifacts that wait for it (its
+        dependants, theirs, ...): how long the run lasts at least once it starts. A short notebook that a long one depends on
+        (the paper scale's LOB-F1, 1 min, before LOB-TB1's 17) thus starts as early as the long one would."""
+        after = {a.id: [d for d in self.selected if a.id in d.depends_on] for a in self.selected}
+        chain = {}
+        def seconds(a):
+            if a.id not in chain: chain[a.id] = self.last_seconds(a) + max((seconds(d) for d in after[a.id]), default=0.0)
+            return chain[a.id]
+        for a in self.selected: seconds(a)
+        return chain
+
     def record_cold_seconds(self):
         "After a cold run: keep each completed artifact's seconds in `COLD_SECONDS` for the next cold run's order."
         done = {r.id: round(r.seconds, 1) for r in self.results.values() if r.status == 'done'}
@@ -329,9 +341,10 @@ class Reproduction:
             atomic_write_text(self.out_dir/COLD_SECONDS, json.dumps({**self.cold_seconds, **done}, indent=2, sort_keys=True) + '\n')
 
     def run_threads(self):
-        """Up to `jobs` artifacts at once, each started when its dependencies are done, the longest (by `last_seconds`)
-        first so that no long notebook runs alone at the end; Ctrl-C kills every child."""
-        pending, running = sorted(self.selected, key=lambda a: -self.last_seconds(a)), {}
+        """Up to `jobs` artifacts at once, each started when its dependencies are done, the longest (by `chain_seconds`:
+        its own time and that of what waits for it) first so that no long notebook runs alone at the end; Ctrl-C kills every child."""
+        chain = self.chain_seconds()
+        pending, running = sorted(self.selected, key=lambda a: -chain[a.id]), {}
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
             try:
                 while pending or running:
@@ -346,8 +359,9 @@ class Reproduction:
                 raise
 
     def run_submitit(self):
-        "Waves of ready artifacts; each wave one job array (chunks of `jobs` on the local executor)."
-        ex, pending = self.submitit, list(self.selected)
+        "Waves of ready artifacts, longest `chain_seconds` first; each wave one job array (chunks of `jobs` on the local executor)."
+        chain = self.chain_seconds()
+        ex, pending = self.submitit, sorted(self.selected, key=lambda a: -chain[a.id])
         while pending:
             wave = [a for a in pending if self.ready(a)]
             for a in wave: pending.remove(a)
