@@ -577,8 +577,9 @@ def plot_layer_profile(lm: pd.DataFrame, dlm: pd.DataFrame, sem: pd.DataFrame, t
     ax[0].legend(fontsize=7)
     return fig
 
-def breakdown(res, top_k: int) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
-    "(Table 18 beside the paper's, ΔLM against the row above, LayerMem per row and subset) over conv / BN / pool / residual / head rows."
+def breakdown(res, top_k: int, held=None) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
+    """(Table 18 beside the paper's, ΔLM against the row above, LayerMem per row and subset) over conv / BN / pool / residual / head rows;
+    with `held` (the held-out points' LayerMem) the table also shows their LM per row, the f/g pairs' own level."""
     rows = RESNET9_BREAKDOWN + ['head.hidden', 'head.out']
     sub = res.table(top_k=top_k, rank_by='embedding')
     lm18 = sub[sub.layer.isin(rows)].pivot(index='layer', columns='subset', values='layermem').loc[rows]
@@ -586,22 +587,33 @@ def breakdown(res, top_k: int) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
     paper18 = pd.Series(PAPER_T18[:18] + [.318, .319, .192], index=rows)
     T18 = pd.DataFrame({'LM': lm18['all'], 'dLM_vs_row_above': d18, f'LM_top{top_k}': lm18[f'top{top_k}'], f'LM_least{top_k}': lm18[f'least{top_k}'],
                         'paper_LM': paper18})
+    if held is not None: T18.insert(4, 'LM_held_out', [held.layer(r).score.double().mean().item() for r in rows])
     return T18, d18, lm18
 
-def breakdown_tests(d18: pd.Series, lm18: pd.DataFrame, res) -> dict:
-    "Table 18's statements: BN and pooling add ≈ 0, the convolutions carry the increase, the head's last layer drops."
+def breakdown_tests(d18: pd.Series, lm18: pd.DataFrame, res, held=None) -> dict:
+    """Table 18's statements: BN and pooling add ≈ 0, the convolutions carry the increase, the head's last layer drops.
+    With `held` (the held-out points' LayerMem, as for Table 1) each row's ΔLM and the head's drop are the candidates'
+    excess over the held-out points': the f/g pairs' own drift from row to row is not memorization."""
     rows = list(d18.index)
     from scipy.stats import binomtest
+    if held is not None:
+        lm_held = pd.Series([held.layer(r).score.double().mean().item() for r in rows], index=rows)
+        d18 = d18 - (lm_held - lm_held.shift(1))
+    excess = '' if held is None else ', each the candidates\' excess over the held-out points\''
     conv_rows, bnpool = [r for r in rows[1:] if r.endswith('.conv')], [r for r in rows if r.endswith(('.bn', '.pool'))]
     t_flat, p_flat = welch_greater(d18[conv_rows], d18[bnpool].abs())
     k, m = int((d18[conv_rows] > 0).sum()), len(conv_rows)
     return {'bn_pool_flat': dict(ours=dict(bn_pool=d18[bnpool].abs().mean(), conv=d18[conv_rows].mean()), p_value=p_flat,
-                                 paper_value=dict(bn_pool=0.003, conv=0.028), test='one-sided Welch t-test over the rows: ΔLM of conv rows > |ΔLM| of BN/pool rows'),
+                                 paper_value=dict(bn_pool=0.003, conv=0.028), test=f'one-sided Welch t-test over the rows: ΔLM of conv rows > |ΔLM| of BN/pool rows{excess}'),
             'convs_carry': dict(ours=d18[conv_rows].round(4).to_dict(), paper_value='all conv rows > 0', p_value=binomtest(k, m, 0.5, 'greater').pvalue,
-                                p_against=binomtest(k, m, 0.5, 'less').pvalue, test=f'sign test over the {m} conv rows: more rows with ΔLM > 0 than < 0 ({k} of {m})'),
-            'head_drop': dict(ours=dict(res6=lm18.loc['res6', 'all'], fc=lm18.loc['head.out', 'all']),
-                              paper_value=dict(res6=.311, fc=.192), test='one-sided paired t-test over the candidates, LM(res6) > LM(FC)',
-                              p_value=paired_greater(res.layer('res6').score, res.layer('head.out').score)[1])}
+                                p_against=binomtest(k, m, 0.5, 'less').pvalue, test=f'sign test over the {m} conv rows: more rows with ΔLM > 0 than < 0 ({k} of {m}){excess}'),
+            'head_drop': dict(ours=dict(res6=lm18.loc['res6', 'all'], fc=lm18.loc['head.out', 'all'],
+                                        **({} if held is None else dict(res6_held_out=lm_held['res6'], fc_held_out=lm_held['head.out']))),
+                              paper_value=dict(res6=.311, fc=.192),
+                              **(dict(test='one-sided paired t-test over the candidates, LM(res6) > LM(FC)',
+                                      p_value=paired_greater(res.layer('res6').score, res.layer('head.out').score)[1]) if held is None else
+                                 dict(test='one-sided Welch t-test: the candidates\' drop LM(res6) − LM(FC) exceeds the held-out points\' (excess_greater)',
+                                      p_value=excess_greater(*[r.layer(t).score.double().numpy() for r in (res, held) for t in ('res6', 'head.out')])[1])))}
 
 def plot_breakdown(d18: pd.Series):
     "ΔLayerMem against the row above for every row of Table 18 (blue conv, orange BN/pool, grey residual/head)."
