@@ -615,13 +615,16 @@ def breakdown_tests(d18: pd.Series, lm18: pd.DataFrame, res, held=None) -> dict:
                                  dict(test='one-sided Welch t-test: the candidates\' drop LM(res6) − LM(FC) exceeds the held-out points\' (excess_greater)',
                                       p_value=excess_greater(*[r.layer(t).score.double().numpy() for r in (res, held) for t in ('res6', 'head.out')])[1])))}
 
-def plot_breakdown(d18: pd.Series):
-    "ΔLayerMem against the row above for every row of Table 18 (blue conv, orange BN/pool, grey residual/head)."
+def plot_breakdown(T18: pd.DataFrame):
+    """ΔLayerMem against the row above for every row of Table 18 (`breakdown`; blue conv, orange BN/pool, grey residual/head),
+    with the held-out points' step as black ticks where the table has them: the tests compare the two."""
     import matplotlib.pyplot as plt
-    rows = list(d18.index)
+    rows, x = list(T18.index), np.arange(len(T18))
     fig, ax = plt.subplots(figsize=(9, 3))
     colors = ['tab:blue' if r.endswith('conv') else 'tab:orange' if r.endswith(('.bn', '.pool', 'maxpool')) else 'tab:grey' for r in rows]
-    ax.bar(np.arange(len(rows)), d18.fillna(0), color=colors); ax.axhline(0, color='k', lw=.5)
+    ax.bar(x, T18.dLM_vs_row_above.fillna(0), color=colors); ax.axhline(0, color='k', lw=.5)
+    if 'LM_held_out' in T18:
+        ax.plot(x, T18.LM_held_out.diff().fillna(0), 'k_', ms=10, mew=1.5, label="held-out points' step (the f/g pairs' own drift)"); ax.legend(fontsize=7)
     ax.set_xticks(np.arange(len(rows)), rows, rotation=70, fontsize=7); ax.set_title('ΔLayerMem vs the row above (blue conv, orange BN/pool, grey residual/head)')
     return fig
 
