@@ -17,7 +17,7 @@ from .train import TrainedEncoder, train_encoder
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .sslmem import sslmem
 from .core import Preset, seed_offset, make_generator
-from .stats import welch_greater, paired_greater, excess_trend, excess_greater, one_training_per_setting, depth_trend, top_mean, mcnemar, in_top_share, rank_trend, mean_test, all_of, at_least, detectable, ordered, correlation_vs, bootstrap_greater, mean_within
+from .stats import welch_greater, paired_greater, excess_trend, excess_greater, one_training_per_setting, depth_trend, top_mean, mcnemar, in_top_share, rank_trend, mean_test, all_of, at_least, detectable, ordered, correlation_vs, bootstrap_greater, mean_within, trend_over_trainings, equivalent
 
 # %% auto 0
 __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_ID', 'LOC_GLOSSARY', 'PAPER_RESNET9_PARAMS',
@@ -49,9 +49,9 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'insertion_variant_tests', 'plot_insertion', 'supervised_twin', 'ssl_and_supervised', 'unit_class_table',
            'unit_class_tests', 'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
            'relative_spread', 'augmentation_spreads', 'measuring_augmentation_tests', 'training_variants',
-           'augmentation_strength_tests', 'weight_decay_table', 'weight_decay_tests', 'framework_comparison',
-           'plot_training_variants', 'vit_sublayer_tests', 'bn_similarity_test', 'dataset_unitmem', 'unit_summary',
-           'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
+           'trainings_per_setting', 'settings_trend', 'augmentation_strength_tests', 'weight_decay_table',
+           'weight_decay_tests', 'framework_comparison', 'plot_training_variants', 'vit_sublayer_tests',
+           'bn_similarity_test', 'dataset_unitmem', 'unit_summary', 'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -324,7 +324,7 @@ class LocT27Config(Preset):
     n_views: int = 3
 LocT27Config.SCALES = {
     'smoke': LocT27Config(),
-    'cpu': LocT27Config(base_changes={'width': 0.25, 'epochs': 100, 'seeds': [0]}, n_pairs=10, n_views=10),
+    'cpu': LocT27Config(base_changes={'width': 0.25, 'epochs': 100, 'seeds': [0, 1, 2, 3, 4]}, n_pairs=10, n_views=10),
     'paper': LocT27Config(base_changes={}, n_pairs=10, n_views=10),
 }
 
@@ -1778,77 +1778,130 @@ PAPER_T27 = pd.DataFrame({'paper_weak': [.092, .123, .154, .184, .187, .215, .24
                           'paper_strong': [.089, .120, .150, .178, .181, .208, .241, .269, .300, .302]}, index=RESNET9_T1_LAYERS)
 
 def training_variants(scale: str, base_changes: dict, n_pairs: int, n_views: int, variants: dict = TRAINING_VARIANTS) -> tuple:
-    """(LayerMem per Table 1 layer × variant, mean UnitMem per conv × variant, UnitMem of the last conv's units per variant,
-    probe accuracy (%) per variant, the number of trainings (f encoders) per variant)."""
+    """(LayerMem per Table 1 layer × variant, mean UnitMem per conv × variant, the last conv's per-unit UnitMem of each
+    training {variant: [one tensor per f encoder]}, one row per training (variant, seed): its probe accuracy (%), mean
+    UnitMem, mean LayerMem and LayerMem per Table 1 layer). The tables average the trainings (f/g pairs) of a variant."""
     from memssl_nb.layermem import layermem
     from memssl_nb.unitmem import unitmem
     from memssl_nb.evaluate import probe_accuracy
     probe_tr = probe_te = None
-    rows_lm, rows_um, um_last, acc, n_trainings = [], [], {}, {}, None
+    rows, um_rows, um_last = [], [], {}
     for name, ch in variants.items():
         run = loc_protocol(scale, {**base_changes, **ch})
         if probe_tr is None: probe_tr, probe_te = (load_dataset(run.config.dataset, s, size=run.config.image_size) for s in ('train', 'test'))
-        r = layermem(run.f_encoders, run.g_encoders, run.data.images[run.split.candidates], run.augment, layers=RESNET9_T1_LAYERS, n_pairs=n_pairs, progress=False)
-        t = r.table().set_index('layer')
-        rows_lm += [dict(variant=name, layer=l, LM=t.layermem[l], dLM=t.delta_layermem[l]) for l in RESNET9_T1_LAYERS]
-        us = [unitmem(e, run.data.images[run.split.f_indices], run.augment, layers=RESNET9_CONVS, n_views=n_views, progress=False) for e in run.f_encoders]
-        um_last[name] = torch.cat([u.score['conv4_2'] for u in us])
-        rows_um += [dict(variant=name, layer=l, unitmem=torch.cat([u.score[l] for u in us]).mean().item()) for l in RESNET9_CONVS]
-        acc[name] = 100 * np.mean([probe_accuracy(t.encoder, probe_tr, probe_te, clean=t.clean) for t in run.f])
-        n_trainings = len(run.f) if n_trainings is None else min(n_trainings, len(run.f))
-    LM = pd.DataFrame(rows_lm).pivot(index='layer', columns='variant', values='LM').loc[RESNET9_T1_LAYERS, list(variants)]
-    UM = pd.DataFrame(rows_um).pivot(index='layer', columns='variant', values='unitmem').loc[RESNET9_CONVS, list(variants)]
-    return LM, UM, um_last, acc, n_trainings
+        um_last[name] = []
+        for seed, f, g in zip(run.config.seeds, run.f, run.g):
+            lm = layermem([f.encoder], [g.encoder], run.data.images[run.split.candidates], run.augment, layers=RESNET9_T1_LAYERS,
+                          n_pairs=n_pairs, progress=False).table().set_index('layer').layermem
+            um = unitmem(f.encoder, run.data.images[run.split.f_indices], run.augment, layers=RESNET9_CONVS, n_views=n_views, progress=False).score
+            um_last[name].append(um['conv4_2'])
+            um_rows += [dict(variant=name, seed=seed, layer=l, unitmem=um[l].mean().item()) for l in RESNET9_CONVS]
+            rows.append(dict(variant=name, seed=seed, probe_acc=100 * probe_accuracy(f.encoder, probe_tr, probe_te, clean=f.clean),
+                             mean_unitmem=float(torch.cat([um[l] for l in RESNET9_CONVS]).mean()), mean_layermem=float(lm.mean()),
+                             **{l: float(lm[l]) for l in RESNET9_T1_LAYERS}))
+    per_training = pd.DataFrame(rows).set_index(['variant', 'seed'])
+    LM = per_training[RESNET9_T1_LAYERS].groupby('variant', sort=False).mean().T.loc[RESNET9_T1_LAYERS, list(variants)]
+    UM = pd.DataFrame(um_rows).groupby(['layer', 'variant'], sort=False).unitmem.mean().unstack('variant').loc[RESNET9_CONVS, list(variants)]
+    return LM, UM, um_last, per_training
 
-def augmentation_strength_tests(LM: pd.DataFrame, UM: pd.DataFrame, n_trainings: int) -> dict:
-    """Table 27's and Figure 10's statements: stronger augmentation gives (slightly) lower LayerMem and lower UnitMem
-    (inconclusive with one training per strength: `one_training_per_setting`)."""
+def trainings_per_setting(per_training: pd.DataFrame, settings: list) -> int:
+    "The fewest trainings (f encoders) any of `settings` has in `per_training`."
+    return int(per_training.groupby(level='variant').size().reindex(settings).fillna(0).min())
+
+def settings_trend(per_training: pd.DataFrame, column: str, settings: list, within: pd.DataFrame | None = None) -> tuple:
+    """(p, p against, how) that each training's `column` falls along `settings` (in the claimed order): with ≥ 2 trainings
+    per setting, `trend_over_trainings` over them; with one, Page's test over the rows of `within` (e.g. layers × settings)
+    of that one training (its verdict then comes from `one_training_per_setting`), or no test when `within` is None."""
+    n = trainings_per_setting(per_training, settings)
+    if n >= 2:
+        _, p, pa = trend_over_trainings([per_training.loc[s, column].values for s in settings], decreasing=True)
+        return p, pa, f'least-squares trend of each training’s {column.replace("_", " ")} along the order, one-sided t-test of the slope over the {n} × {len(settings)} trainings'
+    if within is None: return None, None, f'{column.replace("_", " ")} of one training per setting: no test'
+    _, p, pa = ordered(within[settings].values, decreasing=True)
+    return p, pa, f"Page's trend test over the {len(within)} rows of one training per setting"
+
+def augmentation_strength_tests(LM: pd.DataFrame, UM: pd.DataFrame, per_training: pd.DataFrame) -> dict:
+    """Table 27's and Figure 10's statements: stronger augmentation gives (slightly) lower LayerMem and lower UnitMem,
+    tested over the trainings of each strength (`settings_trend`; inconclusive with one: `one_training_per_setting`);
+    "slightly" is an equivalence test of strong against normal, within ±10 % of normal's mean LayerMem."""
     augs = ['aug weak', 'aug normal', 'aug strong']
+    n = trainings_per_setting(per_training, augs)
     m, u = LM[augs].mean(), UM[augs].mean()
-    _, p_lm, pa_lm = ordered(LM[augs].values, decreasing=True); _, p_um, pa_um = ordered(UM[augs].values, decreasing=True)
+    p_lm, pa_lm, how_lm = settings_trend(per_training, 'mean_layermem', augs, LM)
+    p_um, pa_um, how_um = settings_trend(per_training, 'mean_unitmem', augs, UM)
+    strong, normal = per_training.loc['aug strong', 'mean_layermem'].values, per_training.loc['aug normal', 'mean_layermem'].values
+    drop = dict(ours=dict(relative_drop_strong_vs_normal=1 - m['aug strong'] / m['aug normal']), paper_value=dict(relative_drop_strong_vs_normal=0.026))
+    if n >= 2:
+        _, p_small, pa_small = equivalent(strong, normal, 0.1 * abs(normal.mean()))
+        drop |= dict(p_value=p_small, p_against=pa_small, test=f'mean LayerMem of strong vs normal within ±10 % of normal’s: two one-sided Welch tests (TOST) over the {n} + {n} trainings')
+    else: drop |= dict(condition=abs(1 - m['aug strong'] / m['aug normal']) < 0.1, test='|relative change| < 10 %')
     return {'layermem': one_training_per_setting(dict(ours=m.round(4).to_dict(), p_value=p_lm, p_against=pa_lm, paper_value=PAPER_T27.mean().round(4).to_dict(),
-                                                      test="Page's trend test over the 10 layers: weak > normal > strong within each layer"), n_trainings),
-            'small': dict(ours=dict(relative_drop_strong_vs_normal=1 - m['aug strong'] / m['aug normal']), condition=abs(1 - m['aug strong'] / m['aug normal']) < 0.1,
-                          paper_value=dict(relative_drop_strong_vs_normal=0.026), test='|relative change| < 10 %'),
+                                                      test=f'{how_lm}: LayerMem weak > normal > strong'), n),
+            'small': drop,
             'unitmem': one_training_per_setting(dict(ours=u.round(4).to_dict(), p_value=p_um, p_against=pa_um, paper_value='weak > normal > strong (figure)',
-                                                     test="Page's trend test over the 8 convs: mean UnitMem weak > normal > strong within each conv"), n_trainings)}
+                                                     test=f'{how_um}: mean UnitMem weak > normal > strong'), n)}
 
-def weight_decay_table(UM: pd.DataFrame, acc: dict) -> pd.DataFrame:
-    "Figure 11: UnitMem per conv, its mean and the probe accuracy for weight decay 1e-6 (the base), 5e-4 and 5e-3."
+def weight_decay_table(UM: pd.DataFrame, per_training: pd.DataFrame) -> pd.DataFrame:
+    "Figure 11: UnitMem per conv, its mean and the probe accuracy (mean over the trainings) for weight decay 1e-6 (the base), 5e-4 and 5e-3."
     wds = ['aug normal', 'wd 5e-4', 'wd 5e-3']
+    acc = per_training.probe_acc.groupby('variant').mean()
     F11 = UM[wds].T.assign(mean_unitmem=UM[wds].mean().values, probe_acc=[acc[w] for w in wds])
     F11.index = ['wd 1e-6 (base)', 'wd 5e-4', 'wd 5e-3']
     return F11
 
-def weight_decay_tests(F11: pd.DataFrame, n_trainings: int) -> dict:
-    """Figure 11's statements: stronger weight decay gives lower UnitMem and lower probe accuracy (the UnitMem trend is
-    inconclusive with one training per weight decay: `one_training_per_setting`)."""
-    _, p, p_against = ordered(F11[RESNET9_CONVS].T.values, decreasing=True)
-    return {'unitmem': one_training_per_setting(dict(ours=F11.mean_unitmem.round(4).to_dict(), p_value=p, p_against=p_against, paper_value='decreasing (figure; values not given)',
-                                                     test="Page's trend test over the 8 convs: UnitMem falls with the weight decay within each conv"), n_trainings),
-            'accuracy': dict(ours=F11.probe_acc.round(2).to_dict(), condition=bool(np.all(np.diff(F11.probe_acc) < 0)), paper_value='decreasing (figure)',
-                             test='probe accuracy strictly decreasing')}
+def weight_decay_tests(F11: pd.DataFrame, UM: pd.DataFrame, per_training: pd.DataFrame) -> dict:
+    """Figure 11's statements: stronger weight decay gives lower UnitMem and lower probe accuracy, tested over the trainings
+    of each weight decay (`settings_trend`; inconclusive with one: `one_training_per_setting`)."""
+    wds = ['aug normal', 'wd 5e-4', 'wd 5e-3']
+    n = trainings_per_setting(per_training, wds)
+    p, pa, how = settings_trend(per_training, 'mean_unitmem', wds, UM)
+    p_acc, pa_acc, how_acc = settings_trend(per_training, 'probe_acc', wds)
+    accuracy = dict(ours=F11.probe_acc.round(2).to_dict(), paper_value='decreasing (figure)', p_value=p_acc, p_against=pa_acc, test=f'{how_acc}: probe accuracy falls')
+    if n < 2: accuracy |= dict(condition=bool(np.all(np.diff(F11.probe_acc) < 0)), test='probe accuracy strictly decreasing')
+    return {'unitmem': one_training_per_setting(dict(ours=F11.mean_unitmem.round(4).to_dict(), p_value=p, p_against=pa, paper_value='decreasing (figure; values not given)',
+                                                     test=f'{how}: UnitMem falls with the weight decay'), n),
+            'accuracy': accuracy}
 
-def framework_comparison(LM: pd.DataFrame, um_last: dict, acc: dict, n_trainings: int, margin: float = 0.2) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def framework_comparison(LM: pd.DataFrame, um_last: dict, per_training: pd.DataFrame, margin: float = 0.2) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(Table 4: LayerMem of SimCLR and SimSiam with their probes, Figure 12: UnitMem statistics of the last conv, the tests of both).
-    Same profile: Spearman of one profile against the other over the 10 layers; nearly identical values: the per-layer
-    difference within ±`margin` × the largest SimCLR LayerMem (`mean_within` over the layers). Both compare one training
-    per framework when `n_trainings` is 1 (`one_training_per_setting`)."""
-    from scipy.stats import ks_2samp
-    T4 = LM[['aug normal', 'simsiam']].rename(columns={'aug normal': 'SimCLR', 'simsiam': 'SimSiam'}).assign(probe_SimCLR=acc['aug normal'], probe_SimSiam=acc['simsiam'])
-    ks = ks_2samp(um_last['aug normal'].numpy(), um_last['simsiam'].numpy())
-    F12 = pd.DataFrame({'SimCLR': pd.Series(um_last['aug normal'].numpy()).describe(), 'SimSiam': pd.Series(um_last['simsiam'].numpy()).describe()})
-    r_prof = np.corrcoef(T4.SimCLR, T4.SimSiam)[0, 1]
-    rel_diff = (T4.SimCLR - T4.SimSiam).abs().max() / T4.SimCLR.abs().max()
-    rho, p_same, p_opposite = rank_trend(T4.SimSiam.values, T4.SimCLR.values)
+    With ≥ 2 trainings per framework, over the trainings: the same profile as Spearman's ρ between a SimCLR and a SimSiam
+    training's profiles over the 10 layers (seed with seed; t-test of Fisher's z > 0), nearly identical values as an
+    equivalence test per layer within ±`margin` × the largest SimCLR LayerMem (Welch TOST, every layer), similar UnitMem
+    distributions as a mean Kolmogorov–Smirnov statistic below 0.3 (seed with seed). With one training per framework the
+    profile and values are tested over the layers of that one training and stay inconclusive (`one_training_per_setting`)."""
+    from scipy.stats import ks_2samp, spearmanr
+    fw = ['aug normal', 'simsiam']
+    n = trainings_per_setting(per_training, fw)
+    acc = per_training.probe_acc.groupby('variant').mean()
+    T4 = LM[fw].rename(columns={'aug normal': 'SimCLR', 'simsiam': 'SimSiam'}).assign(probe_SimCLR=acc['aug normal'], probe_SimSiam=acc['simsiam'])
+    last = {k: torch.cat(um_last[k]).numpy() for k in fw}
+    F12 = pd.DataFrame({'SimCLR': pd.Series(last['aug normal']).describe(), 'SimSiam': pd.Series(last['simsiam']).describe()})
     bound = margin * T4.SimCLR.abs().max()
-    p_near = mean_within((T4.SimCLR - T4.SimSiam).values, -bound, bound)
-    tests = {'profile': one_training_per_setting(dict(ours=dict(pearson=r_prof, spearman=rho), p_value=p_same, p_against=p_opposite, paper_value='ResNet50 layer 49: SimCLR .302 vs DINO .311',
-                                                      test='Spearman of the SimSiam profile against the SimCLR profile over the 10 Table 1 layers, one-sided'), n_trainings),
-             'values': one_training_per_setting(dict(ours=dict(max_abs_diff_relative=rel_diff), paper_value=dict(max_abs_diff_relative=0.03), p_value=p_near[0], p_against=p_near[1],
-                                                     test=f'per-layer SimCLR − SimSiam within ±{margin:.0%} of the largest SimCLR LayerMem: one-sample equivalence test (TOST) over the 10 layers'), n_trainings),
-             'unitmem': dict(ours=dict(ks=ks.statistic, ks_p_differ=ks.pvalue, mean_simclr=F12.SimCLR['mean'], mean_simsiam=F12.SimSiam['mean']), condition=ks.statistic < 0.3,
-                             paper_value='similar (figure)', test='two-sample Kolmogorov–Smirnov statistic < 0.3 (a point estimate: a large KS p-value is no evidence of similarity)')}
+    ks = [ks_2samp(a.numpy(), b.numpy()).statistic for a, b in zip(um_last['aug normal'], um_last['simsiam'])]
+    ours_values = dict(max_abs_diff_relative=(T4.SimCLR - T4.SimSiam).abs().max() / T4.SimCLR.abs().max())
+    ours_unitmem = dict(ks=float(np.mean(ks)), mean_simclr=F12.SimCLR['mean'], mean_simsiam=F12.SimSiam['mean'])
+    if n >= 2:
+        a, b = per_training.loc['aug normal', RESNET9_T1_LAYERS].values, per_training.loc['simsiam', RESNET9_T1_LAYERS].values
+        rhos = np.array([spearmanr(x, y)[0] for x, y in zip(a, b)])
+        _, p_same, p_opposite = mean_test(np.arctanh(np.clip(rhos, -0.999, 0.999)))
+        p_near = all_of(*[equivalent(a[:, j], b[:, j], bound)[1:] for j in range(len(RESNET9_T1_LAYERS))])
+        _, p_ks, pa_ks = mean_test(ks, 0.3, greater=False)
+        profile = dict(ours=dict(spearman_per_training=rhos.round(3).tolist(), spearman_of_means=spearmanr(T4.SimCLR, T4.SimSiam)[0]), p_value=p_same, p_against=p_opposite,
+                       test=f'Spearman’s ρ between a SimCLR and a SimSiam training’s profiles over the 10 Table 1 layers (seed with seed): one-sided t-test of Fisher’s z over the {n} pairs')
+        values = dict(ours=ours_values, p_value=p_near[0], p_against=p_near[1],
+                      test=f'SimCLR − SimSiam LayerMem within ±{margin:.0%} of the largest SimCLR LayerMem in every layer: two one-sided Welch tests (TOST) over the {n} + {n} trainings')
+        unitmem_ = dict(ours=ours_unitmem, p_value=p_ks, p_against=pa_ks,
+                        test=f'Kolmogorov–Smirnov statistic between a SimCLR and a SimSiam training’s last-conv units (seed with seed) below 0.3: one-sided t-test over the {n} pairs')
+    else:
+        rho, p_same, p_opposite = rank_trend(T4.SimSiam.values, T4.SimCLR.values)
+        p_near = mean_within((T4.SimCLR - T4.SimSiam).values, -bound, bound)
+        profile = dict(ours=dict(spearman=rho), p_value=p_same, p_against=p_opposite, test='Spearman of the SimSiam profile against the SimCLR profile over the 10 Table 1 layers, one-sided')
+        values = dict(ours=ours_values, p_value=p_near[0], p_against=p_near[1],
+                      test=f'per-layer SimCLR − SimSiam within ±{margin:.0%} of the largest SimCLR LayerMem: one-sample equivalence test (TOST) over the 10 layers')
+        unitmem_ = dict(ours=ours_unitmem, condition=ks[0] < 0.3, test='two-sample Kolmogorov–Smirnov statistic < 0.3 (a point estimate: a large KS p-value is no evidence of similarity)')
+    tests = {'profile': one_training_per_setting(profile | dict(paper_value='ResNet50 layer 49: SimCLR .302 vs DINO .311'), n),
+             'values': one_training_per_setting(values | dict(paper_value=dict(max_abs_diff_relative=0.03)), n),
+             'unitmem': unitmem_ | dict(paper_value='similar (figure)')}
     return T4, F12, tests
 
 def plot_training_variants(LM: pd.DataFrame, UM: pd.DataFrame, variants: list, titles=('LayerMem', 'mean UnitMem')):
