@@ -31,6 +31,8 @@ def test_verdict_counts():
                             r'(\d+), Zhang & Cao (\d+) / (\d+) / (\d+)\)')
     report = [int(x) for p in ('sslmem', 'localizing', 'lobacheva', 'zhangcao') for x in row(REPORT, p)[6:9]]
     assert per_paper == report
+    elsewhere = [tuple(map(int, m)) for m in re.findall(r'(\d+) of (\d+) hold\b', README)]    # e.g. the scales table
+    assert elsewhere and all(m == (holds, claims) for m in elsewhere), elsewhere
 
 def test_what_would_decide_the_inconclusive():
     total, no_test, no_direction, t2, t4, t_far, a2, a_far = map(int, row(REPORT[REPORT.index('## What would decide'):], 'all'))
