@@ -580,7 +580,8 @@ def plot_layer_profile(lm: pd.DataFrame, dlm: pd.DataFrame, sem: pd.DataFrame, t
 
 def breakdown(res, top_k: int, held=None) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
     """(Table 18 beside the paper's, ΔLM against the row above, LayerMem per row and subset) over conv / BN / pool / residual / head rows;
-    with `held` (the held-out points' LayerMem) the table also shows their LM per row, the f/g pairs' own level."""
+    with `held` (the held-out points' LayerMem) the table and the per-row LayerMem (column `held_out`) also show their LM per
+    row, the f/g pairs' own level."""
     rows = RESNET9_BREAKDOWN + ['head.hidden', 'head.out']
     sub = res.table(top_k=top_k, rank_by='embedding')
     lm18 = sub[sub.layer.isin(rows)].pivot(index='layer', columns='subset', values='layermem').loc[rows]
@@ -588,17 +589,21 @@ def breakdown(res, top_k: int, held=None) -> tuple[pd.DataFrame, pd.Series, pd.D
     paper18 = pd.Series(PAPER_T18[:18] + [.318, .319, .192], index=rows)
     T18 = pd.DataFrame({'LM': lm18['all'], 'dLM_vs_row_above': d18, f'LM_top{top_k}': lm18[f'top{top_k}'], f'LM_least{top_k}': lm18[f'least{top_k}'],
                         'paper_LM': paper18})
-    if held is not None: T18.insert(4, 'LM_held_out', [held.layer(r).score.double().mean().item() for r in rows])
+    if held is not None:
+        lm18['held_out'] = [held.layer(r).score.double().mean().item() for r in rows]
+        T18.insert(4, 'LM_held_out', lm18['held_out'])
     return T18, d18, lm18
 
 def breakdown_tests(d18: pd.Series, lm18: pd.DataFrame, res, held=None) -> dict:
     """Table 18's statements: BN and pooling add ≈ 0, the convolutions carry the increase, the head's last layer drops.
     With `held` (the held-out points' LayerMem, as for Table 1) each row's ΔLM and the head's drop are the candidates'
-    excess over the held-out points': the f/g pairs' own drift from row to row is not memorization."""
+    excess over the held-out points': the f/g pairs' own drift from row to row is not memorization (`lm18` then comes from
+    `breakdown` with the same `held`)."""
     rows = list(d18.index)
     from scipy.stats import binomtest
     if held is not None:
-        lm_held = pd.Series([held.layer(r).score.double().mean().item() for r in rows], index=rows)
+        if 'held_out' not in lm18: raise ValueError("breakdown_tests with `held` needs the lm18 of breakdown(res, top_k, held)")
+        lm_held = lm18['held_out']
         d18 = d18 - (lm_held - lm_held.shift(1))
     excess = '' if held is None else ', each the candidates\' excess over the held-out points\''
     conv_rows, bnpool = [r for r in rows[1:] if r.endswith('.conv')], [r for r in rows if r.endswith(('.bn', '.pool'))]
