@@ -6,10 +6,10 @@
 from __future__ import annotations
 import argparse, json, sys
 from pathlib import Path
-from .core import FIGURES_DIR
+from .core import FIGURES_DIR, budget_label
 from .registry import SCALES, REGISTRY_PATH, RegistryError, list_artifacts
 from .runner import EXECUTORS, reproduce
-from .report import seed_run_root, write_report, verify
+from .report import seed_run_root, budget_run_root, write_report, verify
 
 # %% auto 0
 __all__ = ['COMMANDS', 'build_parser', 'cmd_list', 'cmd_reproduce', 'cmd_report', 'cmd_verify', 'cmd_demo', 'cmd_audit', 'main']
@@ -22,6 +22,9 @@ def _locations(p: argparse.ArgumentParser):
     p.add_argument('--out-root', type=Path, default=FIGURES_DIR, help='outputs go to OUT_ROOT/<scale> (default: figures/)')
     p.add_argument('--seed-offset', type=int, default=0, metavar='N', help='the run with every seed shifted by N: its outputs '
                    'are under OUT_ROOT/seed-offset-N/<scale>, and its report compares its verdicts with the other seeds\' (default: 0)')
+    p.add_argument('--budget', action='append', default=[], metavar='KEY=VALUE', help='the run at a smaller budget: the shared '
+                   'protocol\'s setting KEY (e.g. width=0.25) changed; its outputs are under OUT_ROOT/budget-KEY-VALUE/<scale>, and the '
+                   'report of the run at the presets\' own budget sets each claim that does not hold beside it; repeatable')
 
 def _audit_parser(sub):
     p = sub.add_parser('audit', help='where does my encoder memorize, and which of my images? (UnitMem, ClassMem, SSLMem, LayerMem)',
@@ -124,7 +127,7 @@ def cmd_reproduce(args) -> int:
                             wall_timeout=args.timeout, registry=args.registry, nb_root=args.nb_root, executor=args.executor,
                             cluster=args.cluster, executor_params=_key_values(args.executor_param),
                             compare=None if args.compare.lower() == 'none' else args.compare, seed_offset=args.seed_offset,
-                            rehearse=args.rehearse)
+                            rehearse=args.rehearse, budget=args.budget)
     except (ValueError, RuntimeError) as e:
         print(f"memssl reproduce: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
@@ -194,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if getattr(args, 'only', None): args.only = ','.join(args.only)   # `--only A --only B` means both, as `--only A,B` does
     if getattr(args, 'seed_offset', 0) < 0: print(f"memssl {args.command}: --seed-offset must be ≥ 0", file=sys.stderr); return 2
-    if args.command in ('list', 'report', 'verify'): args.out_root = seed_run_root(args.out_root, args.seed_offset)
+    if getattr(args, 'budget', None):
+        try: args.budget = _key_values(args.budget); budget_label(args.budget)
+        except ValueError as e: print(f"memssl {args.command}: --budget: {e}", file=sys.stderr); return 2
+        if args.seed_offset: print(f"memssl {args.command}: a smaller-budget run is kept at the presets' own seeds; drop --seed-offset", file=sys.stderr); return 2
+    if args.command in ('list', 'report', 'verify'):
+        args.out_root = seed_run_root(budget_run_root(args.out_root, getattr(args, 'budget', None) or {}), args.seed_offset)
     try: return COMMANDS[args.command](args)
     except (RegistryError, OSError) as e:
         print(f"memssl {args.command}: {e}", file=sys.stderr); return 2

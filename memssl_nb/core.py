@@ -11,11 +11,11 @@ import torch
 
 # %% auto 0
 __all__ = ['PROJECT_ROOT', 'DATA_DIR', 'FIGURES_DIR', 'CACHE_DIR', 'MEASUREMENT_CACHE_ENV', 'BLAS_THREAD_VARS', 'SEED_OFFSET_ENV',
-           'REHEARSAL_ENV', 'REHEARSAL_CAPS', 'REHEARSAL_KEEPS', 'find_project_root', 'get_device', 'configure_threads',
-           'seed_everything', 'make_generator', 'progress_enabled', 'progress', 'stable_hash',
+           'BUDGET_ENV', 'REHEARSAL_ENV', 'REHEARSAL_CAPS', 'REHEARSAL_KEEPS', 'find_project_root', 'get_device',
+           'configure_threads', 'seed_everything', 'make_generator', 'progress_enabled', 'progress', 'stable_hash',
            'remove_stale_temporaries', 'atomic_write_bytes', 'atomic_write_text', 'to_float01', 'iter_batches',
-           'Summarized', 'seed_offset', 'shift_seeds', 'rehearsing', 'rehearsal_settings', 'unclassified_settings',
-           'Preset']
+           'Summarized', 'seed_offset', 'shift_seeds', 'budget_changes', 'budget_label', 'rehearsing',
+           'rehearsal_settings', 'unclassified_settings', 'Preset']
 
 # %% ../nbs/00_core.ipynb 5
 def find_project_root(start: Path | None = None) -> Path:
@@ -181,6 +181,23 @@ def shift_seeds(config, offset: int):
                                           for f in dataclasses.fields(config) if f.init})
 
 # %% ../nbs/00_core.ipynb 28
+BUDGET_ENV = 'MEMSSL_BUDGET'
+
+def budget_changes() -> dict:
+    "The run's budget changes: `$MEMSSL_BUDGET` (a JSON object, set by `memssl reproduce --budget`), {} when unset."
+    raw = os.environ.get(BUDGET_ENV, '').strip() or '{}'
+    try: changes = json.loads(raw)
+    except json.JSONDecodeError: changes = None
+    if not isinstance(changes, dict): raise ValueError(f"${BUDGET_ENV} must be a JSON object of settings such as {{\"width\": 0.25}}, got {raw!r}")
+    return changes
+
+def budget_label(changes: dict) -> str:
+    "The folder label of a budget run: {'width': 0.25} → 'width-0.25' (settings in name order, joined by '+')."
+    bad = {k: v for k, v in changes.items() if isinstance(v, bool) or not isinstance(v, (int, float, str))}
+    if bad: raise ValueError(f"a budget change must be a number or a word, got {bad}")
+    return '+'.join(f'{k}-{v:g}' if isinstance(v, float) else f'{k}-{v}' for k, v in sorted(changes.items()))
+
+# %% ../nbs/00_core.ipynb 31
 REHEARSAL_ENV = 'MEMSSL_REHEARSAL'
 
 def rehearsing() -> bool:
@@ -243,15 +260,18 @@ def unclassified_settings(config, prefix: str = '') -> list[str]:
             out.append(f'{prefix}{name}')
     return out
 
-# %% ../nbs/00_core.ipynb 32
+# %% ../nbs/00_core.ipynb 35
 class Preset:
     "Mixin for a frozen dataclass of settings with per-scale presets in the class attribute `SCALES` ({scale: instance})."
     SCALES: dict = {}
+    BUDGETED = False   # True: a budget run (`$MEMSSL_BUDGET`) changes these presets
     @classmethod
     def preset(cls, scale: str = 'cpu', **changes):
-        "The preset of `scale` with `changes` applied, its seeds shifted by the run's `seed_offset()`, shrunk in a rehearsal."
+        """The preset of `scale` with the run's `budget_changes()` (where the class sets `BUDGETED`), then `changes`
+        applied, its seeds shifted by the run's `seed_offset()`, shrunk in a rehearsal."""
         if scale not in cls.SCALES: raise ValueError(f"unknown scale {scale!r} for {cls.__name__}; scales: {list(cls.SCALES)}")
-        config = shift_seeds(cls.SCALES[scale].replace(**changes), seed_offset())
+        base = cls.SCALES[scale].replace(**budget_changes()) if cls.BUDGETED else cls.SCALES[scale]
+        config = shift_seeds(base.replace(**changes), seed_offset())
         return rehearsal_settings(config) if rehearsing() else config
     def replace(self, **changes):
         "A copy with `changes`; unknown setting names are an error."

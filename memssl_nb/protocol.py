@@ -74,6 +74,8 @@ ProtocolConfig.SCALES = {
                             warmup_epochs=60, lr=2e-3, seeds=(0, 1, 2)),
 }
 
+ProtocolConfig.BUDGETED = True   # `memssl reproduce --budget width=0.25` changes the shared f/g pairs of every study
+
 def protocol_config(scale: str = 'smoke', **changes) -> ProtocolConfig:
     "The preset of `scale` ('smoke', 'cpu', 'paper') with `changes` applied."
     return ProtocolConfig.preset(scale, **changes)
@@ -141,7 +143,7 @@ def run_protocol(cfg: ProtocolConfig, device=None, progress_bar: bool = True) ->
         (f if side == 'f' else g).append(trained)
     return ProtocolRun(cfg, data, split, atypical, f, g)
 
-# %% ../nbs/17_protocol.ipynb 10
+# %% ../nbs/17_protocol.ipynb 12
 def calibration_row(cfg: ProtocolConfig, n_pairs: int = 10, progress_bar: bool = False) -> dict:
     """The effects one protocol setting gives the claims and its cost: training wall time (cold where the cache is), S_C − S_E
     of output SSLMem (difference, Welch t), LayerMem at the last conv (± s.e.), ΔLayerMem per conv (mean; how many convs rise

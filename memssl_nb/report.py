@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import PROJECT_ROOT, FIGURES_DIR, atomic_write_text
+from .core import PROJECT_ROOT, FIGURES_DIR, atomic_write_text, budget_label
 from .claims import VERDICTS, DECIDED, ALPHA, plain_value, data_multiple
 from .registry import (SCALES, Artifact, artifact_status, constraints_hash, failure_path, load_notes,
                                 package_hash, read_json, resolve_registry, stamp_path)
@@ -17,7 +17,8 @@ from .registry import (SCALES, Artifact, artifact_status, constraints_hash, fail
 # %% auto 0
 __all__ = ['EVIDENCE_COLUMNS', 'markdown_table', 'p_against_of', 'write_report', 'reference_outputs', 'Comparison',
            'compare_outputs', 'comparison_path', 'verify', 'seed_run_root', 'stability', 'stability_markdown',
-           'budget_runs', 'budget_table', 'budget_markdown', 'budget_reasons', 'evidence_table', 'evidence_markdown']
+           'budget_run_root', 'budget_runs', 'budget_table', 'budget_markdown', 'budget_reasons', 'evidence_table',
+           'evidence_markdown']
 
 # %% ../nbs/23_report.ipynb 4
 def _fmt(x) -> str:
@@ -350,6 +351,10 @@ def stability_markdown(scale: str = 'cpu', out_root=FIGURES_DIR) -> list[str]:
     return md
 
 # %% ../nbs/23_report.ipynb 13
+def budget_run_root(out_root, changes: dict) -> Path:
+    "Where a smaller-budget run (`memssl reproduce --budget`) keeps its scale folders: `out_root/budget-<label>` (chapter 00)."
+    return Path(out_root)/f'budget-{budget_label(changes)}' if changes else Path(out_root)
+
 def budget_runs(scale: str = 'cpu', out_root=FIGURES_DIR) -> dict[str, Path]:
     "{label: folder} of the smaller-budget runs of `scale` kept beside this one (`<out_root>/budget-<label>/<scale>/`)."
     return {p.name.removeprefix('budget-'): p/scale for p in sorted(Path(out_root).glob('budget-*')) if (p/scale).is_dir()}
@@ -385,7 +390,8 @@ def budget_markdown(scale: str = 'cpu', out_root=FIGURES_DIR) -> list[str]:
     for label, g in bt.groupby('budget', sort=False):
         counts = ', '.join(f"{n} {k}" for k, n in g.moved.value_counts().items())
         md += [f"## The effect at two budgets: `{label}` → this run", "",
-               f"The {len(g)} claims that do not hold here, beside the same claims in the smaller run `figures/budget-{label}/{scale}/`. "
+               f"The {len(g)} claims that do not hold here, beside the same claims in the smaller run `figures/budget-{label}/{scale}/` "
+               f"(`memssl reproduce --scale {scale} " + ' '.join(f"--budget {'='.join(c.split('-', 1))}" for c in label.split('+')) + "`). "
                f"Where p moved as the budget grew: {counts}.", "",
                "| output | statement | verdict then → now | p then → now | p against then → now | moved |", "|---|---|---|---|---|---|"]
         md += [f"| {r.output} | {_fmt(r.statement)} | {_fmt(r.verdict_then)} → {_fmt(r.verdict_now)} | {_fmt(r.p_then)} → {_fmt(r.p_now)} | "

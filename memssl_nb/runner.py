@@ -11,12 +11,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 import pandas as pd
-from .core import PROJECT_ROOT, FIGURES_DIR, CACHE_DIR, REHEARSAL_ENV, SEED_OFFSET_ENV, MEASUREMENT_CACHE_ENV, atomic_write_text, progress
+from .core import PROJECT_ROOT, FIGURES_DIR, CACHE_DIR, REHEARSAL_ENV, SEED_OFFSET_ENV, BUDGET_ENV, MEASUREMENT_CACHE_ENV, atomic_write_text, progress, budget_label
 from .data import GENERATED_MANIFEST, write_generated_datasets
 from .registry import (SCALES, Artifact, artifact_matches, check_parameters, claims_mtimes, constraints_hash,
                                 executed_path, failure_path, input_hash, missing_claims, package_hash, read_json,
                                 resolve_registry, stamp_path, staging_path)
-from .report import seed_run_root, verify, write_report
+from .report import seed_run_root, budget_run_root, verify, write_report
 
 # %% auto 0
 __all__ = ['TIMEOUTS', 'REHEARSAL_DIR', 'REHEARSAL_GUARD', 'REFERENCE_THREADS', 'EXECUTORS', 'COLD_SECONDS', 'check_kernel',
@@ -417,7 +417,7 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
               kernel_name: str = 'python3', execute: Callable[[NotebookJob], str | None] | None = None,
               report: bool = True, verbose: bool = True, executor: str = 'local', cluster: str | None = None,
               executor_params: dict | None = None, compare: str | None = 'HEAD', seed_offset: int = 0,
-              rehearse: bool = False) -> RunSummary:
+              rehearse: bool = False, budget: dict | None = None) -> RunSummary:
     """Run the registered artifacts (matching `only`) at `scale` with papermill; skip unchanged ones unless `force`.
     `timeout` is per cell, `wall_timeout` per notebook (defaults from `TIMEOUTS`; 0 = none); `registry` is a registry file
     or a list of `Artifact`s, `nb_root` their notebook folder; `execute` replaces papermill (dry runs, tests).
@@ -426,12 +426,20 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     At the end the outputs are compared with those committed at git `compare` (None: no comparison).
     `seed_offset` N > 0 shifts every preset's seeds by N (chapter 00) and writes to `out_root/seed-offset-N/<scale>`;
     the report then says which verdicts the runs with other seeds share (chapter 23).
+    `budget` (e.g. {'width': 0.25}) changes the shared protocol's presets (chapter 00) and writes to
+    `out_root/budget-<label>/<scale>`, where the report of the run at the scale's own budget finds it (chapter 23).
     `rehearse` runs the notebooks at `scale`'s code paths with every preset shrunk (chapter 00) on generated datasets
     and an encoder cache of its own, into `out_root/rehearsal/<scale>`: no comparison, no report, a `REHEARSAL.md`."""
     if scale not in SCALES: raise ValueError(f"unknown scale {scale!r}; scales are {SCALES}")
     if isinstance(seed_offset, bool) or not isinstance(seed_offset, int) or seed_offset < 0:
         raise ValueError(f"seed_offset must be a whole number ≥ 0, got {seed_offset!r}")
     if rehearse and seed_offset: raise ValueError("a rehearsal runs at the presets' own seeds; drop seed_offset")
+    budget = dict(budget or {})
+    if budget:
+        if rehearse or seed_offset: raise ValueError("a smaller-budget run is set beside the run at the presets' own seeds; drop seed_offset and rehearse")
+        from memssl_nb.protocol import ProtocolConfig
+        ProtocolConfig.SCALES[scale].replace(**budget); budget_label(budget)     # a misspelt setting is an error before anything runs
+        out_root = budget_run_root(out_root, budget)
     out_root, rehearsal = prepare_rehearsal(out_root) if rehearse else (seed_run_root(out_root, seed_offset), {})
     if executor not in EXECUTORS: raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     arts, nb_root = resolve_registry(registry, nb_root)
@@ -455,7 +463,7 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     note = thread_note(env) if compare is not None and scale == 'cpu' and ex is None and verbose else None
     if note: print(note, file=sys.stderr)
     # always set: an offset or a rehearsal flag left in the shell must not leak into a real run
-    env = {**env, SEED_OFFSET_ENV: str(seed_offset), REHEARSAL_ENV: '0', **rehearsal}
+    env = {**env, SEED_OFFSET_ENV: str(seed_offset), REHEARSAL_ENV: '0', BUDGET_ENV: json.dumps(budget), **rehearsal}
     run = Reproduction(scale, selected, nb_root, out_dir, execute, env, kernel_name, cell_timeout, guard, force, jobs,
                        verbose, ex)
     summary, t_start = RunSummary(scale, out_dir), time.time()

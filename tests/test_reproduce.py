@@ -211,3 +211,30 @@ def test_seed_offset_run_is_kept_apart_and_compared(copy_of, tmp_path, monkeypat
     n = len(d['claims']) + sum(len(json.loads(p.read_text())['claims']) for p in other.glob('ok_b*.claims.json'))
     assert f'| {n - 1} ({(n - 1) / n:.1%}) | 1 |' in shifted and d['claims'][0]['statement'] in shifted
     assert main(['report', '--seed-offset', '-2', *loc]) == 2
+
+
+def test_budget_run_is_kept_apart_and_set_beside(copy_of, tmp_path, monkeypatch):
+    "`--budget width=0.25`: the notebooks get the budget (and only the one asked for), the outputs go to their own folder,"
+    " and the report of the run at the presets' own budget sets each claim that does not hold beside the same claim there."
+    from memssl_nb.core import BUDGET_ENV
+    monkeypatch.setenv(BUDGET_ENV, '{"epochs": 1}')                 # left in the shell: must not reach the notebooks
+    seen = []
+    def record(job):
+        seen.append((job.env[BUDGET_ENV], 'budget-width-0.25' in job.parameters['out_dir'])); return 'RuntimeError: not executed'
+    run(copy_of, only='ok_a', force=True, execute=record, budget={'width': 0.25})
+    run(copy_of, only='ok_a', force=True, execute=record)
+    assert seen == [('{"width": 0.25}', True), ('{}', False)]
+    with pytest.raises(ValueError, match="'width'"): run(copy_of, only='ok_a', execute=record, budget={'wdth': 0.25})
+    with pytest.raises(ValueError, match='seed_offset'): run(copy_of, only='ok_a', execute=record, budget={'width': 0.25}, seed_offset=100)
+    # a finished smaller run: the same outputs, where the claim that does not hold here had a larger p
+    smaller = copy_of/'budget-width-0.25'/'smoke'; shutil.rmtree(smaller); shutil.copytree(copy_of/'smoke', smaller)
+    here, there = copy_of/'smoke'/'ok_a.claims.json', smaller/'ok_a.claims.json'
+    d = json.loads(here.read_text()); d['claims'][0].update(verdict='inconclusive', p_value=0.2, p_against=0.8); here.write_text(json.dumps(d))
+    d['claims'][0].update(p_value=0.6, p_against=0.4); there.write_text(json.dumps(d))
+    reg = tmp_path/'registry.json'; registry.save_registry(fixture_registry(), reg)
+    loc = ['--scale', 'smoke', '--registry', str(reg), '--nb-root', str(FIXTURES), '--out-root', str(copy_of)]
+    assert main(['report', *loc]) == 0 and main(['report', '--budget', 'width=0.25', *loc]) == 0
+    base = (copy_of/'smoke'/'REPORT.md').read_text()
+    assert '## The effect at two budgets: `width-0.25` → this run' in base and '`memssl reproduce --scale smoke --budget width=0.25`' in base
+    assert 'toward the paper' in base and (smaller/'REPORT.md').exists()
+    assert main(['report', '--budget', 'width', *loc]) == 2 and main(['report', '--budget', 'width=0.25', '--seed-offset', '100', *loc]) == 2
