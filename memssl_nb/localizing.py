@@ -25,33 +25,34 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'POINT_SETS', 'T1_READINGS', 'T15_ARTIFACT', 'PAPER_T15_STEM', 'PAPER_T15_CONVS', 'PAPER_T15_TAIL',
            'PAPER_T24', 'PAPER_T24_SETS', 'PAPER_T11', 'PAPER_T12', 'PAPER_T34_AVG_ALL', 'PAPER_T21', 'T21_SETS',
            'PAPER_T30', 'T23_LAYERS', 'PAPER_T23', 'PAPER_T25', 'T5_SETTINGS', 'PAPER_T5', 'PAPER_T13', 'PAPER_T14A',
-           'AUGMENT_VARIANTS', 'TRAINING_VARIANTS', 'PAPER_T27', 'PAPER_T10', 'paper_layers', 'paper_block_name',
-           'block_of_paper_name', 'loc_hyperparameters', 'resnet9_architecture', 'EncoderWithHead', 'second_dataset',
-           'train_on', 'loc_protocol', 'candidate_sslmem', 'LocF1Config', 'LocF2Config', 'LocF4Config', 'LocT1Config',
-           'LocT11Config', 'LocT13Config', 'LocT15Config', 'LocT2Config', 'LocT21Config', 'LocT27Config', 'LocT6Config',
-           'pruning_experiment', 'pruning_table', 'pruning_order_test', 'plot_pruning', 'unitmem_during_training',
-           'training_curve_tests', 'plot_unitmem_curve', 'depth_layermem', 'table1_taps', 'layer_profile',
-           'within_conv_step', 'layer_profile_tests', 'plot_layer_profile', 'breakdown', 'breakdown_tests',
-           'plot_breakdown', 'conv_taps', 'layer_agreement_table', 'agreement_tests', 'plot_agreement',
-           'top_candidates', 'shared_top_test', 'plot_top_candidates', 'seed_agreement_table', 'seed_agreement_tests',
-           'plot_seed_agreement', 'subset_draws', 'subset_size_table', 'subset_size_test', 'plot_subset_sizes',
-           'distance_profiles', 'distance_tests', 'plot_distance_profiles', 'parse_pm', 'architecture_changes',
-           'architecture_rows', 'architecture_layermem', 'architecture_tests', 'plot_architecture', 'block_sets',
-           'exchange_encoders', 'exchange_table', 'exchange_tests', 'plot_exchange', 'candidate_unitmem', 'most_least',
-           'most_least_table', 'top_unit_ratios', 'most_least_tests', 'plot_most_least', 'median_variant_table',
-           'median_variant_tests', 'plot_median_variant', 'owner_tables', 'owner_tests', 'plot_unit_owner',
-           'augmentation_effect', 'augmentation_effect_test', 'composition_table', 'composition_test',
-           'plot_composition', 'concept_table', 'concept_tests', 'LayerExchange', 'three_layer_table',
-           'three_layer_tests', 'plot_three_layer', 'single_layer_tables', 'single_layer_tests', 'plot_single_layer',
-           'combination_table', 'combination_tests', 'plot_combinations', 'bn_similarity', 'finetune_table',
-           'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'unit_insertions', 'insertion_runs',
-           'insertion_curve', 'insertion_table', 'insertion_endpoints', 'over_encoders', 'insertion_tests',
-           'insertion_variant_tests', 'plot_insertion', 'supervised_twin', 'ssl_and_supervised', 'unit_class_table',
-           'unit_class_tests', 'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
-           'relative_spread', 'augmentation_spreads', 'measuring_augmentation_tests', 'training_variants',
-           'trainings_per_setting', 'settings_trend', 'augmentation_strength_tests', 'weight_decay_table',
-           'weight_decay_tests', 'framework_comparison', 'plot_training_variants', 'vit_sublayer_tests',
-           'bn_similarity_test', 'dataset_unitmem', 'unit_summary', 'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
+           'AUGMENT_VARIANTS', 'TRAINING_VARIANTS', 'PAPER_T27', 'TRAINING_MEASURES', 'PAPER_T10', 'paper_layers',
+           'paper_block_name', 'block_of_paper_name', 'loc_hyperparameters', 'resnet9_architecture', 'EncoderWithHead',
+           'second_dataset', 'train_on', 'loc_protocol', 'candidate_sslmem', 'LocF1Config', 'LocF2Config',
+           'LocF4Config', 'LocT1Config', 'LocT11Config', 'LocT13Config', 'LocT15Config', 'LocT2Config', 'LocT21Config',
+           'LocT27Config', 'LocT6Config', 'pruning_experiment', 'pruning_table', 'pruning_order_test', 'plot_pruning',
+           'unitmem_during_training', 'training_curve_tests', 'plot_unitmem_curve', 'depth_layermem', 'table1_taps',
+           'layer_profile', 'within_conv_step', 'layer_profile_tests', 'plot_layer_profile', 'breakdown',
+           'breakdown_tests', 'plot_breakdown', 'conv_taps', 'layer_agreement_table', 'agreement_tests',
+           'plot_agreement', 'top_candidates', 'shared_top_test', 'plot_top_candidates', 'seed_agreement_table',
+           'seed_agreement_tests', 'plot_seed_agreement', 'subset_draws', 'subset_size_table', 'subset_size_test',
+           'plot_subset_sizes', 'distance_profiles', 'distance_tests', 'plot_distance_profiles', 'parse_pm',
+           'architecture_changes', 'architecture_rows', 'architecture_layermem', 'architecture_tests',
+           'plot_architecture', 'block_sets', 'exchange_encoders', 'exchange_table', 'exchange_tests', 'plot_exchange',
+           'candidate_unitmem', 'most_least', 'most_least_table', 'top_unit_ratios', 'most_least_tests',
+           'plot_most_least', 'median_variant_table', 'median_variant_tests', 'plot_median_variant', 'owner_tables',
+           'owner_tests', 'plot_unit_owner', 'augmentation_effect', 'augmentation_effect_test', 'composition_table',
+           'composition_test', 'plot_composition', 'concept_table', 'concept_tests', 'LayerExchange',
+           'three_layer_table', 'three_layer_tests', 'plot_three_layer', 'single_layer_tables', 'single_layer_tests',
+           'plot_single_layer', 'combination_table', 'combination_tests', 'plot_combinations', 'bn_similarity',
+           'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'unit_insertions',
+           'insertion_runs', 'insertion_curve', 'insertion_table', 'insertion_endpoints', 'over_encoders',
+           'insertion_tests', 'insertion_variant_tests', 'plot_insertion', 'supervised_twin', 'ssl_and_supervised',
+           'unit_class_table', 'unit_class_tests', 'plot_unit_class_means', 'plot_unit_class_scatter',
+           'measuring_augmentation_table', 'relative_spread', 'augmentation_spreads', 'measuring_augmentation_tests',
+           'training_variants', 'trainings_per_setting', 'settings_trend', 'augmentation_strength_tests',
+           'weight_decay_table', 'weight_decay_tests', 'framework_comparison', 'plot_training_variants',
+           'vit_sublayer_tests', 'bn_similarity_test', 'dataset_unitmem', 'unit_summary', 'dataset_tests', 'dp_unitmem',
+           'dp_unit_tests']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -1813,6 +1814,8 @@ def trainings_per_setting(per_training: pd.DataFrame, settings: list) -> int:
     "The fewest trainings (f encoders) any of `settings` has in `per_training`."
     return int(per_training.groupby(level='variant').size().reindex(settings).fillna(0).min())
 
+TRAINING_MEASURES = {'mean_layermem': 'mean LayerMem', 'mean_unitmem': 'mean UnitMem', 'probe_acc': 'linear-probe accuracy'}   # per_training's columns, as a test names them
+
 def settings_trend(per_training: pd.DataFrame, column: str, settings: list, within: pd.DataFrame | None = None) -> tuple:
     """(p, p against, how) that each training's `column` falls along `settings` (in the claimed order): with ≥ 2 trainings
     per setting, `trend_over_trainings` over them; with one, Page's test over the rows of `within` (e.g. layers × settings)
@@ -1820,8 +1823,8 @@ def settings_trend(per_training: pd.DataFrame, column: str, settings: list, with
     n = trainings_per_setting(per_training, settings)
     if n >= 2:
         _, p, pa = trend_over_trainings([per_training.loc[s, column].values for s in settings], decreasing=True)
-        return p, pa, f'least-squares trend of each training’s {column.replace("_", " ")} along the order, one-sided t-test of the slope over the {n} × {len(settings)} trainings'
-    if within is None: return None, None, f'{column.replace("_", " ")} of one training per setting: no test'
+        return p, pa, f'least-squares trend of each training’s {TRAINING_MEASURES.get(column, column)} along the order, one-sided t-test of the slope over the {n} × {len(settings)} trainings'
+    if within is None: return None, None, f'{TRAINING_MEASURES.get(column, column)} of one training per setting: no test'
     _, p, pa = ordered(within[settings].values, decreasing=True)
     return p, pa, f"Page's trend test over the {len(within)} rows of one training per setting"
 

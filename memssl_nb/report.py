@@ -371,14 +371,18 @@ def budget_table(scale: str = 'cpu', out_root=FIGURES_DIR) -> pd.DataFrame:
     rows, now_dir = [], Path(out_root)/scale
     for label, folder in budget_runs(scale, out_root).items():
         for f in sorted(now_dir.glob('*.claims.json')):
-            then = {c.get('statement'): c for c in _claims_from((folder/f.name).read_bytes())} if (folder/f.name).exists() else {}
-            for c in _claims_from(f.read_bytes()):
+            now_claims = _claims_from(f.read_bytes())
+            then_claims = _claims_from((folder/f.name).read_bytes()) if (folder/f.name).exists() else []
+            then, reached = {c.get('statement'): c for c in then_claims}, now_claims != then_claims
+            for i, c in enumerate(now_claims):
                 if c.get('verdict') in ('holds', 'not checkable'): continue
-                t = then.get(c.get('statement'), {})
+                # a statement that names the budget (e.g. a width) differs between the runs: the claim at the same place
+                t = then.get(c.get('statement')) or (then_claims[i] if len(then_claims) == len(now_claims) else {})
                 p, pa, tp, tpa = c.get('p_value'), p_against_of(c), t.get('p_value'), p_against_of(t) if t else None
                 rows.append(dict(output=f.name.removesuffix('.claims.json'), statement=c.get('statement'), budget=label,
                                  verdict_then=t.get('verdict'), verdict_now=c.get('verdict'), p_then=tp, p_now=p, p_against_then=tpa,
-                                 p_against_now=pa, moved='no test now' if p is None or pa is None else _moved(p, tp, pa, tpa)))
+                                 p_against_now=pa, moved='not reached by the budget' if not reached else
+                                 'no test now' if p is None or pa is None else _moved(p, tp, pa, tpa)))
     return pd.DataFrame(rows, columns=['output', 'statement', 'budget', 'verdict_then', 'verdict_now', 'p_then', 'p_now',
                                        'p_against_then', 'p_against_now', 'moved'])
 
@@ -392,7 +396,8 @@ def budget_markdown(scale: str = 'cpu', out_root=FIGURES_DIR) -> list[str]:
         md += [f"## The effect at two budgets: `{label}` → this run", "",
                f"The {len(g)} claims that do not hold here, beside the same claims in the smaller run `figures/budget-{label}/{scale}/` "
                f"(`memssl reproduce --scale {scale} " + ' '.join(f"--budget {'='.join(c.split('-', 1))}" for c in label.split('+')) + "`). "
-               f"Where p moved as the budget grew: {counts}.", "",
+               f"Where p moved as the budget grew: {counts}." + (" *Not reached by the budget*: the study keeps settings of its own (or uses "
+               "no protocol), so both runs computed the same claims; they say nothing about the effect." if (g.moved == 'not reached by the budget').any() else ''), "",
                "| output | statement | verdict then → now | p then → now | p against then → now | moved |", "|---|---|---|---|---|---|"]
         md += [f"| {r.output} | {_fmt(r.statement)} | {_fmt(r.verdict_then)} → {_fmt(r.verdict_now)} | {_fmt(r.p_then)} → {_fmt(r.p_now)} | "
                f"{_fmt(r.p_against_then)} → {_fmt(r.p_against_now)} | {r.moved} |" for r in g.itertuples()]
@@ -410,7 +415,7 @@ def budget_reasons(scale: str = 'cpu', out_root=FIGURES_DIR) -> dict[tuple[str, 
         out[(r.output, r.statement)] = line if (r.output, r.statement) not in out else f"{out[(r.output, r.statement)]}; {line}"
     return out
 
-# %% ../nbs/23_report.ipynb 17
+# %% ../nbs/23_report.ipynb 19
 EVIDENCE_COLUMNS = ('inconclusive', 'no test', 'no direction', 'toward, ≤ 2×', 'toward, 2–4×', 'toward, > 4×',
                     'against, ≤ 2×', 'against, > 2×')
 
