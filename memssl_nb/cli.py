@@ -23,8 +23,9 @@ def _locations(p: argparse.ArgumentParser):
     p.add_argument('--seed-offset', type=int, default=0, metavar='N', help='the run with every seed shifted by N: its outputs '
                    'are under OUT_ROOT/seed-offset-N/<scale>, and its report compares its verdicts with the other seeds\' (default: 0)')
     p.add_argument('--budget', action='append', default=[], metavar='KEY=VALUE', help='the run at a smaller budget: the shared '
-                   'protocol\'s setting KEY (e.g. width=0.25) changed; its outputs are under OUT_ROOT/budget-KEY-VALUE/<scale>, and the '
-                   'report of the run at the presets\' own budget sets each claim that does not hold beside it; repeatable')
+                   'protocol\'s setting KEY changed (e.g. width=0.25), or every training length scaled (epochs=0.5x); its outputs are '
+                   'under OUT_ROOT/budget-KEY-VALUE/<scale>, and the report of the run at the presets\' own budget sets each claim '
+                   'that does not hold beside it; repeatable')
 
 def _audit_parser(sub):
     p = sub.add_parser('audit', help='where does my encoder memorize, and which of my images? (UnitMem, ClassMem, SSLMem, LayerMem)',

@@ -11,11 +11,11 @@ import torch
 
 # %% auto 0
 __all__ = ['PROJECT_ROOT', 'DATA_DIR', 'FIGURES_DIR', 'CACHE_DIR', 'MEASUREMENT_CACHE_ENV', 'BLAS_THREAD_VARS', 'SEED_OFFSET_ENV',
-           'BUDGET_ENV', 'REHEARSAL_ENV', 'REHEARSAL_CAPS', 'REHEARSAL_KEEPS', 'find_project_root', 'get_device',
-           'configure_threads', 'seed_everything', 'make_generator', 'progress_enabled', 'progress', 'stable_hash',
-           'remove_stale_temporaries', 'atomic_write_bytes', 'atomic_write_text', 'to_float01', 'iter_batches',
-           'Summarized', 'seed_offset', 'shift_seeds', 'budget_changes', 'budget_label', 'rehearsing',
-           'rehearsal_settings', 'unclassified_settings', 'Preset']
+           'BUDGET_ENV', 'BUDGET_FACTORS', 'REHEARSAL_ENV', 'REHEARSAL_CAPS', 'REHEARSAL_KEEPS', 'find_project_root',
+           'get_device', 'configure_threads', 'seed_everything', 'make_generator', 'progress_enabled', 'progress',
+           'stable_hash', 'remove_stale_temporaries', 'atomic_write_bytes', 'atomic_write_text', 'to_float01',
+           'iter_batches', 'Summarized', 'seed_offset', 'shift_seeds', 'budget_changes', 'budget_label', 'budget_parts',
+           'scaled_settings', 'rehearsing', 'rehearsal_settings', 'unclassified_settings', 'Preset']
 
 # %% ../nbs/00_core.ipynb 5
 def find_project_root(start: Path | None = None) -> Path:
@@ -182,6 +182,15 @@ def shift_seeds(config, offset: int):
 
 # %% ../nbs/00_core.ipynb 28
 BUDGET_ENV = 'MEMSSL_BUDGET'
+BUDGET_FACTORS = ('epochs',)   # the settings a budget may scale by a factor ('0.5x'), by name or by the suffix after the last '_'
+
+def _factor(v) -> float | None:
+    "The factor of a budget value such as '0.5x'; None for an absolute value."
+    if not (isinstance(v, str) and v.endswith('x')): return None
+    try: f = float(v[:-1])
+    except ValueError: raise ValueError(f"a budget factor is a positive number followed by x (e.g. 0.5x), got {v!r}") from None
+    if not f > 0: raise ValueError(f"a budget factor must be > 0, got {v!r}")
+    return f
 
 def budget_changes() -> dict:
     "The run's budget changes: `$MEMSSL_BUDGET` (a JSON object, set by `memssl reproduce --budget`), {} when unset."
@@ -189,13 +198,38 @@ def budget_changes() -> dict:
     try: changes = json.loads(raw)
     except json.JSONDecodeError: changes = None
     if not isinstance(changes, dict): raise ValueError(f"${BUDGET_ENV} must be a JSON object of settings such as {{\"width\": 0.25}}, got {raw!r}")
+    budget_label(changes)
     return changes
 
 def budget_label(changes: dict) -> str:
-    "The folder label of a budget run: {'width': 0.25} → 'width-0.25' (settings in name order, joined by '+')."
+    "The folder label of a budget run: {'width': 0.25} → 'width-0.25' (settings in name order, joined by '+'); checks the values."
     bad = {k: v for k, v in changes.items() if isinstance(v, bool) or not isinstance(v, (int, float, str))}
-    if bad: raise ValueError(f"a budget change must be a number or a word, got {bad}")
+    if bad: raise ValueError(f"a budget change must be a number, a word or a factor such as 0.5x, got {bad}")
+    for k, v in changes.items():
+        if _factor(v) is not None and k not in BUDGET_FACTORS: raise ValueError(f"only {list(BUDGET_FACTORS)} can be scaled by a factor, got {k}={v}")
     return '+'.join(f'{k}-{v:g}' if isinstance(v, float) else f'{k}-{v}' for k, v in sorted(changes.items()))
+
+def budget_parts(changes: dict) -> tuple[dict, dict]:
+    "(settings, factors) of budget `changes`: {'width': 0.25, 'epochs': '0.5x'} → ({'width': 0.25}, {'epochs': 0.5})."
+    budget_label(changes)
+    factors = {k: f for k, v in changes.items() if (f := _factor(v)) is not None}
+    return {k: v for k, v in changes.items() if k not in factors}, factors
+
+def scaled_settings(config, factors: dict):
+    """A copy of `config` (a dataclass or a dict of settings) with every setting named by `factors` (or ending in
+    `_<name>`) multiplied by its factor and rounded (at least 1; 0 stays 0), nested settings and dicts included."""
+    import dataclasses
+    scale = lambda v, f: v if v == 0 else max(1, round(v * f))
+    def one(name, v):
+        key = next((k for k in factors if str(name) == k or str(name).endswith('_' + k)), None)
+        if key is not None and isinstance(v, int) and not isinstance(v, bool): return scale(v, factors[key])
+        if key is not None and isinstance(v, dict): return {r: scale(e, factors[key]) if isinstance(e, int) and not isinstance(e, bool) else e for r, e in v.items()}
+        if dataclasses.is_dataclass(v) and not isinstance(v, type) or isinstance(v, dict): return scaled_settings(v, factors)
+        return v
+    if isinstance(config, dict): return {k: one(k, v) for k, v in config.items()}
+    if not dataclasses.is_dataclass(config): return config
+    return dataclasses.replace(config, **{f.name: one(f.name, getattr(config, f.name)) for f in dataclasses.fields(config) if f.init})
+
 
 # %% ../nbs/00_core.ipynb 31
 REHEARSAL_ENV = 'MEMSSL_REHEARSAL'
@@ -267,10 +301,12 @@ class Preset:
     BUDGETED = False   # True: a budget run (`$MEMSSL_BUDGET`) changes these presets
     @classmethod
     def preset(cls, scale: str = 'cpu', **changes):
-        """The preset of `scale` with the run's `budget_changes()` (where the class sets `BUDGETED`), then `changes`
-        applied, its seeds shifted by the run's `seed_offset()`, shrunk in a rehearsal."""
+        """The preset of `scale` with the run's `budget_changes()` (its factors on every preset, its settings where the
+        class sets `BUDGETED`), then `changes` applied, its seeds shifted by the run's `seed_offset()`, shrunk in a rehearsal."""
         if scale not in cls.SCALES: raise ValueError(f"unknown scale {scale!r} for {cls.__name__}; scales: {list(cls.SCALES)}")
-        base = cls.SCALES[scale].replace(**budget_changes()) if cls.BUDGETED else cls.SCALES[scale]
+        absolute, factors = budget_parts(budget_changes())
+        base = scaled_settings(cls.SCALES[scale], factors) if factors else cls.SCALES[scale]     # the presets as written, not `changes`
+        if cls.BUDGETED and absolute: base = base.replace(**absolute)
         config = shift_seeds(base.replace(**changes), seed_offset())
         return rehearsal_settings(config) if rehearsing() else config
     def replace(self, **changes):

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 import pandas as pd
-from .core import PROJECT_ROOT, FIGURES_DIR, CACHE_DIR, REHEARSAL_ENV, SEED_OFFSET_ENV, BUDGET_ENV, MEASUREMENT_CACHE_ENV, atomic_write_text, progress, budget_label
+from .core import PROJECT_ROOT, FIGURES_DIR, CACHE_DIR, REHEARSAL_ENV, SEED_OFFSET_ENV, BUDGET_ENV, MEASUREMENT_CACHE_ENV, atomic_write_text, progress, budget_parts
 from .data import GENERATED_MANIFEST, write_generated_datasets
 from .registry import (SCALES, Artifact, artifact_matches, check_parameters, claims_mtimes, constraints_hash,
                                 executed_path, failure_path, input_hash, missing_claims, package_hash, read_json,
@@ -426,7 +426,7 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     At the end the outputs are compared with those committed at git `compare` (None: no comparison).
     `seed_offset` N > 0 shifts every preset's seeds by N (chapter 00) and writes to `out_root/seed-offset-N/<scale>`;
     the report then says which verdicts the runs with other seeds share (chapter 23).
-    `budget` (e.g. {'width': 0.25}) changes the shared protocol's presets (chapter 00) and writes to
+    `budget` (e.g. {'width': 0.25}: the shared protocol's width; {'epochs': '0.5x'}: every training length) changes the presets (chapter 00) and writes to
     `out_root/budget-<label>/<scale>`, where the report of the run at the scale's own budget finds it (chapter 23).
     `rehearse` runs the notebooks at `scale`'s code paths with every preset shrunk (chapter 00) on generated datasets
     and an encoder cache of its own, into `out_root/rehearsal/<scale>`: no comparison, no report, a `REHEARSAL.md`."""
@@ -438,7 +438,7 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     if budget:
         if rehearse or seed_offset: raise ValueError("a smaller-budget run is set beside the run at the presets' own seeds; drop seed_offset and rehearse")
         from memssl_nb.protocol import ProtocolConfig
-        ProtocolConfig.SCALES[scale].replace(**budget); budget_label(budget)     # a misspelt setting is an error before anything runs
+        ProtocolConfig.SCALES[scale].replace(**budget_parts(budget)[0])     # a misspelt setting or a bad factor is an error before anything runs
         out_root = budget_run_root(out_root, budget)
     out_root, rehearsal = prepare_rehearsal(out_root) if rehearse else (seed_run_root(out_root, seed_offset), {})
     if executor not in EXECUTORS: raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")

@@ -238,3 +238,15 @@ def test_budget_run_is_kept_apart_and_set_beside(copy_of, tmp_path, monkeypatch)
     assert '## The effect at two budgets: `width-0.25` → this run' in base and '`memssl reproduce --scale smoke --budget width=0.25`' in base
     assert 'toward the paper' in base and (smaller/'REPORT.md').exists()
     assert main(['report', '--budget', 'width', *loc]) == 2 and main(['report', '--budget', 'width=0.25', '--seed-offset', '100', *loc]) == 2
+
+
+def test_budget_factor_reaches_every_preset(copy_of, monkeypatch):
+    "`--budget epochs=0.5x`: the notebooks get the factor, the outputs go to budget-epochs-0.5x, a factor on a setting that is not a training length is an error."
+    from memssl_nb.core import BUDGET_ENV
+    seen = []
+    def record(job):
+        seen.append((job.env[BUDGET_ENV], 'budget-epochs-0.5x' in job.parameters['out_dir'])); return 'RuntimeError: not executed'
+    run(copy_of, only='ok_a', force=True, execute=record, budget={'epochs': '0.5x'})
+    assert seen == [('{"epochs": "0.5x"}', True)]
+    with pytest.raises(ValueError, match="only \\['epochs'\\]"): run(copy_of, only='ok_a', execute=record, budget={'width': '0.5x'})
+    assert main(['list', '--scale', 'smoke', '--budget', 'epochs=0.5x', '--budget', 'width=2x']) == 2
