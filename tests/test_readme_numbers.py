@@ -42,15 +42,19 @@ def test_what_would_decide_the_inconclusive():
         [total, t2 + t4, t_far, a2 + a_far, no_direction, no_test]
 
 def test_two_budgets():
-    line = REPORT[REPORT.index('## The effect at two budgets'):].split('\n\n')[1]
-    n = int(re.search(r'The (\d+) claims that do not hold', line).group(1))
+    sections = REPORT.split('## The effect at two budgets: `')[1:]
+    assert len(sections) == 2, "the README describes two smaller-budget runs"
     kinds = ('no test now', 'no test at the smaller budget', 'toward the paper', 'against the paper', 'mixed', 'no change',
              'not reached by the budget')
-    moved = {k: int(re.search(rf'(\d+) {k}', line).group(1)) if re.search(rf'(\d+) {k}', line) else 0 for k in kinds}
-    assert readme_ints(r'of the (\d+), (\d+) moved toward the paper, (\d+) against it, (\d+) did not move or moved both ways, '
-                       r'(\d+) are not reached by that budget .*? and (\d+) have no test at one of the two budgets') == \
-        [n, moved['toward the paper'], moved['against the paper'], moved['mixed'] + moved['no change'],
-         moved['not reached by the budget'], moved['no test now'] + moved['no test at the smaller budget']]
+    for section in sections:
+        label, line = section.split('`', 1)[0], section.split('\n\n')[1]
+        n = int(re.search(r'The (\d+) claims that do not hold', line).group(1))
+        moved = {k: int(re.search(rf'(\d+) {k}', line).group(1)) if re.search(rf'(\d+) {k}', line) else 0 for k in kinds}
+        assert readme_ints(rf'`figures/budget-{re.escape(label)}/cpu/`\), of the (\d+), (\d+) moved toward the paper, (\d+) against it, '
+                           r'(\d+) did not move or moved both ways, (\d+) are not reached by that budget .*? and (\d+) have no test '
+                           r'at one of the two budgets') == \
+            [n, moved['toward the paper'], moved['against the paper'], moved['mixed'] + moved['no change'],
+             moved['not reached by the budget'], moved['no test now'] + moved['no test at the smaller budget']]
 
 def identical(report: Path, a: int, b: int) -> tuple[int, int]:
     "(verdicts identical, claims compared) in `report`'s section comparing seed offsets `a` and `b`."
