@@ -17,7 +17,7 @@ from .train import TrainedEncoder, train_encoder
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .sslmem import sslmem
 from .core import Preset, seed_offset, make_generator
-from .stats import welch_greater, paired_greater, excess_trend, excess_greater, one_training_per_setting, depth_trend, top_mean, mcnemar, in_top_share, rank_trend, mean_test, all_of, at_least, detectable, ordered, correlation_vs, bootstrap_greater, mean_within, trend_over_trainings, equivalent
+from .stats import welch_greater, paired_greater, excess_trend, excess_greater, one_training_per_setting, depth_trend, top_mean, mcnemar, in_top_share, rank_trend, mean_test, all_of, at_least, detectable, ordered, correlation_vs, bootstrap_greater, mean_within, settings_trend, equivalent
 
 # %% auto 0
 __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_ID', 'LOC_GLOSSARY', 'PAPER_RESNET9_PARAMS',
@@ -25,34 +25,33 @@ __all__ = ['RESNET9_CONVS', 'RESNET9_T1_LAYERS', 'PAPER_LAYER', 'LAYER_OF_PAPER_
            'POINT_SETS', 'T1_READINGS', 'T15_ARTIFACT', 'PAPER_T15_STEM', 'PAPER_T15_CONVS', 'PAPER_T15_TAIL',
            'PAPER_T24', 'PAPER_T24_SETS', 'PAPER_T11', 'PAPER_T12', 'PAPER_T34_AVG_ALL', 'PAPER_T21', 'T21_SETS',
            'PAPER_T30', 'T23_LAYERS', 'PAPER_T23', 'PAPER_T25', 'T5_SETTINGS', 'PAPER_T5', 'PAPER_T13', 'PAPER_T14A',
-           'AUGMENT_VARIANTS', 'TRAINING_VARIANTS', 'PAPER_T27', 'TRAINING_MEASURES', 'PAPER_T10', 'paper_layers',
-           'paper_block_name', 'block_of_paper_name', 'loc_hyperparameters', 'resnet9_architecture', 'EncoderWithHead',
-           'second_dataset', 'train_on', 'loc_protocol', 'candidate_sslmem', 'LocF1Config', 'LocF2Config',
-           'LocF4Config', 'LocT1Config', 'LocT11Config', 'LocT13Config', 'LocT15Config', 'LocT2Config', 'LocT21Config',
-           'LocT27Config', 'LocT6Config', 'pruning_experiment', 'pruning_table', 'pruning_order_test', 'plot_pruning',
-           'unitmem_during_training', 'training_curve_tests', 'plot_unitmem_curve', 'depth_layermem', 'table1_taps',
-           'layer_profile', 'within_conv_step', 'layer_profile_tests', 'plot_layer_profile', 'breakdown',
-           'breakdown_tests', 'plot_breakdown', 'conv_taps', 'layer_agreement_table', 'agreement_tests',
-           'plot_agreement', 'top_candidates', 'shared_top_test', 'plot_top_candidates', 'seed_agreement_table',
-           'seed_agreement_tests', 'plot_seed_agreement', 'subset_draws', 'subset_size_table', 'subset_size_test',
-           'plot_subset_sizes', 'distance_profiles', 'distance_tests', 'plot_distance_profiles', 'parse_pm',
-           'architecture_changes', 'architecture_rows', 'architecture_layermem', 'architecture_tests',
-           'plot_architecture', 'block_sets', 'exchange_encoders', 'exchange_table', 'exchange_tests', 'plot_exchange',
-           'candidate_unitmem', 'most_least', 'most_least_table', 'top_unit_ratios', 'most_least_tests',
-           'plot_most_least', 'median_variant_table', 'median_variant_tests', 'plot_median_variant', 'owner_tables',
-           'owner_tests', 'plot_unit_owner', 'augmentation_effect', 'augmentation_effect_test', 'composition_table',
-           'composition_test', 'plot_composition', 'concept_table', 'concept_tests', 'LayerExchange',
-           'three_layer_table', 'three_layer_tests', 'plot_three_layer', 'single_layer_tables', 'single_layer_tests',
-           'plot_single_layer', 'combination_table', 'combination_tests', 'plot_combinations', 'bn_similarity',
-           'finetune_table', 'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'unit_insertions',
-           'insertion_runs', 'insertion_curve', 'insertion_table', 'insertion_endpoints', 'over_encoders',
-           'insertion_tests', 'insertion_variant_tests', 'plot_insertion', 'supervised_twin', 'ssl_and_supervised',
-           'unit_class_table', 'unit_class_tests', 'plot_unit_class_means', 'plot_unit_class_scatter',
-           'measuring_augmentation_table', 'relative_spread', 'augmentation_spreads', 'measuring_augmentation_tests',
-           'training_variants', 'trainings_per_setting', 'settings_trend', 'augmentation_strength_tests',
-           'weight_decay_table', 'weight_decay_tests', 'framework_comparison', 'plot_training_variants',
-           'vit_sublayer_tests', 'bn_similarity_test', 'dataset_unitmem', 'unit_summary', 'dataset_tests', 'dp_unitmem',
-           'dp_unit_tests']
+           'AUGMENT_VARIANTS', 'TRAINING_VARIANTS', 'PAPER_T27', 'PAPER_T10', 'paper_layers', 'paper_block_name',
+           'block_of_paper_name', 'loc_hyperparameters', 'resnet9_architecture', 'EncoderWithHead', 'second_dataset',
+           'train_on', 'loc_protocol', 'candidate_sslmem', 'LocF1Config', 'LocF2Config', 'LocF4Config', 'LocT1Config',
+           'LocT11Config', 'LocT13Config', 'LocT15Config', 'LocT2Config', 'LocT21Config', 'LocT27Config', 'LocT6Config',
+           'pruning_experiment', 'pruning_table', 'pruning_order_test', 'plot_pruning', 'unitmem_during_training',
+           'training_curve_tests', 'plot_unitmem_curve', 'depth_layermem', 'table1_taps', 'layer_profile',
+           'within_conv_step', 'layer_profile_tests', 'plot_layer_profile', 'breakdown', 'breakdown_tests',
+           'plot_breakdown', 'conv_taps', 'layer_agreement_table', 'agreement_tests', 'plot_agreement',
+           'top_candidates', 'shared_top_test', 'plot_top_candidates', 'seed_agreement_table', 'seed_agreement_tests',
+           'plot_seed_agreement', 'subset_draws', 'subset_size_table', 'subset_size_test', 'plot_subset_sizes',
+           'distance_profiles', 'distance_tests', 'plot_distance_profiles', 'parse_pm', 'architecture_changes',
+           'architecture_rows', 'architecture_layermem', 'architecture_tests', 'plot_architecture', 'block_sets',
+           'exchange_encoders', 'exchange_table', 'exchange_tests', 'plot_exchange', 'candidate_unitmem', 'most_least',
+           'most_least_table', 'top_unit_ratios', 'most_least_tests', 'plot_most_least', 'median_variant_table',
+           'median_variant_tests', 'plot_median_variant', 'owner_tables', 'owner_tests', 'plot_unit_owner',
+           'augmentation_effect', 'augmentation_effect_test', 'composition_table', 'composition_test',
+           'plot_composition', 'concept_table', 'concept_tests', 'LayerExchange', 'three_layer_table',
+           'three_layer_tests', 'plot_three_layer', 'single_layer_tables', 'single_layer_tests', 'plot_single_layer',
+           'combination_table', 'combination_tests', 'plot_combinations', 'bn_similarity', 'finetune_table',
+           'finetune_tests', 'plot_finetune', 'ssl_vs_sl', 'UnitInsertion', 'unit_insertions', 'insertion_runs',
+           'insertion_curve', 'insertion_table', 'insertion_endpoints', 'over_encoders', 'insertion_tests',
+           'insertion_variant_tests', 'plot_insertion', 'supervised_twin', 'ssl_and_supervised', 'unit_class_table',
+           'unit_class_tests', 'plot_unit_class_means', 'plot_unit_class_scatter', 'measuring_augmentation_table',
+           'relative_spread', 'augmentation_spreads', 'measuring_augmentation_tests', 'training_variants',
+           'trainings_per_setting', 'per_setting', 'augmentation_strength_tests', 'weight_decay_table',
+           'weight_decay_tests', 'framework_comparison', 'plot_training_variants', 'vit_sublayer_tests',
+           'bn_similarity_test', 'dataset_unitmem', 'unit_summary', 'dataset_tests', 'dp_unitmem', 'dp_unit_tests']
 
 # %% ../nbs/19_localizing.ipynb 5
 RESNET9_CONVS = ['conv1', 'conv2_0', 'conv2_1', 'conv2_2', 'conv3', 'conv4_0', 'conv4_1', 'conv4_2']
@@ -1814,40 +1813,29 @@ def trainings_per_setting(per_training: pd.DataFrame, settings: list) -> int:
     "The fewest trainings (f encoders) any of `settings` has in `per_training`."
     return int(per_training.groupby(level='variant').size().reindex(settings).fillna(0).min())
 
-TRAINING_MEASURES = {'mean_layermem': 'mean LayerMem', 'mean_unitmem': 'mean UnitMem', 'probe_acc': 'linear-probe accuracy'}   # per_training's columns, as a test names them
-
-def settings_trend(per_training: pd.DataFrame, column: str, settings: list, within: pd.DataFrame | None = None) -> tuple:
-    """(p, p against, how) that each training's `column` falls along `settings` (in the claimed order): with ≥ 2 trainings
-    per setting, `trend_over_trainings` over them; with one, Page's test over the rows of `within` (e.g. layers × settings)
-    of that one training (its verdict then comes from `one_training_per_setting`), or no test when `within` is None."""
-    n = trainings_per_setting(per_training, settings)
-    if n >= 2:
-        _, p, pa = trend_over_trainings([per_training.loc[s, column].values for s in settings], decreasing=True)
-        return p, pa, f'least-squares trend of each training’s {TRAINING_MEASURES.get(column, column)} along the order, one-sided t-test of the slope over the {n} × {len(settings)} trainings'
-    if within is None: return None, None, f'{TRAINING_MEASURES.get(column, column)} of one training per setting: no test'
-    _, p, pa = ordered(within[settings].values, decreasing=True)
-    return p, pa, f"Page's trend test over the {len(within)} rows of one training per setting"
+def per_setting(per_training: pd.DataFrame, column: str, settings: list) -> dict:
+    "{setting: each training's `column`} in the order of `settings`: what `settings_trend` (chapter 00b) tests."
+    return {s: per_training.loc[s, column].values for s in settings}
 
 def augmentation_strength_tests(LM: pd.DataFrame, UM: pd.DataFrame, per_training: pd.DataFrame) -> dict:
     """Table 27's and Figure 10's statements: stronger augmentation gives (slightly) lower LayerMem and lower UnitMem,
-    tested over the trainings of each strength (`settings_trend`; inconclusive with one: `one_training_per_setting`);
+    tested over the trainings of each strength (`settings_trend`, inconclusive with one training per setting);
     "slightly" is an equivalence test of strong against normal, within ±10 % of normal's mean LayerMem."""
     augs = ['aug weak', 'aug normal', 'aug strong']
     n = trainings_per_setting(per_training, augs)
     m, u = LM[augs].mean(), UM[augs].mean()
-    p_lm, pa_lm, how_lm = settings_trend(per_training, 'mean_layermem', augs, LM)
-    p_um, pa_um, how_um = settings_trend(per_training, 'mean_unitmem', augs, UM)
+    lm_trend = settings_trend(per_setting(per_training, 'mean_layermem', augs), True, 'mean LayerMem', 'augmentation strength')
+    um_trend = settings_trend(per_setting(per_training, 'mean_unitmem', augs), True, 'mean UnitMem', 'augmentation strength')
     strong, normal = per_training.loc['aug strong', 'mean_layermem'].values, per_training.loc['aug normal', 'mean_layermem'].values
     drop = dict(ours=dict(relative_drop_strong_vs_normal=1 - m['aug strong'] / m['aug normal']), paper_value=dict(relative_drop_strong_vs_normal=0.026))
     if n >= 2:
         _, p_small, pa_small = equivalent(strong, normal, 0.1 * abs(normal.mean()))
         drop |= dict(p_value=p_small, p_against=pa_small, test=f'mean LayerMem of strong vs normal within ±10 % of normal’s: two one-sided Welch tests (TOST) over the {n} + {n} trainings')
     else: drop |= dict(condition=abs(1 - m['aug strong'] / m['aug normal']) < 0.1, test='|relative change| < 10 %')
-    return {'layermem': one_training_per_setting(dict(ours=m.round(4).to_dict(), p_value=p_lm, p_against=pa_lm, paper_value=PAPER_T27.mean().round(4).to_dict(),
-                                                      test=f'{how_lm}: LayerMem weak > normal > strong'), n),
+    return {'layermem': lm_trend | dict(paper_value=PAPER_T27.mean().round(4).to_dict(), test=f"{lm_trend['test']}: LayerMem weak > normal > strong"),
             'small': drop,
-            'unitmem': one_training_per_setting(dict(ours=u.round(4).to_dict(), p_value=p_um, p_against=pa_um, paper_value='weak > normal > strong (figure)',
-                                                     test=f'{how_um}: mean UnitMem weak > normal > strong'), n)}
+            'unitmem': um_trend | dict(ours=um_trend['ours'] | {'per conv layer, mean over the trainings': u.round(4).to_dict()}, paper_value='weak > normal > strong (figure)',
+                                       test=f"{um_trend['test']}: mean UnitMem weak > normal > strong")}
 
 def weight_decay_table(UM: pd.DataFrame, per_training: pd.DataFrame) -> pd.DataFrame:
     "Figure 11: UnitMem per conv, its mean and the probe accuracy (mean over the trainings) for weight decay 1e-6 (the base), 5e-4 and 5e-3."
@@ -1857,18 +1845,14 @@ def weight_decay_table(UM: pd.DataFrame, per_training: pd.DataFrame) -> pd.DataF
     F11.index = ['wd 1e-6 (base)', 'wd 5e-4', 'wd 5e-3']
     return F11
 
-def weight_decay_tests(F11: pd.DataFrame, UM: pd.DataFrame, per_training: pd.DataFrame) -> dict:
+def weight_decay_tests(per_training: pd.DataFrame) -> dict:
     """Figure 11's statements: stronger weight decay gives lower UnitMem and lower probe accuracy, tested over the trainings
-    of each weight decay (`settings_trend`; inconclusive with one: `one_training_per_setting`)."""
+    of each weight decay (`settings_trend`, inconclusive with one training per setting)."""
     wds = ['aug normal', 'wd 5e-4', 'wd 5e-3']
-    n = trainings_per_setting(per_training, wds)
-    p, pa, how = settings_trend(per_training, 'mean_unitmem', wds, UM)
-    p_acc, pa_acc, how_acc = settings_trend(per_training, 'probe_acc', wds)
-    accuracy = dict(ours=F11.probe_acc.round(2).to_dict(), paper_value='decreasing (figure)', p_value=p_acc, p_against=pa_acc, test=f'{how_acc}: probe accuracy falls')
-    if n < 2: accuracy |= dict(condition=bool(np.all(np.diff(F11.probe_acc) < 0)), test='probe accuracy strictly decreasing')
-    return {'unitmem': one_training_per_setting(dict(ours=F11.mean_unitmem.round(4).to_dict(), p_value=p, p_against=pa, paper_value='decreasing (figure; values not given)',
-                                                     test=f'{how}: UnitMem falls with the weight decay'), n),
-            'accuracy': accuracy}
+    um = settings_trend(per_setting(per_training, 'mean_unitmem', wds), True, 'mean UnitMem', 'weight decay')
+    acc = settings_trend(per_setting(per_training, 'probe_acc', wds), True, 'linear-probe accuracy', 'weight decay')
+    return {'unitmem': um | dict(paper_value='decreasing (figure; values not given)', test=f"{um['test']}: UnitMem falls with the weight decay"),
+            'accuracy': acc | dict(paper_value='decreasing (figure)', test=f"{acc['test']}: probe accuracy falls")}
 
 def framework_comparison(LM: pd.DataFrame, um_last: dict, per_training: pd.DataFrame, margin: float = 0.2) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(Table 4: LayerMem of SimCLR and SimSiam with their probes, Figure 12: UnitMem statistics of the last conv, the tests of both).

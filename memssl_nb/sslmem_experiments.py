@@ -18,7 +18,7 @@ from .sslmem import sslmem
 from .protocol import ProtocolConfig, ProtocolRun, protocol_config, run_protocol
 from .objectives import nt_xent
 from .objectives import masked_augment
-from .stats import exceedance_greater, exceedance_rank, mean_test, mean_within, equivalent, all_of, correlation_vs, one_training_per_setting, paired_greater, tail_asymmetry, trend_over_trainings, welch_greater
+from .stats import exceedance_greater, exceedance_rank, mean_test, mean_within, equivalent, all_of, correlation_vs, one_training_per_setting, paired_greater, settings_trend, tail_asymmetry, trend_over_trainings, welch_greater
 
 # %% auto 0
 __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'AUGMENT_STRENGTHS', 'SET_PAIRS', 'FrameworkConfig', 'framework_config',
@@ -27,10 +27,10 @@ __all__ = ['SSLMEM_PAPER_SETUP', 'FRAMEWORKS', 'AUGMENT_STRENGTHS', 'SET_PAIRS',
            'seed_pairs', 'summarize_run', 'protocol_sweep', 'dp_variants', 'toy_1d_sslmem', 'SSLMemF1Config',
            'SSLMemF10Config', 'SSLMemRemovalConfig', 'SSLMemSetsConfig', 'SSLMemSweepsConfig', 'toy_1d_tests',
            'inliers_low_test', 'toy_1d_table', 'plot_toy_1d', 'removal_table', 'plot_removal', 'paired_removal',
-           'removal_tests', 'probe_correctness', 'intervention_sweeps', 'settings_trend', 'sweep_trend', 'point_means',
-           'reverse_effect', 'sweep_tests', 'dp_tests', 'sweep_panel', 'plot_sweeps', 'accuracy_falls', 'set_tests',
-           'plot_sets', 'supervised_memorization', 'supervised_tests', 'plot_supervised', 'candidate_groups',
-           'atypical_tests', 'plot_candidates', 'framework_table', 'framework_tests', 'plot_frameworks']
+           'removal_tests', 'probe_correctness', 'intervention_sweeps', 'sweep_trend', 'point_means', 'reverse_effect',
+           'sweep_tests', 'dp_tests', 'sweep_panel', 'plot_sweeps', 'accuracy_falls', 'set_tests', 'plot_sets',
+           'supervised_memorization', 'supervised_tests', 'plot_supervised', 'candidate_groups', 'atypical_tests',
+           'plot_candidates', 'framework_table', 'framework_tests', 'plot_frameworks']
 
 # %% ../nbs/18_sslmem_experiments.ipynb 5
 SSLMEM_PAPER_SETUP = {
@@ -435,19 +435,6 @@ def intervention_sweeps(base: ProtocolConfig, preset, downstream) -> dict:
         out[name] = (t.rename(columns={'variant': 'lambda' if name == 'eq3' else name}), tabs)
         if name == 'eq3': out['eq3_correct'] = probe_correctness(base, variants, downstream, base.dataset)
     return out
-
-def settings_trend(per: dict, decreasing: bool, what: str, name: str) -> dict:
-    """A claim's test fields for "`what` moves along a sweep": `per` maps each variant, in the claimed order, to one value
-    per training; `trend_over_trainings` over them, inconclusive with one training per variant (`one_training_per_setting`)."""
-    groups = [np.asarray(v, dtype=float).ravel() for v in per.values()]
-    if sum(map(len, groups)) >= 3: slope, p, p_against = trend_over_trainings(groups, decreasing=decreasing)
-    else: slope, p, p_against = float(groups[-1].mean() - groups[0].mean()) / (len(groups) - 1), None, None   # two trainings: a slope without an error
-    test = dict(ours={str(v): round(float(g.mean()), 4) for v, g in zip(per, groups)} |
-                     {'per training': {str(v): [round(float(x), 4) for x in g] for v, g in zip(per, groups)}, 'slope per step': round(slope, 4)},
-                p_value=p, p_against=p_against, **({} if p is not None else {'condition': bool(slope < 0 if decreasing else slope > 0)}),
-                test=f"least-squares trend of each training's {what} along the {name} order ({' → '.join(map(str, per))}), "
-                     f"one-sided t-test of the slope over the {sum(map(len, groups))} trainings")
-    return one_training_per_setting(test, min(map(len, groups)))
 
 def sweep_trend(tabs: dict, order, decreasing: bool, name: str) -> dict:
     """The evidence for "memorization moves along a sweep": each training's Avg. Mem. of S_C over its own held-out level

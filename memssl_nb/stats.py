@@ -11,7 +11,7 @@ import numpy as np
 __all__ = ['welch_greater', 'paired_greater', 'exceedance_rank', 'exceedance_greater', 'depth_trend', 'monotone', 'top_mean',
            'rank_trend', 'mean_test', 'all_of', 'at_least', 'equivalent', 'mean_within', 'detectable', 'correlation_vs',
            'bootstrap_greater', 'tail_asymmetry', 'excess_trend', 'excess_greater', 'one_training_per_setting',
-           'ordered', 'trend_over_trainings', 'mcnemar', 'in_top_share']
+           'ordered', 'trend_over_trainings', 'settings_trend', 'mcnemar', 'in_top_share']
 
 # %% ../nbs/00b_stats.ipynb 5
 def welch_greater(a, b) -> tuple[float, float]:
@@ -226,6 +226,20 @@ def trend_over_trainings(values_by_setting, decreasing: bool = False) -> tuple[f
     return (float(fit.slope), down, up) if decreasing else (float(fit.slope), up, down)
 
 # %% ../nbs/00b_stats.ipynb 35
+def settings_trend(per: dict, decreasing: bool, what: str, name: str) -> dict:
+    """A claim's test fields for "`what` moves along a sweep": `per` maps each variant, in the claimed order, to one value
+    per training; `trend_over_trainings` over them, inconclusive with one training per variant (`one_training_per_setting`)."""
+    groups = [np.asarray(v, dtype=float).ravel() for v in per.values()]
+    if sum(map(len, groups)) >= 3: slope, p, p_against = trend_over_trainings(groups, decreasing=decreasing)
+    else: slope, p, p_against = float(groups[-1].mean() - groups[0].mean()) / (len(groups) - 1), None, None   # two trainings: a slope without an error
+    test = dict(ours={str(v): round(float(g.mean()), 4) for v, g in zip(per, groups)} |
+                     {'per training': {str(v): [round(float(x), 4) for x in g] for v, g in zip(per, groups)}, 'slope per step': round(slope, 4)},
+                p_value=p, p_against=p_against, **({} if p is not None else {'condition': bool(slope < 0 if decreasing else slope > 0)}),
+                test=f"least-squares trend of each training's {what} along the {name} order ({' → '.join(map(str, per))}), "
+                     f"one-sided t-test of the slope over the {sum(map(len, groups))} trainings")
+    return one_training_per_setting(test, min(map(len, groups)))
+
+# %% ../nbs/00b_stats.ipynb 38
 def mcnemar(correct_a, correct_b) -> float:
     "One-sided exact McNemar p-value that predictor a (per-point correctness `correct_a`) beats b on the same points."
     from scipy import stats
@@ -234,7 +248,7 @@ def mcnemar(correct_a, correct_b) -> float:
     wins, losses = int((a & ~b).sum()), int((~a & b).sum())
     return float(stats.binomtest(wins, wins + losses, 0.5, alternative='greater').pvalue) if wins + losses else 1.0
 
-# %% ../nbs/00b_stats.ipynb 38
+# %% ../nbs/00b_stats.ipynb 41
 def in_top_share(best, others, share: float = 0.25) -> tuple[float, float]:
     """(p for, p against) of "fewer than `share` of the N = len(others) + 1 predictors beat `best`", from per-point
     correctness on the same points: exact McNemar tests of `best` against each other predictor, Holm-adjusted."""

@@ -44,6 +44,14 @@ def run(out_root, arts=None, **kw):
     return runner.reproduce('smoke', out_root=out_root, registry=arts or fixture_registry(), nb_root=FIXTURES, **kw)
 
 
+def env_recorder(env_key: str, folder: str):
+    "(the list it fills, a stand-in for papermill that records each job's `env_key` and whether its out_dir is under `folder`)."
+    seen = []
+    def record(job):
+        seen.append((job.env[env_key], folder in job.parameters['out_dir'])); return 'RuntimeError: not executed'
+    return seen, record
+
+
 def statuses(out_root, arts=None):
     df = registry.list_artifacts(scale='smoke', out_root=out_root, registry=arts or fixture_registry(), nb_root=FIXTURES)
     return dict(zip(df.id, df.status))
@@ -192,9 +200,7 @@ def test_seed_offset_run_is_kept_apart_and_compared(copy_of, tmp_path, monkeypat
     " and both reports show how many verdicts the two runs share."
     from memssl_nb.core import SEED_OFFSET_ENV
     monkeypatch.setenv(SEED_OFFSET_ENV, '7')                         # left in the shell: must not reach the notebooks
-    seen = []
-    def record(job):
-        seen.append((job.env[SEED_OFFSET_ENV], 'seed-offset-100' in job.parameters['out_dir'])); return 'RuntimeError: not executed'
+    seen, record = env_recorder(SEED_OFFSET_ENV, 'seed-offset-100')
     run(copy_of, only='ok_a', force=True, execute=record, seed_offset=100)
     run(copy_of, only='ok_a', force=True, execute=record)
     assert seen == [('100', True), ('0', False)]
@@ -218,9 +224,7 @@ def test_budget_run_is_kept_apart_and_set_beside(copy_of, tmp_path, monkeypatch)
     " and the report of the run at the presets' own budget sets each claim that does not hold beside the same claim there."
     from memssl_nb.core import BUDGET_ENV
     monkeypatch.setenv(BUDGET_ENV, '{"epochs": 1}')                 # left in the shell: must not reach the notebooks
-    seen = []
-    def record(job):
-        seen.append((job.env[BUDGET_ENV], 'budget-width-0.25' in job.parameters['out_dir'])); return 'RuntimeError: not executed'
+    seen, record = env_recorder(BUDGET_ENV, 'budget-width-0.25')
     run(copy_of, only='ok_a', force=True, execute=record, budget={'width': 0.25})
     run(copy_of, only='ok_a', force=True, execute=record)
     assert seen == [('{"width": 0.25}', True), ('{}', False)]
@@ -243,9 +247,7 @@ def test_budget_run_is_kept_apart_and_set_beside(copy_of, tmp_path, monkeypatch)
 def test_budget_factor_reaches_every_preset(copy_of, monkeypatch):
     "`--budget epochs=0.5x`: the notebooks get the factor, the outputs go to budget-epochs-0.5x, a factor on a setting that is not a training length is an error."
     from memssl_nb.core import BUDGET_ENV
-    seen = []
-    def record(job):
-        seen.append((job.env[BUDGET_ENV], 'budget-epochs-0.5x' in job.parameters['out_dir'])); return 'RuntimeError: not executed'
+    seen, record = env_recorder(BUDGET_ENV, 'budget-epochs-0.5x')
     run(copy_of, only='ok_a', force=True, execute=record, budget={'epochs': '0.5x'})
     assert seen == [('{"epochs": "0.5x"}', True)]
     with pytest.raises(ValueError, match="only \\['epochs'\\]"): run(copy_of, only='ok_a', execute=record, budget={'width': '0.5x'})
