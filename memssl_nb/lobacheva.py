@@ -27,7 +27,7 @@ __all__ = ['LEVELS', 'LobachevaConfig', 'LobachevaStudy', 'lobacheva_study', 're
            'compare_levels', 'fixed_stat', 'uniformity_tests', 'curve_departure_tests', 'plot_binomial_panels',
            'averaged_binomial_table', 'mae_at', 'c2_statistic', 'averaged_uniformity_tests', 'averaging_tests',
            'augmentation_epochs', 'augmentation_table', 'augmentation_tests', 'plot_augmentations', 'class_curves',
-           'class_spread_test', 'plot_class_curves', 'probe_features', 'probe_table', 'class_separation',
+           'class_spread_test', 'plot_class_curves', 'probe_sets', 'probe_features', 'probe_table', 'class_separation',
            'network_table', 'network_summary', 'paired_over_networks', 'semantic_pair_test', 'tsne_class_knn',
            'knn_test', 'plot_probe', 'plot_tsne', 'plot_class_kl']
 
@@ -51,6 +51,7 @@ class LobachevaConfig(Preset):
     arch: str = 'resnet9'
     image_size: int = 16
     n_tsne: int = 450                   # test images in the t-SNE maps
+    n_probe: int | None = None          # training and test points of the linear probes (None: the whole splits, as the paper)
     overrides: dict = field(default_factory=dict)   # per-regime TrainSpec changes
 
 _PAPER_SGD = dict(optimizer='sgd', lr=3e-4, weight_decay=1e-4)
@@ -58,7 +59,7 @@ _PAPER_WEAK = {'crop': {'scale': (0.77, 1.0)}, 'hflip': 0.5}
 LobachevaConfig.SCALES = {
     'smoke': LobachevaConfig(n_train=96, n_measure=32, n_networks=2, n_aug=2, eval_batch=16, width=0.125, batch_size=32,
                              epochs={'simclr': 3, 'supervised': 3, 'random': 3, 'random+aug': 3}, n_boot=50, n_tsne=200),
-    'cpu': LobachevaConfig(),
+    'cpu': LobachevaConfig(dataset='fashion_mnist', n_probe=2000),
     'paper': LobachevaConfig(n_train=50000, n_measure=1024, n_networks=30, n_aug=10, width=1.0, batch_size=256,
                              epochs={'simclr': 200, 'supervised': 50, 'random': 20, 'random+aug': 500},
                              dataset='cifar10', arch='resnet18', image_size=32, n_tsne=2000, overrides={
@@ -492,6 +493,16 @@ def plot_class_curves(v3: pd.DataFrame):
     fig.tight_layout(); return fig
 
 # %% ../nbs/14a_lobacheva.ipynb 33
+def probe_sets(config: LobachevaConfig) -> tuple[ImageSet, ImageSet]:
+    """(train, test) images of the linear probes: the dataset's splits, each cut to `config.n_probe` points drawn with
+    `config.data_seed` (the train cut starts with the study's own training subset, which the paper's probe sees too)."""
+    sets = [load_dataset(config.dataset, s, size=config.image_size) for s in ('train', 'test')]
+    if config.n_probe is None: return tuple(sets)
+    if config.n_probe < 1: raise ValueError(f"n_probe must be a positive count or None, got {config.n_probe}")
+    cut = lambda d: d.subset(torch.randperm(len(d), generator=make_generator(config.data_seed))[:config.n_probe],
+                             name=f'{d.name}-probe{config.n_probe}-seed{config.data_seed}')
+    return cut(sets[0]), cut(sets[1])
+
 def probe_features(study: LobachevaStudy, probe_train: ImageSet, probe_test: ImageSet, network: int = 0) -> dict:
     "(train, test) features of network `network` of every regime, of a random initialisation with its seed and of raw pixels."
     if not 0 <= network < study.config.n_networks:

@@ -396,8 +396,8 @@ def budget_markdown(scale: str = 'cpu', out_root=FIGURES_DIR) -> list[str]:
         md += [f"## The effect at two budgets: `{label}` → this run", "",
                f"The {len(g)} claims that do not hold here, beside the same claims in the smaller run `figures/budget-{label}/{scale}/` "
                f"(`memssl reproduce --scale {scale} " + ' '.join(f"--budget {'='.join(c.split('-', 1))}" for c in label.split('+')) + "`). "
-               f"Where p moved as the budget grew: {counts}." + (" *Not reached by the budget*: the study keeps settings of its own (or uses "
-               "no protocol), so both runs computed the same claims; they say nothing about the effect." if (g.moved == 'not reached by the budget').any() else ''), "",
+               f"Where p moved as the budget grew: {counts}." + (" *Not reached by the budget*: the budget changes none of the settings "
+               "its study uses (the study sets its own width, or has no epochs to scale), so both runs computed the same claims; they say nothing about the effect." if (g.moved == 'not reached by the budget').any() else ''), "",
                "| output | statement | verdict then → now | p then → now | p against then → now | moved |", "|---|---|---|---|---|---|"]
         md += [f"| {r.output} | {_fmt(r.statement)} | {_fmt(r.verdict_then)} → {_fmt(r.verdict_now)} | {_fmt(r.p_then)} → {_fmt(r.p_now)} | "
                f"{_fmt(r.p_against_then)} → {_fmt(r.p_against_now)} | {r.moved} |" for r in g.itertuples()]
