@@ -52,6 +52,7 @@ class LobachevaConfig(Preset):
     image_size: int = 16
     n_tsne: int = 450                   # test images in the t-SNE maps
     n_probe: int | None = None          # training and test points of the linear probes (None: the whole splits, as the paper)
+    download: bool = False              # let torchvision fetch a dataset that is not on disk (cpu: Fashion-MNIST on first use)
     overrides: dict = field(default_factory=dict)   # per-regime TrainSpec changes
 
 _PAPER_SGD = dict(optimizer='sgd', lr=3e-4, weight_decay=1e-4)
@@ -59,7 +60,7 @@ _PAPER_WEAK = {'crop': {'scale': (0.77, 1.0)}, 'hflip': 0.5}
 LobachevaConfig.SCALES = {
     'smoke': LobachevaConfig(n_train=96, n_measure=32, n_networks=2, n_aug=2, eval_batch=16, width=0.125, batch_size=32,
                              epochs={'simclr': 3, 'supervised': 3, 'random': 3, 'random+aug': 3}, n_boot=50, n_tsne=200),
-    'cpu': LobachevaConfig(dataset='fashion_mnist', n_probe=2000),
+    'cpu': LobachevaConfig(dataset='fashion_mnist', n_probe=2000, download=True),
     'paper': LobachevaConfig(n_train=50000, n_measure=1024, n_networks=30, n_aug=10, width=1.0, batch_size=256,
                              epochs={'simclr': 200, 'supervised': 50, 'random': 20, 'random+aug': 500},
                              dataset='cifar10', arch='resnet18', image_size=32, n_tsne=2000, overrides={
@@ -85,7 +86,7 @@ class LobachevaStudy(Summarized):
 def lobacheva_study(config: LobachevaConfig, cache: bool = True, show_progress: bool = True) -> LobachevaStudy:
     "Run (or fetch from the cache) the four regimes of `config`."
     c = config
-    full = load_dataset(c.dataset, 'train', size=c.image_size)
+    full = load_dataset(c.dataset, 'train', size=c.image_size, download=c.download)
     idx = torch.randperm(len(full), generator=make_generator(c.data_seed))[:c.n_train]
     train = full.subset(idx, name=f'{c.dataset}-train{c.n_train}-seed{c.data_seed}')
     regimes = lobacheva_regimes(c.epochs, width=c.width, batch_size=c.batch_size, label_seed=c.label_seed, arch=c.arch,
@@ -496,7 +497,7 @@ def plot_class_curves(v3: pd.DataFrame):
 def probe_sets(config: LobachevaConfig) -> tuple[ImageSet, ImageSet]:
     """(train, test) images of the linear probes: the dataset's splits, each cut to `config.n_probe` points drawn with
     `config.data_seed` (the train cut starts with the study's own training subset, which the paper's probe sees too)."""
-    sets = [load_dataset(config.dataset, s, size=config.image_size) for s in ('train', 'test')]
+    sets = [load_dataset(config.dataset, s, size=config.image_size, download=config.download) for s in ('train', 'test')]
     if config.n_probe is None: return tuple(sets)
     if config.n_probe < 1: raise ValueError(f"n_probe must be a positive count or None, got {config.n_probe}")
     cut = lambda d: d.subset(torch.randperm(len(d), generator=make_generator(config.data_seed))[:config.n_probe],
