@@ -241,7 +241,7 @@ def rehearsing() -> bool:
 REHEARSAL_CAPS = {  # setting name, or the suffix after its last '_' (sl_epochs → epochs): the most a rehearsal keeps
     'epochs': 1, 'grid': 1, 'steps': 3, 'every': 1, 'batch_size': 16, 'batch': 16, 'pool_size': 96,
     'views': 2, 'pairs': 2, 'aug': 2, 'networks': 2, 'random': 2, 'show': 2, 'draws': 2, 'boot': 20,
-    'points': 24, 'train': 64, 'measure': 16, 'ref': 24, 'extra': 24, 'test': 32, 'tsne': 32, 'n0': 24, 'n0s': 24,
+    'points': 24, 'train': 64, 'measure': 16, 'ref': 24, 'extra': 24, 'test': 32, 'tsne': 32, 'probe': 32, 'n0': 24, 'n0s': 24,
     'ns': 16, 'n': 8, 'sizes': 8, 'k': 8, 'dup': 4, 'seeds': 2}
 REHEARSAL_KEEPS = {  # settings a rehearsal leaves as they are: they decide shapes or code paths, or are single seeds
     'seed', 'image_size', 'patch', 'channels', 'prototypes', 'dim', 'd', 'labels', 'kernel_size', 'fraction',
