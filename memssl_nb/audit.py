@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from .core import get_device, iter_batches, make_generator, progress, Summarized
-from .data import channel_stats, image_grid, load_dataset, DATASETS
+from .core import get_device, iter_batches, progress, Summarized
+from .data import channel_stats, image_grid, load_dataset, sample_indices, DATASETS
 from .augment import Augment, PRESETS
 from .models import ENCODERS, build_encoder, available_taps
 from .sslmem import sslmem, check_images, SSLMemResult
@@ -218,7 +218,7 @@ def load_images(source, image_size: int | None = None, channels: int | None = No
         ds = load_dataset(source, split, size=image_size)
         keep = torch.arange(len(ds))
         if max_images is not None and max_images < len(ds):
-            keep = torch.randperm(len(ds), generator=make_generator(seed))[:max_images].sort().values
+            keep = sample_indices(len(ds), max_images, seed, sort=True)
         x = ds.images[keep]
         if channels is not None and channels != x.shape[1]:
             raise AuditError(f"{source} has {x.shape[1]} channel(s); channels={channels} cannot convert a dataset")
@@ -231,7 +231,7 @@ def load_images(source, image_size: int | None = None, channels: int | None = No
         raise AuditError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files, flat or one folder per class)")
     keep = list(range(len(files)))
     if max_images is not None and max_images < len(files):
-        keep = sorted(torch.randperm(len(files), generator=make_generator(seed))[:max_images].tolist())
+        keep = sample_indices(len(files), max_images, seed, sort=True).tolist()
     tensors = [_read_image(files[i], channels, image_size) for i in progress(keep, desc='reading images')]
     if len({t.shape[0] for t in tensors}) > 1:
         tensors = [_read_image(files[i], 3, image_size) if t.shape[0] == 1 else t for i, t in zip(keep, tensors)]

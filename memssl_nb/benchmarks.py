@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 import memssl_nb.augment, memssl_nb.sslmem
 from .core import get_device, make_generator
-from .data import ImageSet, load_dataset
+from .data import ImageSet, load_dataset, sample_indices
 from .augment import Augment, benchmark_augment
 from .models import build_encoder
 from .spec import TrainSpec, build_augment, build_model, make_optimizer, training_data
@@ -107,7 +107,7 @@ def _training_step(spec: TrainSpec, data: ImageSet, steps: int, device, fmt, bf1
     bf16 = device.type == 'cuda' if bf16 is None else bf16
     images, labels = train_data.images.to(device), objective.prepare_labels(train_data.labels, spec.seed).to(device)
     (h, w), gen = images.shape[-2:], make_generator(spec.seed, device)
-    batches = [torch.randperm(len(images), generator=make_generator(s))[:spec.batch_size].to(device) for s in range(steps)]
+    batches = [sample_indices(len(images), spec.batch_size, s).to(device) for s in range(steps)]
     def views_of(idx):
         x = images[idx].float().div_(255)
         return [augment.apply(x, augment.sample_params(len(idx), h, w, gen)).contiguous(memory_format=fmt)

@@ -16,10 +16,10 @@ from .core import DATA_DIR, atomic_write_bytes, atomic_write_text, iter_batches,
 
 # %% auto 0
 __all__ = ['DATASETS', 'EMBEDDED', 'SPLITS', 'STL10_CLASSES', 'FASHION_MNIST_FILES', 'FASHION_MNIST_SYSTEM', 'TORCHVISION_LAYOUT',
-           'GENERATED', 'GENERATED_MANIFEST', 'SET_NAMES', 'ATYPICAL_KINDS', 'as_index', 'channel_stats', 'ImageSet',
-           'image_grid', 'resize_images', 'DatasetNotFound', 'clear_dataset_cache', 'write_generated_datasets',
-           'generated_files', 'load_dataset', 'MemSplit', 'make_split', 'inject_atypical', 'choose_atypical',
-           'split_by_classes', 'class_disjoint_halves']
+           'GENERATED', 'GENERATED_MANIFEST', 'SET_NAMES', 'ATYPICAL_KINDS', 'as_index', 'sample_indices',
+           'channel_stats', 'ImageSet', 'image_grid', 'resize_images', 'DatasetNotFound', 'clear_dataset_cache',
+           'write_generated_datasets', 'generated_files', 'load_dataset', 'MemSplit', 'make_split', 'inject_atypical',
+           'choose_atypical', 'split_by_classes', 'class_disjoint_halves']
 
 # %% ../nbs/01_data.ipynb 5
 def as_index(idx, n: int | None = None) -> torch.Tensor:
@@ -36,7 +36,14 @@ def as_index(idx, n: int | None = None) -> torch.Tensor:
     if t.is_floating_point() or t.is_complex(): raise TypeError(f"indices must be integers, got {t.dtype}")
     return t.to(torch.int64)
 
-# %% ../nbs/01_data.ipynb 7
+# %% ../nbs/01_data.ipynb 8
+def sample_indices(n: int, k: int, seed: int, sort: bool = False) -> torch.Tensor:
+    "`min(k, n)` distinct indices of `range(n)` drawn with `seed` (in drawn order, or ascending when `sort`)."
+    if n < 0 or k < 0: raise ValueError(f"n and k must be non-negative counts; got n={n}, k={k}")
+    idx = torch.randperm(n, generator=make_generator(seed))[:k]
+    return idx.sort().values if sort else idx
+
+# %% ../nbs/01_data.ipynb 10
 def channel_stats(images: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     "Per-channel mean and std of uint8 images on the [0, 1] scale (float64 sums, in batches)."
     c = images.shape[1]
@@ -109,7 +116,7 @@ class ImageSet:
         titles = [self.classes[l] if l >= 0 else '?' for l in self.labels[idx].tolist()]
         return image_grid(self.images[idx], titles=titles, ncols=ncols, **kwargs)
 
-# %% ../nbs/01_data.ipynb 9
+# %% ../nbs/01_data.ipynb 12
 def image_grid(images: torch.Tensor, titles: Sequence[str] | None = None, ncols: int = 8,
                scale: float = 1.3, suptitle: str | None = None):
     "A matplotlib figure showing `images` ([N, C, H, W] or [N, H, W], uint8 or float in [0, 1]) in a grid."
@@ -133,7 +140,7 @@ def image_grid(images: torch.Tensor, titles: Sequence[str] | None = None, ncols:
     fig.tight_layout()
     return fig
 
-# %% ../nbs/01_data.ipynb 12
+# %% ../nbs/01_data.ipynb 15
 def resize_images(images: torch.Tensor, size: int | tuple[int, int], batch_size: int = 2048) -> torch.Tensor:
     "uint8 images `[N, C, H, W]` resized to `size` (bilinear, antialiased), still uint8."
     size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
@@ -144,7 +151,7 @@ def resize_images(images: torch.Tensor, size: int | tuple[int, int], batch_size:
         out[sl] = x.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
-# %% ../nbs/01_data.ipynb 14
+# %% ../nbs/01_data.ipynb 17
 DATASETS = ('digits', 'photos', 'fashion_mnist', 'cifar10', 'cifar100', 'svhn', 'stl10')
 EMBEDDED = ('digits', 'photos')   # ship inside scikit-learn: no files, no download
 SPLITS = {'digits': ('train', 'test', 'all'), 'photos': ('train', 'test', 'all'), 'fashion_mnist': ('train', 'test'), 'cifar10': ('train', 'test'), 'cifar100': ('train', 'test'),
@@ -193,7 +200,7 @@ def _load_photos(split: str, tile: int = 24) -> ImageSet:
     images, labels = _split_stratified(images, labels, split)
     return ImageSet(images, labels, [Path(f).stem for f in photos.filenames], f'photos-{split}')
 
-# %% ../nbs/01_data.ipynb 15
+# %% ../nbs/01_data.ipynb 18
 # Where torchvision reads each dataset (relative to `root`), the files it md5-checks there, and what it downloads.
 FASHION_MNIST_FILES = ['train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte']
 FASHION_MNIST_SYSTEM = Path('/usr/share/datasets/fashion-mnist')    # where `apt-get install dataset-fashion-mnist` puts them
@@ -278,7 +285,7 @@ def _read_torchvision(name: str, split: str, root: Path, download: bool) -> Imag
     return ImageSet(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
                     torch.from_numpy(np.asarray(labels, dtype=np.int64)), list(classes), f'{name}-{split}')
 
-# %% ../nbs/01_data.ipynb 17
+# %% ../nbs/01_data.ipynb 20
 GENERATED = ('cifar10', 'cifar100', 'svhn', 'stl10')
 GENERATED_MANIFEST = 'generated.json'   # beside the files: what they are, and their md5 sums
 
@@ -352,7 +359,7 @@ def generated_files(root):
 
 _GENERATED_ROOTS: list[Path] = []    # roots whose generated files `generated_files` accepts right now
 
-# %% ../nbs/01_data.ipynb 18
+# %% ../nbs/01_data.ipynb 21
 def load_dataset(name: str, split: str = 'train', root: str | Path | None = None,
                  size: int | tuple[int, int] | None = None, download: bool = False) -> ImageSet:
     "Dataset `name` (see `DATASETS`) as an in-memory uint8 `ImageSet`, resized to `size` if given."
@@ -374,7 +381,7 @@ def load_dataset(name: str, split: str = 'train', root: str | Path | None = None
         _CACHE[key] = ds
     return _CACHE[key]
 
-# %% ../nbs/01_data.ipynb 29
+# %% ../nbs/01_data.ipynb 32
 SET_NAMES = ('S_S', 'S_C', 'S_I', 'S_E')
 
 def _sizes(m: int, fractions: Sequence[float]) -> list[int]:
@@ -434,7 +441,7 @@ class MemSplit:
         d = json.loads(Path(path).read_text())
         return cls(*(torch.tensor(d[k], dtype=torch.int64) for k in SET_NAMES), n=d.get('n'), seed=d.get('seed'))
 
-# %% ../nbs/01_data.ipynb 30
+# %% ../nbs/01_data.ipynb 33
 def make_split(n_or_indices, fractions: Sequence[float] = (0.8, 0.1, 0.1), *, n_extra: int = 0, seed: int = 0,
                extra=None) -> MemSplit:
     "Seeded split of a pool (`range(n)` or given indices) into S_E (`n_extra` points or `extra`) and S_S/S_C/S_I by `fractions`."
@@ -455,7 +462,7 @@ def make_split(n_or_indices, fractions: Sequence[float] = (0.8, 0.1, 0.1), *, n_
     a, b, _ = _sizes(len(rest), fractions)
     return MemSplit(rest[:a], rest[a:a + b], rest[a + b:], extra_idx, n=n, seed=seed)
 
-# %% ../nbs/01_data.ipynb 35
+# %% ../nbs/01_data.ipynb 38
 ATYPICAL_KINDS = ('invert', 'noise', 'rotate', 'mislabel', 'blank')
 
 def inject_atypical(imageset: ImageSet, indices, kind: str = 'invert', seed: int = 0) -> ImageSet:
@@ -488,9 +495,9 @@ def choose_atypical(split_or_indices, fraction_or_count: float | int, seed: int 
         k = int(round(fraction_or_count * len(pool)))
     else: k = int(fraction_or_count)
     if not 0 <= k <= len(pool): raise ValueError(f"cannot choose {k} of {len(pool)} points")
-    return pool[torch.randperm(len(pool), generator=make_generator(seed))[:k]].sort().values
+    return pool[sample_indices(len(pool), k, seed)].sort().values
 
-# %% ../nbs/01_data.ipynb 39
+# %% ../nbs/01_data.ipynb 42
 def split_by_classes(imageset: ImageSet, classes: Sequence[int | str], relabel: bool = True) -> ImageSet:
     "The images of `classes` (ids or names); labels renumbered 0..k-1 in the given order when `relabel`."
     ids = [imageset.classes.index(c) if isinstance(c, str) else int(c) for c in classes]

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
-from .core import make_generator, Preset, Summarized
-from .data import ImageSet, load_dataset
+from .core import Preset, Summarized
+from .data import ImageSet, load_dataset, sample_indices
 from .spec import build_model, build_clean
 from .train import train_encoder
 from .evaluate import embed, linear_probe
@@ -87,7 +87,7 @@ def lobacheva_study(config: LobachevaConfig, cache: bool = True, show_progress: 
     "Run (or fetch from the cache) the four regimes of `config`."
     c = config
     full = load_dataset(c.dataset, 'train', size=c.image_size, download=c.download)
-    idx = torch.randperm(len(full), generator=make_generator(c.data_seed))[:c.n_train]
+    idx = sample_indices(len(full), c.n_train, c.data_seed)
     train = full.subset(idx, name=f'{c.dataset}-train{c.n_train}-seed{c.data_seed}')
     regimes = lobacheva_regimes(c.epochs, width=c.width, batch_size=c.batch_size, label_seed=c.label_seed, arch=c.arch,
                                 image_size=c.image_size, overrides=c.overrides, seed=c.seed)
@@ -500,7 +500,7 @@ def probe_sets(config: LobachevaConfig) -> tuple[ImageSet, ImageSet]:
     sets = [load_dataset(config.dataset, s, size=config.image_size, download=config.download) for s in ('train', 'test')]
     if config.n_probe is None: return tuple(sets)
     if config.n_probe < 1: raise ValueError(f"n_probe must be a positive count or None, got {config.n_probe}")
-    cut = lambda d: d.subset(torch.randperm(len(d), generator=make_generator(config.data_seed))[:config.n_probe],
+    cut = lambda d: d.subset(sample_indices(len(d), config.n_probe, config.data_seed),
                              name=f'{d.name}-probe{config.n_probe}-seed{config.data_seed}')
     return cut(sets[0]), cut(sets[1])
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from .data import ImageSet, load_dataset, class_disjoint_halves
+from .data import ImageSet, load_dataset, class_disjoint_halves, sample_indices
 from .models import build_encoder, count_parameters, RESNET9_CHANNELS
 from .spec import TrainSpec
 from .train import TrainedEncoder, train_encoder
@@ -149,7 +149,7 @@ def second_dataset(size: int = 16, names: tuple | list | None = None, n_train: i
         sets = dict(A_train=a_tr, A_test=a_te, B_train=b_tr, B_test=b_te)
     def cut(data: ImageSet, n: int | None, s: int) -> ImageSet:
         if n is None or n >= len(data): return data
-        return data.subset(torch.randperm(len(data), generator=make_generator(s))[:n].sort().values)
+        return data.subset(sample_indices(len(data), n, s, sort=True))
     return {k: cut(d, n_train if k.endswith('train') else n_test, seed + i) for i, (k, d) in enumerate(sets.items())}
 
 def train_on(data: ImageSet, cfg: ProtocolConfig, seed: int = 0, progress_bar: bool = False, **changes) -> TrainedEncoder:
@@ -962,7 +962,7 @@ def exchange_encoders(scale: str, preset) -> tuple:
     "(f1 trained on A, the (A, B) datasets, {donor name: (donor trained on B, its datasets)}) of Table 24 (ResNet-50)."
     cfg = protocol_config(scale, **architecture_changes(preset, 'resnet50'))
     D = second_dataset(cfg.image_size, preset.datasets)
-    subset = lambda d: d.subset(torch.randperm(len(d), generator=torch.Generator().manual_seed(0))[:preset.t24_points]) if preset.t24_points else d
+    subset = lambda d: d.subset(sample_indices(len(d), preset.t24_points, seed=0)) if preset.t24_points else d
     f1 = train_on(subset(D['A_train']), cfg, seed=0, **preset.t24_changes)
     donors = {'B': (train_on(subset(D['B_train']), cfg, seed=0, **preset.t24_changes), D)}
     if preset.second_donor:
@@ -1478,14 +1478,13 @@ class UnitInsertion:
     """A SimSiam encoder of the protocol (the `encoder`-th: seed `encoder` above the protocol's first), its reference
     points and held-out points, and the two target units of `preset.layer`."""
     def __init__(self, scale: str, preset, encoder: int = 0, run: ProtocolRun | None = None):
-        from memssl_nb.core import make_generator
         from memssl_nb.unitmem import unitmem
         self.preset, self.run, self.encoder = preset, run or loc_protocol(scale, preset.protocol_changes), encoder
         cfg, split = self.run.config, self.run.split
         self.ss = train_encoder(cfg.train_spec(split.f_indices.tolist(), cfg.seeds[0] + encoder).replace(objective='simsiam', width=preset.width, epochs=preset.ssl_epochs),
                                 self.run.data, progress_bar=False)
         self.aug, self.obj = self.ss.augment, self.ss.objective.eval()
-        self.ref = split.f_indices[torch.randperm(len(split.f_indices), generator=make_generator(0))[:preset.n_ref]]
+        self.ref = split.f_indices[sample_indices(len(split.f_indices), preset.n_ref, seed=0)]
         self.held = split.extra
         u0 = unitmem(self.ss.encoder, self.run.data.images[torch.cat([self.ref, self.held[:1]])], self.aug, layers=[preset.layer], n_views=preset.n_views, progress=False)
         self.hi = int(u0.score[preset.layer].argmax())
@@ -1944,13 +1943,12 @@ def bn_similarity_test(T25: pd.DataFrame) -> dict:
 # %% ../nbs/19_localizing.ipynb 60
 def dataset_unitmem(scale: str, datasets, n_points: int, layer: str, n_views: int) -> dict:
     "UnitMem of `layer`'s units of the protocol's recipe trained on `n_points` random training points of each dataset."
-    from memssl_nb.core import make_generator
     from memssl_nb.unitmem import unitmem
     cfg = protocol_config(scale)
     units = {}
     for name in datasets:
         data = load_dataset(name, 'train', size=cfg.image_size)
-        sub = data.subset(torch.randperm(len(data), generator=make_generator(0))[:min(n_points, len(data))])
+        sub = data.subset(sample_indices(len(data), n_points, seed=0))
         trained = train_on(sub, cfg, seed=0)
         units[name] = unitmem(trained.encoder, sub.images, trained.augment, layers=[layer], n_views=n_views, progress=False).score[layer]
     return units

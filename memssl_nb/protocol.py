@@ -8,8 +8,8 @@ import dataclasses
 from dataclasses import dataclass, field
 import pandas as pd
 import torch
-from .core import make_generator, progress, Preset, Summarized
-from .data import ImageSet, MemSplit, load_dataset, make_split, inject_atypical, choose_atypical
+from .core import progress, Preset, Summarized
+from .data import ImageSet, MemSplit, load_dataset, make_split, inject_atypical, choose_atypical, sample_indices
 from .augment import Augment
 from .spec import TrainSpec
 from .train import TrainedEncoder, train_encoder
@@ -122,7 +122,7 @@ def protocol_data(cfg: ProtocolConfig) -> tuple[ImageSet, MemSplit, torch.Tensor
     "The (possibly atypical-injected) training data, the split and the atypical indices of `cfg`."
     data = load_dataset(cfg.dataset, 'train', size=cfg.image_size)
     n = len(data) if cfg.pool_size is None else min(cfg.pool_size, len(data))
-    pool = torch.randperm(len(data), generator=make_generator(cfg.split_seed))[:n]
+    pool = sample_indices(len(data), n, cfg.split_seed)
     split = make_split(pool, fractions=cfg.fractions, n_extra=cfg.n_extra, seed=cfg.split_seed)
     atypical = torch.empty(0, dtype=torch.long)
     if cfg.atypical_kind and cfg.atypical_fraction > 0:
