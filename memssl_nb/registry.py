@@ -147,8 +147,9 @@ def notebook_hash(path) -> str:
     return stable_hash([[c['cell_type'], src(c.get('source', '')), sorted(c.get('metadata', {}).get('tags', []))]
                         for c in nb['cells']])
 
-# modules no paper notebook runs (speed measurements, the README generator): editing them leaves artifacts up to date
-NOT_ARTIFACT_INPUTS = ('_modidx.py', 'benchmarks.py', 'gpu_check.py', 'readme.py')
+# modules no paper notebook runs (speed measurements, the README generator, the report written from the outputs, the
+# audit of a user's own encoders): editing them leaves artifacts up to date
+NOT_ARTIFACT_INPUTS = ('_modidx.py', 'benchmarks.py', 'gpu_check.py', 'readme.py', 'report.py', 'audit.py')
 
 def package_hash(package_dir=None) -> str:
     "Hash of the `memssl_nb` source files that artifacts run (all modules but `NOT_ARTIFACT_INPUTS`)."

@@ -15,10 +15,11 @@ from .registry import (SCALES, Artifact, artifact_status, constraints_hash, fail
                                 package_hash, read_json, resolve_registry, stamp_path)
 
 # %% auto 0
-__all__ = ['EVIDENCE_COLUMNS', 'markdown_table', 'p_against_of', 'write_report', 'reference_outputs', 'Comparison',
-           'compare_outputs', 'comparison_path', 'verify', 'seed_run_root', 'stability', 'stability_markdown',
-           'budget_run_root', 'budget_runs', 'budget_table', 'budget_markdown', 'budget_reasons', 'evidence_table',
-           'evidence_markdown']
+__all__ = ['SEED_SET_COLUMNS', 'EVIDENCE_COLUMNS', 'markdown_table', 'read_table', 'p_against_of', 'write_report',
+           'reference_outputs', 'Comparison', 'compare_outputs', 'comparison_path', 'verify', 'seed_run_root',
+           'seed_runs', 'stability', 'stability_markdown', 'seed_set_verdicts', 'seed_set_counts', 'seed_sets_markdown',
+           'other_seed_sets', 'budget_run_root', 'budget_runs', 'budget_table', 'budget_markdown', 'budget_reasons',
+           'evidence_table', 'evidence_markdown']
 
 # %% ../nbs/23_report.ipynb 4
 def _fmt(x) -> str:
@@ -41,6 +42,11 @@ def markdown_table(df: pd.DataFrame, max_rows: int = 15, max_cols: int = 12, ind
     if len(df) > max_rows: notes.append(f'{len(df) - max_rows} more rows')
     if len(df.columns) > max_cols: notes.append(f'{len(df.columns) - max_cols} more columns')
     return '\n'.join(lines) + (f"\n\n*… {', '.join(notes)}.*" if notes else '')
+
+def read_table(path) -> pd.DataFrame:
+    "An output CSV for the report: a written index column gets an empty header instead of pandas' 'Unnamed: 0'."
+    df = pd.read_csv(path)
+    return df.rename(columns={c: '' for c in df.columns[:1] if str(c).startswith('Unnamed: ')})
 
 def _claims_of(out_dir, output_id) -> list[dict] | None:
     d = read_json(Path(out_dir)/f'{output_id}.claims.json')
@@ -98,6 +104,9 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
         try: md += [Comparison.from_json(saved.read_text()).markdown(), ""]
         except (ValueError, KeyError) as e: md += [f"*{saved.name} could not be read: {e}*", ""]
     md += stability_markdown(scale, out_root)
+    seeds = seed_set_verdicts(scale, out_root)   # each claim's verdict in every seed set, beside its row below
+    md += seed_sets_markdown(seeds, {i: a.paper for a in arts.values() if status[a.id] == 'done' for i in a.ids})
+    other_seeds = len(seeds.columns) > 3
     md += budget_markdown(scale, out_root)
     reasons = budget_reasons(scale, out_root)   # the effect at two budgets, beside each non-holding claim's own why
     md += evidence_markdown({p: [c for a in arts.values() if a.paper == p and status[a.id] == 'done' for i in a.ids
@@ -115,17 +124,20 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
                 if len(a.ids) > 1: md += [f"#### {i}", ""]
                 if (out_dir/f'{i}.png').exists(): md += [f"![{i}: {_fmt(a.title)}]({i}.png)", ""]
                 if (out_dir/f'{i}.csv').exists():
-                    try: md += [markdown_table(pd.read_csv(out_dir/f'{i}.csv')), "", f"Full table: [{i}.csv]({i}.csv)", ""]
+                    try: md += [markdown_table(read_table(out_dir/f'{i}.csv')), "", f"Full table: [{i}.csv]({i}.csv)", ""]
                     except Exception as e: md += [f"*Table {i}.csv could not be read: {e}*", ""]
                 cl = claims[i]
                 if cl is None: md += ["*No claims yet.*", ""]; continue
                 if status[a.id] != 'done' and cl:
                     md += [f"*Claims from an earlier run (status {status[a.id]}): shown, not counted above.*", ""]
                 if not cl: md += ["*This artifact states no claims.*", ""]; continue
-                md += ["| statement | paper | ours | test | p | p against | verdict | why |", "|---|---|---|---|---|---|---|---|"]
+                extra = ' other seed sets |' if other_seeds else ''
+                md += ["| statement | paper | ours | test | p | p against | verdict |" + extra + " why |",
+                       "|---|---|---|---|---|---|---|---|" + ('---|' if other_seeds else '')]
                 md += [f"| {_fmt(c.get('statement'))} | {_fmt(c.get('paper_value'))} | {_fmt(c.get('ours'))} | "
                        f"{_fmt(c.get('test'))} | {_fmt(c.get('p_value'))} | {_fmt(p_against_of(c))} | **{_fmt(c.get('verdict'))}** | "
-                       f"{_fmt('; '.join(w for w in (c.get('why'), reasons.get((i, c.get('statement')))) if w) or None)} |"
+                       + (f"{_fmt(other_seed_sets(seeds, i, c.get('statement')))} | " if other_seeds else '')
+                       + f"{_fmt('; '.join(w for w in (c.get('why'), reasons.get((i, c.get('statement')))) if w) or None)} |"
                        for c in cl]
                 md += [""]
 
@@ -329,14 +341,18 @@ def _offset_of(root: Path) -> int | None:
 def _outputs(out_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out_dir.glob('*')) if p.name.endswith(('.claims.json', '.csv'))}
 
-def stability(scale: str = 'cpu', out_root=FIGURES_DIR) -> dict[int, Comparison]:
-    "{other seed offset: the outputs of `out_root/scale` against that run's} for every other run of `scale` beside this one."
+def seed_runs(scale: str = 'cpu', out_root=FIGURES_DIR) -> dict[int, Path]:
+    "{seed offset: scale folder} of the run in `out_root` (first) and of every run of `scale` with other seeds beside it."
     root = Path(out_root); mine = _offset_of(root)
     base = root.parent if mine is not None else root
-    runs = {0: base} | {o: p for p in sorted(base.glob('seed-offset-*')) if (o := _offset_of(p)) is not None}
-    now = _outputs(root/scale)
-    return {o: compare_outputs(now, _outputs(p/scale), scale, f'seed offset {o}')
-            for o, p in sorted(runs.items()) if o != (mine or 0) and (p/scale).is_dir()}
+    runs = {0: base} | {o: p for p in base.glob('seed-offset-*') if (o := _offset_of(p)) is not None}
+    return {mine or 0: root/scale} | {o: p/scale for o, p in sorted(runs.items()) if o != (mine or 0) and (p/scale).is_dir()}
+
+def stability(scale: str = 'cpu', out_root=FIGURES_DIR) -> dict[int, Comparison]:
+    "{other seed offset: the outputs of `out_root/scale` against that run's} for every other run of `scale` beside this one."
+    (_, here), *others = seed_runs(scale, out_root).items()
+    now = _outputs(here)
+    return {o: compare_outputs(now, _outputs(d), scale, f'seed offset {o}') for o, d in others}
 
 def stability_markdown(scale: str = 'cpu', out_root=FIGURES_DIR) -> list[str]:
     "The report section: agreement of this run's verdicts with each run of other seeds (nothing when there is none)."
@@ -351,6 +367,52 @@ def stability_markdown(scale: str = 'cpu', out_root=FIGURES_DIR) -> list[str]:
     return md
 
 # %% ../nbs/23_report.ipynb 13
+SEED_SET_COLUMNS = ('claims', 'same verdict in every seed set', 'holds in every seed set', 'holds in some',
+                    'contradicted in every seed set', 'contradicted in some', 'inconclusive in every seed set')
+
+def seed_set_verdicts(scale: str = 'cpu', out_root=FIGURES_DIR) -> pd.DataFrame:
+    "Each claim of this run (output id, statement) with its verdict in every seed set: one column per offset, this run's first."
+    runs = seed_runs(scale, out_root)
+    claims = {o: {p.name[:-len('.claims.json')]: {c.get('statement'): c.get('verdict') for c in _claims_from(p.read_bytes())}
+                  for p in sorted(d.glob('*.claims.json'))} for o, d in runs.items()}
+    (first, mine), *others = claims.items()
+    rows = [{'id': i, 'statement': s, first: v, **{o: theirs.get(i, {}).get(s, 'missing') for o, theirs in others}}
+            for i, verdicts in mine.items() for s, v in verdicts.items()]
+    return pd.DataFrame(rows, columns=['id', 'statement', *claims])
+
+def seed_set_counts(table: pd.DataFrame, paper_of: dict[str, str]) -> pd.DataFrame:
+    "Per paper (`paper_of`: output id → paper) and overall, how the claims' verdicts in `seed_set_verdicts` agree."
+    v = table[[c for c in table.columns if c not in ('id', 'statement')]]
+    every, some = (lambda x: v.eq(x).all(axis=1)), (lambda x: v.eq(x).any(axis=1) & ~v.eq(x).all(axis=1))
+    flags = pd.DataFrame({'claims': True, 'same verdict in every seed set': v.eq(v.iloc[:, 0], axis=0).all(axis=1),
+                          'holds in every seed set': every('holds'), 'holds in some': some('holds'),
+                          'contradicted in every seed set': every('contradicted'), 'contradicted in some': some('contradicted'),
+                          'inconclusive in every seed set': every('inconclusive')}, index=table.index)
+    flags['paper'] = table['id'].map(paper_of)
+    flags = flags.dropna(subset=['paper'])
+    counts = flags.groupby('paper')[list(SEED_SET_COLUMNS)].sum().astype(int)
+    counts = counts.reindex([p for p in dict.fromkeys(paper_of.values()) if p in counts.index])   # the registry's order
+    counts.loc['all'] = counts.sum()
+    return counts
+
+def seed_sets_markdown(table: pd.DataFrame, paper_of: dict[str, str]) -> list[str]:
+    "The report section: `seed_set_counts` as a table (nothing without another seed set)."
+    offsets = [c for c in table.columns if c not in ('id', 'statement')]
+    if len(offsets) < 2: return []
+    counts = seed_set_counts(table, paper_of)
+    text = (f"Each claim's verdict in the {len(offsets)} seed sets (offsets {', '.join(map(str, offsets))}; each claim's "
+            f"row below shows the others). A claim that holds in every seed set is a conclusion an independent rerun reaches "
+            f"again; one decided in some seed sets only sits at the edge of what the data at this scale can decide.")
+    return ["## Verdicts in every seed set", "", text, "", markdown_table(counts, index=True, max_rows=len(counts)), ""]
+
+def other_seed_sets(table: pd.DataFrame, output_id: str, statement: str) -> str | None:
+    "A claim's verdicts in the other seed sets ('100: holds · 200: inconclusive'), None without any."
+    offsets = [c for c in table.columns if c not in ('id', 'statement')][1:]
+    row = table[(table['id'] == output_id) & (table['statement'] == statement)]
+    if row.empty or not offsets: return None
+    return ' · '.join(f"{o}: {row.iloc[0][o]}" for o in offsets)
+
+# %% ../nbs/23_report.ipynb 17
 def budget_run_root(out_root, changes: dict) -> Path:
     "Where a smaller-budget run (`memssl reproduce --budget`) keeps its scale folders: `out_root/budget-<label>` (chapter 00)."
     return Path(out_root)/f'budget-{budget_label(changes)}' if changes else Path(out_root)
@@ -415,7 +477,7 @@ def budget_reasons(scale: str = 'cpu', out_root=FIGURES_DIR) -> dict[tuple[str, 
         out[(r.output, r.statement)] = line if (r.output, r.statement) not in out else f"{out[(r.output, r.statement)]}; {line}"
     return out
 
-# %% ../nbs/23_report.ipynb 19
+# %% ../nbs/23_report.ipynb 23
 EVIDENCE_COLUMNS = ('inconclusive', 'no test', 'no direction', 'toward, ≤ 2×', 'toward, 2–4×', 'toward, > 4×',
                     'against, ≤ 2×', 'against, > 2×')
 

@@ -75,3 +75,8 @@ def test_stability():
     runs = [verdicts(FIG/'cpu'), verdicts(FIG/'seed-offset-100'/'cpu'), verdicts(FIG/'seed-offset-200'/'cpu')]
     all_three = sum(runs[0][k] == runs[1].get(k) == runs[2].get(k) for k in runs[0])
     assert readme_ints(r'(\d+) of (\d+) verdicts are the same in all three runs') == [all_three, len(runs[0])]
+    holds_in_all = sum(runs[0][k] == runs[1].get(k) == runs[2].get(k) == 'holds' for k in runs[0])
+    assert readme_ints(r'(\d+) claims hold in all three runs') == [holds_in_all]
+    seed_sets = REPORT[REPORT.index('## Verdicts in every seed set'):]       # the report's own count agrees
+    claims, same, holds = map(int, row(seed_sets, 'all')[:3])
+    assert (claims, same, holds) == (len(runs[0]), all_three, holds_in_all)
