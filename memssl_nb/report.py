@@ -15,7 +15,7 @@ from .registry import (SCALES, Artifact, artifact_status, constraints_hash, fail
                                 package_hash, read_json, resolve_registry, stamp_path)
 
 # %% auto 0
-__all__ = ['SEED_SET_COLUMNS', 'EVIDENCE_COLUMNS', 'markdown_table', 'read_table', 'p_against_of', 'write_report',
+__all__ = ['ANOTHER_HOST', 'SEED_SET_COLUMNS', 'EVIDENCE_COLUMNS', 'markdown_table', 'read_table', 'p_against_of', 'write_report',
            'reference_outputs', 'Comparison', 'compare_outputs', 'comparison_path', 'verify', 'seed_run_root',
            'seed_runs', 'stability', 'stability_markdown', 'seed_set_verdicts', 'seed_set_counts', 'seed_sets_markdown',
            'other_seed_sets', 'budget_run_root', 'budget_runs', 'budget_table', 'budget_markdown', 'budget_reasons',
@@ -238,6 +238,7 @@ class Comparison:
             flips = self.changed[self.changed.committed.isin(DECIDED) & self.changed.now.isin(DECIDED)]
             md += [f"Of the {c} changed verdicts, {len(flips)} flipped between *holds* and *contradicted* (a decided verdict "
                    f"reversed); the other {c - len(flips)} moved between a decided verdict, *inconclusive* and *not checkable*.", ""]
+            if reference_text is None: md += [ANOTHER_HOST, ""]
         if self.only_reference or self.only_now:
             md += [f"Only in the reference: {', '.join(self.only_reference) or 'none'}. Only now: {', '.join(self.only_now) or 'none'}.", ""]
         if c:
@@ -317,6 +318,12 @@ def compare_outputs(now: dict[str, bytes], reference: dict[str, bytes] | None, s
                       sorted(ids(reference) - ids(now)), sorted(ids(now) - ids(reference)), rtol, atol)
 
 def comparison_path(out_dir) -> Path: return Path(out_dir)/'comparison.json'
+
+# why a fresh clone's run may differ from the committed one (measured: README, 'Same host, same result')
+ANOTHER_HOST = ("On the host that made the committed run, with the same thread count, every verdict and number repeats. "
+                "Another CPU model sums in another order inside its kernels, and the difference grows over training like "
+                "another seed's: expect about as many verdicts to change as between two seed sets (the *Stability* sections "
+                "of the committed report), none of them reversed between *holds* and *contradicted*.")
 
 def verify(scale: str = 'cpu', out_root=FIGURES_DIR, ref: str = 'HEAD', rtol: float = 0.1, atol: float = 0.01,
            save: bool = True) -> Comparison:
