@@ -380,8 +380,8 @@ SEED_SET_COLUMNS = ('claims', 'same verdict in every seed set', 'holds in every 
 def seed_set_verdicts(scale: str = 'cpu', out_root=FIGURES_DIR) -> pd.DataFrame:
     "Each claim of this run (output id, statement) with its verdict in every seed set: one column per offset, this run's first."
     runs = seed_runs(scale, out_root)
-    claims = {o: {p.name[:-len('.claims.json')]: {c.get('statement'): c.get('verdict') for c in _claims_from(p.read_bytes())}
-                  for p in sorted(d.glob('*.claims.json'))} for o, d in runs.items()}
+    claims = {o: {name[:-len('.claims.json')]: {c.get('statement'): c.get('verdict') for c in _claims_from(data)}
+                  for name, data in _outputs(d).items() if name.endswith('.claims.json')} for o, d in runs.items()}
     (first, mine), *others = claims.items()
     rows = [{'id': i, 'statement': s, first: v, **{o: theirs.get(i, {}).get(s, 'missing') for o, theirs in others}}
             for i, verdicts in mine.items() for s, v in verdicts.items()]
