@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='a submitit parameter (JSON value), e.g. slurm_partition=gpu, gpus_per_node=1; repeatable')
     p = sub.add_parser('report', help='rebuild figures/<scale>/REPORT.md from the outputs on disk')
     _locations(p)
+    p.add_argument('--as-committed', action='store_true',
+                   help='count every artifact whose claims files are on disk as done, without the stamps of this machine '
+                   '(outputs made elsewhere, e.g. the committed runs of a fresh clone); the report says so')
     p = sub.add_parser('verify', help='compare the outputs on disk with the committed ones (verdicts and numbers), '
                        'without running anything; the table goes into REPORT.md')
     _locations(p)
@@ -142,7 +145,7 @@ def cmd_reproduce(args) -> int:
     return summary.exit_code
 
 def cmd_report(args) -> int:
-    print(write_report(args.scale, args.out_root, registry=args.registry, nb_root=args.nb_root))
+    print(write_report(args.scale, args.out_root, registry=args.registry, nb_root=args.nb_root, as_committed=args.as_committed))
     return 0
 
 def cmd_verify(args) -> int:
