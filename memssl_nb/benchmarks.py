@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pandas as pd
 import torch
 import memssl_nb.augment, memssl_nb.sslmem
-from .core import get_device, make_generator
+from .core import get_device, make_generator, native_bf16
 from .data import ImageSet, load_dataset, sample_indices
 from .augment import Augment, benchmark_augment
 from .models import build_encoder
@@ -17,10 +17,11 @@ from .spec import TrainSpec, build_augment, build_model, make_optimizer, trainin
 from .train import LossModel, default_channels_last, train_encoder
 from .privacy import dp_gradients
 from .sslmem import alignment_distances, benchmark_sslmem, official_style_sslmem, sslmem
+from .protocol import ProtocolConfig, protocol_data
 from .layermem import layermem, tap_reader
 
 # %% auto 0
-__all__ = ['peak_memory', 'cpu_clock', 'native_bf16', 'benchmark_train_step', 'conv_peak_gflops', 'benchmark_levers',
+__all__ = ['peak_memory', 'cpu_clock', 'benchmark_train_step', 'conv_peak_gflops', 'benchmark_levers', 'benchmark_bf16_metrics',
            'benchmark_dp_step', 'benchmark_peer_lightly', 'benchmark_checkpointing', 'benchmark_tap_memory']
 
 # %% ../nbs/90_benchmarks.ipynb 5
@@ -64,15 +65,6 @@ def cpu_clock(*modules, enabled: bool = True):
         yield
     finally:
         for m, t in saved: m.time = t
-
-def native_bf16(device=None) -> bool:
-    """Does `device` compute bfloat16 natively? CUDA: `torch.cuda.is_bf16_supported()`; CPU: the AVX512-BF16 or AMX-BF16
-    instructions in `/proc/cpuinfo` (elsewhere unknown, so False: emulated bf16 is 15-50x slower than fp32)."""
-    device = get_device(device)
-    if device.type == 'cuda': return torch.cuda.is_bf16_supported()
-    try: flags = set(open('/proc/cpuinfo').read().split())
-    except OSError: return False
-    return bool(flags & {'avx512_bf16', 'amx_bf16'})
 
 def _timer(device) -> tuple:
     "(sync, clock) for timing on `device`: wall time after a synchronize on CUDA; on CPU the process's CPU time, blind to other processes."
@@ -236,6 +228,40 @@ def benchmark_levers(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: i
 
 
 # %% ../nbs/90_benchmarks.ipynb 23
+def benchmark_bf16_metrics(cfg: ProtocolConfig, seeds: tuple = (0, 1), n_pairs: int = 10, device=None) -> pd.DataFrame | None:
+    """The f/g pair of protocol `cfg` at `seeds[0]` in the loop's default precision (`'auto'`) and in the other one (bf16
+    on a CPU, fp32 on CUDA), and at `seeds[1]` in the default (encoders from the cache where they are); against the
+    default at `seeds[0]`: the largest relative difference of f's loss over the epochs, the Pearson correlation of output
+    SSLMem over S_C and S_E, and S_C − S_E. `within_seed_spread`: the other precision moves each no more than the other
+    seed does. None on a CPU without native bf16 (emulated, it would take hours)."""
+    device = get_device(device)
+    if device.type == 'cpu' and not native_bf16(device): return None
+    other = 'fp32' if device.type == 'cuda' else 'bf16'
+    data, split, _ = protocol_data(cfg)
+    sets = split.sets()
+    points, is_c = torch.cat([sets['S_C'], sets['S_E']]), torch.arange(len(sets['S_C']) + len(sets['S_E'])) < len(sets['S_C'])
+    def pair(seed, precision):
+        return [train_encoder(cfg.train_spec(idx.tolist(), seed).replace(precision=precision), data, device=device,
+                              progress_bar=False) for idx in (split.f_indices, split.g_indices)]
+    runs = {f'default, seed {seeds[0]}': pair(seeds[0], 'auto'), f'{other}, seed {seeds[0]}': pair(seeds[0], other),
+            f'default, seed {seeds[1]}': pair(seeds[1], 'auto')}
+    rows, (base_f, _) = [], runs[f'default, seed {seeds[0]}']
+    base = None
+    for name, (f, g) in runs.items():
+        s = sslmem(f.encoder, g.encoder, data.images[points], f.augment, n_pairs=n_pairs, device=device, progress=False).score.double()
+        base = s if base is None else base
+        loss, ref = torch.tensor(f.loss), torch.tensor(base_f.loss)
+        rows.append(dict(encoders=name, loss_max_rel_diff=float(((loss - ref).abs() / ref.abs()).max()),
+                         sslmem_pearson=float(torch.corrcoef(torch.stack([s, base]))[0, 1]),
+                         sc_minus_se=float(s[is_c].mean() - s[~is_c].mean())))
+    df = pd.DataFrame(rows).set_index('encoders')
+    df['sc_minus_se_diff'] = (df.sc_minus_se - df.sc_minus_se.iloc[0]).abs()
+    prec, seed = df.iloc[1], df.iloc[2]
+    df.attrs['within_seed_spread'] = bool(prec.loss_max_rel_diff <= seed.loss_max_rel_diff and prec.sslmem_pearson >= seed.sslmem_pearson
+                                          and prec.sc_minus_se_diff <= seed.sc_minus_se_diff)
+    return df
+
+# %% ../nbs/90_benchmarks.ipynb 28
 def benchmark_dp_step(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: int = 3, device=None) -> dict:
     """Seconds per DP-SGD step of `spec` (a DP spec: per-sample objective, GroupNorm) with per-sample gradients by `vmap`
     and by hooks, and per non-private step of the same model (forward, backward, optimiser), built and timed in one run;
@@ -264,7 +290,7 @@ def benchmark_dp_step(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: 
                 hooks_s=best['hooks'], non_private_s=best['non-private'], hooks_speedup=best['vmap'] / best['hooks'],
                 dp_cost_hooks=best['hooks'] / best['non-private'], max_rel_diff=diff)
 
-# %% ../nbs/90_benchmarks.ipynb 26
+# %% ../nbs/90_benchmarks.ipynb 31
 def benchmark_peer_lightly(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: int = 3) -> dict:
     """CPU seconds per SimCLR step of `spec` in this library and in lightly (its `SimCLRTransform` per image in a
     `DataLoader`, its `NTXentLoss`) on the same encoder, head and initial weights, one thread, steps interleaved (the
@@ -310,7 +336,7 @@ def benchmark_peer_lightly(spec: TrainSpec, data: ImageSet, steps: int = 4, repe
                 ours_images_per_cpu_s=spec.batch_size / best['ours'], lightly_images_per_cpu_s=spec.batch_size / best['lightly'],
                 speed_vs_lightly=best['lightly'] / best['ours'], load_average=os.getloadavg()[0])
 
-# %% ../nbs/90_benchmarks.ipynb 30
+# %% ../nbs/90_benchmarks.ipynb 35
 def benchmark_checkpointing(spec: TrainSpec, data: ImageSet, repeats: int = 3) -> dict:
     """Median seconds per epoch of `train_encoder(spec)` without the cache (nothing written), with a checkpoint after
     every epoch, and with the default checkpoint budget, interleaved `repeats` times; overheads = with / without − 1."""
@@ -326,7 +352,7 @@ def benchmark_checkpointing(spec: TrainSpec, data: ImageSet, repeats: int = 3) -
     return dict(epoch_without_s=epoch['none'], epoch_every_s=epoch['every_epoch'], epoch_with_s=epoch['default'],
                 overhead_every=epoch['every_epoch'] / epoch['none'] - 1, overhead=epoch['default'] / epoch['none'] - 1)
 
-# %% ../nbs/90_benchmarks.ipynb 35
+# %% ../nbs/90_benchmarks.ipynb 40
 class _reader_keeping_every_tap(tap_reader):
     "`tap_reader` as the engine read taps before `LayerTaps(keep=...)`: every raw output held until the forward ends, then kept."
     def read(self, x, keep=None):

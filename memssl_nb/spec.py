@@ -14,12 +14,13 @@ from .models import build_encoder
 from .objectives import get_objective, Objective
 
 # %% auto 0
-__all__ = ['CACHE_VERSION', 'OPTIMIZERS', 'PER_SAMPLE_METHODS', 'TrainSpec', 'check_dp', 'training_data', 'cache_key',
-           'build_augment', 'build_clean', 'build_model', 'LARS', 'make_optimizer', 'lr_factor']
+__all__ = ['CACHE_VERSION', 'OPTIMIZERS', 'PRECISIONS', 'PER_SAMPLE_METHODS', 'TrainSpec', 'check_dp', 'training_data',
+           'cache_key', 'build_augment', 'build_clean', 'build_model', 'LARS', 'make_optimizer', 'lr_factor']
 
 # %% ../nbs/05_spec.ipynb 5
 CACHE_VERSION = 2  # bump when a change alters trained weights or the cache layout (2: one-file checkpoints, MAE's own generator)
 OPTIMIZERS = ('adam', 'adamw', 'sgd', 'lars')
+PRECISIONS = ('auto', 'fp32', 'bf16')
 
 @dataclass
 class TrainSpec:
@@ -47,6 +48,7 @@ class TrainSpec:
     seed: int = 0
     drop_last: bool = True
     dp: dict | None = None                  # DP-SGD: {'max_grad_norm', and 'noise_multiplier' or 'epsilon' (+ 'delta')}
+    precision: str = 'auto'                 # auto: bf16 autocast on CUDA, fp32 elsewhere | fp32 | bf16 (where native)
 
     def __post_init__(self):
         if self.indices is not None:
@@ -55,12 +57,14 @@ class TrainSpec:
         if self.epochs < 0 or self.batch_size < 1: raise ValueError("epochs must be >= 0 and batch_size >= 1")
         if self.optimizer not in OPTIMIZERS: raise ValueError(f"unknown optimizer {self.optimizer!r}")
         if self.schedule not in ('cosine', 'constant'): raise ValueError(f"unknown schedule {self.schedule!r}")
+        if self.precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.dp is not None: self.dp = check_dp(self.dp)
 
     def replace(self, **changes) -> 'TrainSpec': return dataclasses.replace(self, **changes)
     def to_dict(self) -> dict:
         d = asdict(self); d['indices'] = list(self.indices) if self.indices is not None else None
         if d['dp'] is None: del d['dp']        # non-private specs keep the cache keys they had before DP existed
+        if d['precision'] == 'auto': del d['precision']   # and specs at the default precision theirs from before it
         return d
 
 PER_SAMPLE_METHODS = ('auto', 'hooks', 'vmap')

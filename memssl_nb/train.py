@@ -12,7 +12,7 @@ import torch, torch.nn as nn
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 import pandas as pd
-from .core import CACHE_DIR, get_device, make_generator, progress, seed_everything, Summarized
+from .core import CACHE_DIR, get_device, make_generator, native_bf16, progress, seed_everything, Summarized
 from .data import ImageSet, load_dataset
 from .augment import Augment
 from .objectives import Objective
@@ -24,8 +24,8 @@ from .checkpoint import CheckpointError, save_checkpoint, read_checkpoint, apply
 from .privacy import check_dp_model, dp_gradients, dp_noise_multiplier, dp_epsilon
 
 # %% auto 0
-__all__ = ['CHECKPOINT_BUDGET', 'LossModel', 'TrainedEncoder', 'default_channels_last', 'encoder_folder', 'train_encoder',
-           'cached_encoders', 'main']
+__all__ = ['CHECKPOINT_BUDGET', 'LossModel', 'TrainedEncoder', 'default_channels_last', 'autocast_bf16', 'encoder_folder',
+           'train_encoder', 'cached_encoders', 'main']
 
 # %% ../nbs/05d_train.ipynb 7
 class LossModel(nn.Module):
@@ -79,13 +79,24 @@ def default_channels_last(spec) -> bool:
     "The loop's layout unless told otherwise: channels-last (NHWC) for the ResNets, except under DP-SGD."
     return spec.arch.startswith('resnet') and spec.dp is None
 
+def autocast_bf16(spec, device) -> bool:
+    """Does training `spec` on `device` autocast to bfloat16? `precision` 'auto': on CUDA only; 'fp32': never; 'bf16': on a
+    device that computes bfloat16 natively (`native_bf16`, chapter 00), and an error elsewhere rather than a 15-50x
+    slower emulation or a silent fp32."""
+    if spec.precision == 'auto': return device.type == 'cuda'
+    if spec.precision == 'fp32': return False
+    if not native_bf16(device):
+        raise ValueError(f"precision='bf16' needs a device that computes bfloat16 natively, and {device} does not (no "
+                         "AVX512-BF16 or AMX-BF16 on this CPU): train with precision='auto' or 'fp32'")
+    return True
+
 def _run_epochs(spec, key, model, encoder, objective, optimizer, data, augment, device, ckpt, start_epoch, history,
                 show_progress, on_epoch_end=None, rank=0, world=1, channels_last=False, checkpoint_budget=None):
     images, labels = data.images.to(device), objective.prepare_labels(data.labels, spec.seed).to(device)
     n, (h, w) = len(images), images.shape[-2:]
     steps_per_epoch = n // spec.batch_size if spec.drop_last and n >= spec.batch_size else math.ceil(n / spec.batch_size)
     total = steps_per_epoch * spec.epochs
-    use_amp = device.type == 'cuda'
+    use_amp = autocast_bf16(spec, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if spec.dp is not None:
         sample_rate = min(1.0, spec.batch_size / n)
