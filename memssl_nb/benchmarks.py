@@ -228,7 +228,8 @@ def benchmark_levers(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: i
 
 
 # %% ../nbs/90_benchmarks.ipynb 23
-def benchmark_bf16_metrics(cfg: ProtocolConfig, seeds: tuple = (0, 1), n_pairs: int = 10, device=None) -> pd.DataFrame | None:
+def benchmark_bf16_metrics(cfg: ProtocolConfig, seeds: tuple = (0, 1), n_pairs: int = 10, device=None,
+                           cache_dir=None) -> pd.DataFrame | None:
     """The f/g pair of protocol `cfg` at `seeds[0]` in the loop's default precision (`'auto'`) and in the other one (bf16
     on a CPU, fp32 on CUDA), and at `seeds[1]` in the default (encoders from the cache where they are); against the
     default at `seeds[0]`: the largest relative difference of f's loss over the epochs, the Pearson correlation of output
@@ -242,7 +243,7 @@ def benchmark_bf16_metrics(cfg: ProtocolConfig, seeds: tuple = (0, 1), n_pairs: 
     points, is_c = torch.cat([sets['S_C'], sets['S_E']]), torch.arange(len(sets['S_C']) + len(sets['S_E'])) < len(sets['S_C'])
     def pair(seed, precision):
         return [train_encoder(cfg.train_spec(idx.tolist(), seed).replace(precision=precision), data, device=device,
-                              progress_bar=False) for idx in (split.f_indices, split.g_indices)]
+                              cache_dir=cache_dir, progress_bar=False) for idx in (split.f_indices, split.g_indices)]
     runs = {f'default, seed {seeds[0]}': pair(seeds[0], 'auto'), f'{other}, seed {seeds[0]}': pair(seeds[0], other),
             f'default, seed {seeds[1]}': pair(seeds[1], 'auto')}
     rows, (base_f, _) = [], runs[f'default, seed {seeds[0]}']

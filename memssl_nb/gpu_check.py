@@ -13,15 +13,18 @@ from .recipes import paper_spec
 from .spec import build_augment, build_model, training_data
 from .train import train_encoder
 from .sslmem import benchmark_sslmem
-from .benchmarks import benchmark_train_step, peak_memory
+from .benchmarks import benchmark_bf16_metrics, benchmark_train_step, peak_memory
+from .protocol import protocol_config
 
 # %% auto 0
 __all__ = ['GPU_CHECK_SIZES', 'gpu_check', 'gpu_check_markdown', 'main']
 
 # %% ../nbs/91_gpu_check.ipynb 5
 GPU_CHECK_SIZES = {
-    'gpu': dict(n_train=50_000, n_test=10_000, width=1.0, batch_size=512, steps=20, score_points=512, score_pairs=10),
-    'dry': dict(n_train=160, n_test=32, width=0.125, batch_size=32, steps=2, score_points=8, score_pairs=2),
+    'gpu': dict(n_train=50_000, n_test=10_000, width=1.0, batch_size=512, steps=20, score_points=512, score_pairs=10,
+                precision_protocol='cpu'),
+    'dry': dict(n_train=160, n_test=32, width=0.125, batch_size=32, steps=2, score_points=8, score_pairs=2,
+                precision_protocol='smoke'),
 }
 
 # %% ../nbs/91_gpu_check.ipynb 8
@@ -66,6 +69,10 @@ def gpu_check(mode: str = 'gpu', out_dir=None, device=None) -> dict:
                                                               repeats=1, verbose=False), device)
             summary['scoring'] = {**score, **mem}
             summary['ddp'] = _ddp_epoch(spec, root, torch.cuda.device_count() if device.type == 'cuda' else 0)
+        prec = benchmark_bf16_metrics(protocol_config(S['precision_protocol']), n_pairs=S['score_pairs'], device=device,
+                                      cache_dir=Path(root)/'cache')
+        summary['precision'] = ({'skipped': 'no native bf16 on this CPU'} if prec is None else
+                                {'rows': prec.reset_index().to_dict('records'), 'within_seed_spread': prec.attrs['within_seed_spread']})
     summary['seconds'] = time.perf_counter() - t_start
     summary['goals'] = {'scoring >= 50x the official loop': summary['scoring']['official_over_engine_same_measure'] >= 50,
                         'scoring <= 1.1x its bare forwards': summary['scoring']['engine_over_forwards'] <= 1.1}
@@ -77,7 +84,7 @@ def gpu_check(mode: str = 'gpu', out_dir=None, device=None) -> dict:
 
 def gpu_check_markdown(s: dict) -> str:
     "The summary as a short Markdown page."
-    t, e, c, d = s['training_step'], s['epoch'], s['scoring'], s['ddp']
+    t, e, c, d, p = s['training_step'], s['epoch'], s['scoring'], s['ddp'], s['precision']
     mem = lambda m: f"{m['cuda_peak_mb']:.0f} MB (CUDA peak)" if 'cuda_peak_mb' in m else f"{m['rss_growth_mb']:.0f} MB (RSS growth)"
     lines = [f"# GPU check ({s['mode']})", "",
              f"{s['gpu'] or s['device']}, torch {s['torch']}, {s['visible_gpus']} visible GPU(s); {s['seconds']:.0f} s in all.", "",
@@ -88,6 +95,10 @@ def gpu_check_markdown(s: dict) -> str:
              f"| scoring {c['n_points']} points, K = {c['n_pairs']} | engine / official loop (same measurement) "
              f"{c['official_over_engine_same_measure']:.1f}×; engine / bare forwards {c['engine_over_forwards']:.2f}× | {mem(c)} |",
              f"| DDP | " + (d['skipped'] if 'skipped' in d else f"{d['gpus']} GPUs, {d['seconds']:.1f} s for one epoch, exit {d['returncode']}") + " | |",
+             f"| training precision (the f/g pairs of the protocol, chapter 90's `benchmark_bf16_metrics`) | " + (
+                 p['skipped'] if 'skipped' in p else '; '.join(f"{r['encoders']}: loss Δ {r['loss_max_rel_diff']:.1%}, SSLMem r "
+                 f"{r['sslmem_pearson']:.2f}, S_C − S_E {r['sc_minus_se']:.4f}" for r in p['rows'][1:])
+                 + f"; within the seed-to-seed spread: {'yes' if p['within_seed_spread'] else 'no'}") + " | |",
              "", "Goals: " + '; '.join(f"{k}: {'met' if v else 'not met'}" for k, v in s['goals'].items()) + "."]
     return '\n'.join(lines) + '\n'
 
