@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_cli.ipynb 2
 from __future__ import annotations
-import argparse, json, sys
+import argparse, json, os, sys
 from pathlib import Path
 from .core import FIGURES_DIR, budget_label
 from .registry import SCALES, REGISTRY_PATH, RegistryError, list_artifacts
@@ -109,9 +109,16 @@ def cmd_list(args) -> int:
     if df.empty:
         print(f"No artifacts{' match ' + repr(args.only) if args.only else ''} in {args.registry or REGISTRY_PATH}.")
         return 0
-    print(df.to_string(index=False, na_rep='', float_format=lambda x: f'{x:.1f}'))
+    df = df[['id', 'paper', 'status', 'seconds', 'notebook', 'title']].assign(seconds=df.seconds.astype(float))  # None: blank
+    width = {c: max(len(c), df[c].str.len().max()) for c in ('id', 'paper', 'status', 'notebook')}
+    left = {c: (lambda w: lambda s: f'{s:<{w}}')(w) for c, w in width.items()}          # text left-aligned, as read
+    left['title'] = lambda t: t if len(t) <= 90 else t[:89] + '…'                       # one line per artifact
+    print(df.to_string(index=False, na_rep='', float_format=lambda x: f'{x:.1f}', formatters=left, justify='left'))
     counts = df.status.value_counts()
     print(f"\n{len(df)} artifacts at scale {args.scale}: " + ', '.join(f'{n} {s}' for s, n in counts.items()))
+    if counts.get('not run here'):
+        print("'not run here': the outputs on disk (in a fresh clone, the committed ones) were made on another machine; "
+              "`memssl report --as-committed` reads them as they are, `memssl reproduce` runs them here.")
     return 0
 
 def _key_values(pairs: list[str]) -> dict:
@@ -208,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ('list', 'report', 'verify'):
         args.out_root = seed_run_root(budget_run_root(args.out_root, getattr(args, 'budget', None) or {}), args.seed_offset)
     try: return COMMANDS[args.command](args)
+    except BrokenPipeError:          # `memssl list | head`: the reader had enough, which is not an error
+        try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing left to flush at exit
+        except (OSError, ValueError): pass
+        return 0
     except (RegistryError, OSError) as e:
         print(f"memssl {args.command}: {e}", file=sys.stderr); return 2
 

@@ -196,13 +196,14 @@ def missing_claims(artifact: Artifact, out_dir, before: dict | None = None) -> l
     return [i for i, t in now.items() if t is None or (before is not None and t == before.get(i))]
 
 def artifact_status(artifact: Artifact, scale: str, out_dir, nb_root, pkg=None, constraints=None) -> str:
-    "done / stale / failed / missing / n/a for `artifact` at `scale`, from the files in `out_dir`."
+    "done / stale / failed / not run here / missing / n/a for `artifact` at `scale`, from the files in `out_dir`."
     if artifact.params_for(scale) is None: return 'n/a'
     stamp = read_json(stamp_path(out_dir, artifact.id))
     if stamp:
         h, _ = input_hash(artifact, scale, nb_root, out_dir, pkg, constraints)
         return 'done' if stamp.get('input_hash') == h and not missing_claims(artifact, out_dir) else 'stale'
-    return 'failed' if failure_path(out_dir, artifact.id).exists() else 'missing'
+    if failure_path(out_dir, artifact.id).exists(): return 'failed'
+    return 'missing' if missing_claims(artifact, out_dir) else 'not run here'
 
 def list_artifacts(pattern=None, scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_root=None) -> pd.DataFrame:
     "The registered artifacts matching `pattern` (fnmatch on ids) and their status at `scale`."

@@ -86,7 +86,7 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
         st = [status[a.id] for a in group]
         n = _count(cl)
         return (f"| {name} | {len(group)} | {st.count('done')} | {st.count('stale')} | {st.count('failed')} | "
-                f"{st.count('missing')} | {len(cl)} | {n['holds']} | {n['contradicted']} | {n['inconclusive']} | {n['not checkable']} |")
+                f"{st.count('missing') + st.count('not run here')} | {len(cl)} | {n['holds']} | {n['contradicted']} | {n['inconclusive']} | {n['not checkable']} |")
 
     counted = (f"Rebuilt by `memssl report --scale {scale} --as-committed` from the outputs in this folder as they are: "
                f"every artifact whose claims files are all here counts as **done**, without checking that this machine "
