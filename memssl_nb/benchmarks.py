@@ -228,38 +228,42 @@ def benchmark_levers(spec: TrainSpec, data: ImageSet, steps: int = 4, repeats: i
 
 
 # %% ../nbs/90_benchmarks.ipynb 23
-def benchmark_bf16_metrics(cfg: ProtocolConfig, seeds: tuple = (0, 1), n_pairs: int = 10, device=None,
+def benchmark_bf16_metrics(cfg: ProtocolConfig, seeds: tuple = (0, 1, 2), n_pairs: int = 10, device=None,
                            cache_dir=None) -> pd.DataFrame | None:
-    """The f/g pair of protocol `cfg` at `seeds[0]` in the loop's default precision (`'auto'`) and in the other one (bf16
-    on a CPU, fp32 on CUDA), and at `seeds[1]` in the default (encoders from the cache where they are); against the
-    default at `seeds[0]`: the largest relative difference of f's loss over the epochs, the Pearson correlation of output
-    SSLMem over S_C and S_E, and S_C − S_E. `within_seed_spread`: the other precision moves each no more than the other
-    seed does. None on a CPU without native bf16 (emulated, it would take hours)."""
+    """The f/g pairs of protocol `cfg` at each of `seeds` in the loop's default precision (`'auto'`) and in the other one
+    (bf16 on a CPU, fp32 on CUDA), from the cache where they are. One row per comparison: each seed's other-precision
+    pair against its default pair (`kind` 'precision'), and each two seeds' default pairs (`kind` 'seed'), with the
+    largest relative difference of f's loss over the epochs, the Pearson correlation of output SSLMem over S_C and S_E,
+    and the difference of S_C − S_E. `attrs['within_seed_spread']`: every precision row moves each measure no more
+    than the furthest seed row does; `attrs['sc_minus_se']`: each pair's S_C − S_E. None on a CPU without native bf16
+    (emulated, it would take hours)."""
     device = get_device(device)
     if device.type == 'cpu' and not native_bf16(device): return None
+    if len(seeds) < 2: raise ValueError("benchmark_bf16_metrics needs at least two seeds: the spread between seeds is the tolerance")
     other = 'fp32' if device.type == 'cuda' else 'bf16'
     data, split, _ = protocol_data(cfg)
     sets = split.sets()
     points, is_c = torch.cat([sets['S_C'], sets['S_E']]), torch.arange(len(sets['S_C']) + len(sets['S_E'])) < len(sets['S_C'])
-    def pair(seed, precision):
-        return [train_encoder(cfg.train_spec(idx.tolist(), seed).replace(precision=precision), data, device=device,
-                              cache_dir=cache_dir, progress_bar=False) for idx in (split.f_indices, split.g_indices)]
-    runs = {f'default, seed {seeds[0]}': pair(seeds[0], 'auto'), f'{other}, seed {seeds[0]}': pair(seeds[0], other),
-            f'default, seed {seeds[1]}': pair(seeds[1], 'auto')}
-    rows, (base_f, _) = [], runs[f'default, seed {seeds[0]}']
-    base = None
-    for name, (f, g) in runs.items():
+    def measured(seed, precision):
+        f, g = (train_encoder(cfg.train_spec(idx.tolist(), seed).replace(precision=precision), data, device=device,
+                              cache_dir=cache_dir, progress_bar=False) for idx in (split.f_indices, split.g_indices))
         s = sslmem(f.encoder, g.encoder, data.images[points], f.augment, n_pairs=n_pairs, device=device, progress=False).score.double()
-        base = s if base is None else base
-        loss, ref = torch.tensor(f.loss), torch.tensor(base_f.loss)
-        rows.append(dict(encoders=name, loss_max_rel_diff=float(((loss - ref).abs() / ref.abs()).max()),
-                         sslmem_pearson=float(torch.corrcoef(torch.stack([s, base]))[0, 1]),
-                         sc_minus_se=float(s[is_c].mean() - s[~is_c].mean())))
-    df = pd.DataFrame(rows).set_index('encoders')
-    df['sc_minus_se_diff'] = (df.sc_minus_se - df.sc_minus_se.iloc[0]).abs()
-    prec, seed = df.iloc[1], df.iloc[2]
-    df.attrs['within_seed_spread'] = bool(prec.loss_max_rel_diff <= seed.loss_max_rel_diff and prec.sslmem_pearson >= seed.sslmem_pearson
-                                          and prec.sc_minus_se_diff <= seed.sc_minus_se_diff)
+        return torch.tensor(f.loss), s
+    runs = {(p, s): measured(s, p) for s in seeds for p in ('auto', other)}
+    def compare(kind, name, a, b):
+        (la, sa), (lb, sb) = runs[a], runs[b]
+        effect = lambda s: float(s[is_c].mean() - s[~is_c].mean())
+        return dict(comparison=name, kind=kind, loss_max_rel_diff=float(((lb - la).abs() / la.abs()).max()),
+                    sslmem_pearson=float(torch.corrcoef(torch.stack([sa, sb]))[0, 1]),
+                    sc_minus_se_diff=abs(effect(sb) - effect(sa)))
+    rows = [compare('precision', f'{other} vs default, seed {s}', ('auto', s), (other, s)) for s in seeds]
+    rows += [compare('seed', f'default, seed {s} vs {t}', ('auto', s), ('auto', t)) for k, s in enumerate(seeds) for t in seeds[k + 1:]]
+    df = pd.DataFrame(rows).set_index('comparison')
+    prec, seed = df[df.kind == 'precision'], df[df.kind == 'seed']
+    df.attrs['within_seed_spread'] = bool((prec.loss_max_rel_diff <= seed.loss_max_rel_diff.max()).all()
+                                          and (prec.sslmem_pearson >= seed.sslmem_pearson.min()).all()
+                                          and (prec.sc_minus_se_diff <= seed.sc_minus_se_diff.max()).all())
+    df.attrs['sc_minus_se'] = {f'{p}, seed {s}': float(v[1][is_c].mean() - v[1][~is_c].mean()) for (p, s), v in runs.items()}
     return df
 
 # %% ../nbs/90_benchmarks.ipynb 28

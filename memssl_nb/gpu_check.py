@@ -69,8 +69,8 @@ def gpu_check(mode: str = 'gpu', out_dir=None, device=None) -> dict:
                                                               repeats=1, verbose=False), device)
             summary['scoring'] = {**score, **mem}
             summary['ddp'] = _ddp_epoch(spec, root, torch.cuda.device_count() if device.type == 'cuda' else 0)
-        prec = benchmark_bf16_metrics(protocol_config(S['precision_protocol']), n_pairs=S['score_pairs'], device=device,
-                                      cache_dir=Path(root)/'cache')
+        prec = benchmark_bf16_metrics(protocol_config(S['precision_protocol']), seeds=(0, 1), n_pairs=S['score_pairs'],
+                                      device=device, cache_dir=Path(root)/'cache')
         summary['precision'] = ({'skipped': 'no native bf16 on this CPU'} if prec is None else
                                 {'rows': prec.reset_index().to_dict('records'), 'within_seed_spread': prec.attrs['within_seed_spread']})
     summary['seconds'] = time.perf_counter() - t_start
@@ -96,8 +96,8 @@ def gpu_check_markdown(s: dict) -> str:
              f"{c['official_over_engine_same_measure']:.1f}×; engine / bare forwards {c['engine_over_forwards']:.2f}× | {mem(c)} |",
              f"| DDP | " + (d['skipped'] if 'skipped' in d else f"{d['gpus']} GPUs, {d['seconds']:.1f} s for one epoch, exit {d['returncode']}") + " | |",
              f"| training precision (the f/g pairs of the protocol, chapter 90's `benchmark_bf16_metrics`) | " + (
-                 p['skipped'] if 'skipped' in p else '; '.join(f"{r['encoders']}: loss Δ {r['loss_max_rel_diff']:.1%}, SSLMem r "
-                 f"{r['sslmem_pearson']:.2f}, S_C − S_E {r['sc_minus_se']:.4f}" for r in p['rows'][1:])
+                 p['skipped'] if 'skipped' in p else '; '.join(f"{r['comparison']}: loss Δ {r['loss_max_rel_diff']:.1%}, SSLMem r "
+                 f"{r['sslmem_pearson']:.2f}, Δ(S_C − S_E) {r['sc_minus_se_diff']:.4f}" for r in p['rows'])
                  + f"; within the seed-to-seed spread: {'yes' if p['within_seed_spread'] else 'no'}") + " | |",
              "", "Goals: " + '; '.join(f"{k}: {'met' if v else 'not met'}" for k, v in s['goals'].items()) + "."]
     return '\n'.join(lines) + '\n'
