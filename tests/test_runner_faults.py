@@ -100,7 +100,7 @@ def test_report_counts_only_done_artifacts_and_a_failed_report_fails_the_run(tmp
     (tmp_path / 'smoke' / '.stamps' / 'B.json').unlink()                      # B's outputs are no longer vouched for
     md = report.write_report('smoke', tmp_path, registry=arts, nb_root=FIXTURES).read_text()
     assert '| **all** | 2 | 1 | 0 | 0 | 1 | 1 | 1 | 0 | 0 | 0 |' in md
-    assert 'Claims from an earlier run (status missing): shown, not counted above.' in md
+    assert 'Claims from an earlier run (status not run here): shown, not counted above.' in md
     def broken(*a, **k): raise OSError(30, 'Read-only file system')
     monkeypatch.setattr(runner, 'write_report', broken)   # what the runner calls
     s = run(only='A', force=True)
