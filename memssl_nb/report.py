@@ -111,6 +111,11 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [summary_row(p, [a for a in arts.values() if a.paper == p]) for p in papers]
     md += [summary_row('**all**', list(arts.values())), ""]
+    elsewhere = [a for a, s in status.items() if s == 'not run here']
+    if elsewhere:
+        md += [f"*{len(elsewhere)} of {len(arts)} artifacts have outputs here that this machine did not run (in a fresh clone, "
+               f"the committed ones), so they are not counted: `memssl reproduce` runs them, `memssl report --as-committed` "
+               f"counts them as they are.*", ""]
     if not arts: md += ["No artifacts are registered.", ""]
     saved = comparison_path(out_dir)
     if saved.exists():
