@@ -244,6 +244,7 @@ def benchmark_bf16_metrics(cfg: ProtocolConfig, seeds: tuple = (0, 1, 2), n_pair
     data, split, _ = protocol_data(cfg)
     sets = split.sets()
     points, is_c = torch.cat([sets['S_C'], sets['S_E']]), torch.arange(len(sets['S_C']) + len(sets['S_E'])) < len(sets['S_C'])
+    effect = lambda s: float(s[is_c].mean() - s[~is_c].mean())                     # S_C − S_E
     def measured(seed, precision):
         f, g = (train_encoder(cfg.train_spec(idx.tolist(), seed).replace(precision=precision), data, device=device,
                               cache_dir=cache_dir, progress_bar=False) for idx in (split.f_indices, split.g_indices))
@@ -252,7 +253,6 @@ def benchmark_bf16_metrics(cfg: ProtocolConfig, seeds: tuple = (0, 1, 2), n_pair
     runs = {(p, s): measured(s, p) for s in seeds for p in ('auto', other)}
     def compare(kind, name, a, b):
         (la, sa), (lb, sb) = runs[a], runs[b]
-        effect = lambda s: float(s[is_c].mean() - s[~is_c].mean())
         return dict(comparison=name, kind=kind, loss_max_rel_diff=float(((lb - la).abs() / la.abs()).max()),
                     sslmem_pearson=float(torch.corrcoef(torch.stack([sa, sb]))[0, 1]),
                     sc_minus_se_diff=abs(effect(sb) - effect(sa)))
@@ -263,7 +263,7 @@ def benchmark_bf16_metrics(cfg: ProtocolConfig, seeds: tuple = (0, 1, 2), n_pair
     df.attrs['within_seed_spread'] = bool((prec.loss_max_rel_diff <= seed.loss_max_rel_diff.max()).all()
                                           and (prec.sslmem_pearson >= seed.sslmem_pearson.min()).all()
                                           and (prec.sc_minus_se_diff <= seed.sc_minus_se_diff.max()).all())
-    df.attrs['sc_minus_se'] = {f'{p}, seed {s}': float(v[1][is_c].mean() - v[1][~is_c].mean()) for (p, s), v in runs.items()}
+    df.attrs['sc_minus_se'] = {f'{p}, seed {s}': effect(v[1]) for (p, s), v in runs.items()}
     return df
 
 # %% ../nbs/90_benchmarks.ipynb 28

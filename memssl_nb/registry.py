@@ -15,8 +15,8 @@ from .claims import check_artifact_id
 __all__ = ['SCALES', 'PAPER_NB_ROOT', 'REGISTRY_PATH', 'ARTIFACT_FIELDS', 'REQUIRED_FIELDS', 'NOT_ARTIFACT_INPUTS', 'Artifact',
            'RegistryError', 'load_registry', 'load_notes', 'save_registry', 'resolve_registry', 'artifact_matches',
            'notebook_hash', 'package_hash', 'constraints_hash', 'stamp_path', 'failure_path', 'executed_path',
-           'staging_path', 'read_json', 'input_hash', 'claims_mtimes', 'missing_claims', 'artifact_status',
-           'list_artifacts', 'notebook_parameters', 'check_parameters']
+           'staging_path', 'read_json', 'input_hash', 'claims_mtimes', 'missing_claims', 'outputs_status',
+           'artifact_status', 'list_artifacts', 'notebook_parameters', 'check_parameters']
 
 # %% ../nbs/21_registry.ipynb 4
 SCALES = ('smoke', 'cpu', 'paper')
@@ -195,6 +195,11 @@ def missing_claims(artifact: Artifact, out_dir, before: dict | None = None) -> l
     now = claims_mtimes(artifact, out_dir)
     return [i for i, t in now.items() if t is None or (before is not None and t == before.get(i))]
 
+def outputs_status(artifact: Artifact, scale: str, out_dir) -> str:
+    "done / missing / n/a for `artifact` from its claims files alone, without the stamps: how a committed run is read."
+    if artifact.params_for(scale) is None: return 'n/a'
+    return 'missing' if missing_claims(artifact, out_dir) else 'done'
+
 def artifact_status(artifact: Artifact, scale: str, out_dir, nb_root, pkg=None, constraints=None) -> str:
     "done / stale / failed / not run here / missing / n/a for `artifact` at `scale`, from the files in `out_dir`."
     if artifact.params_for(scale) is None: return 'n/a'
@@ -203,7 +208,7 @@ def artifact_status(artifact: Artifact, scale: str, out_dir, nb_root, pkg=None, 
         h, _ = input_hash(artifact, scale, nb_root, out_dir, pkg, constraints)
         return 'done' if stamp.get('input_hash') == h and not missing_claims(artifact, out_dir) else 'stale'
     if failure_path(out_dir, artifact.id).exists(): return 'failed'
-    return 'missing' if missing_claims(artifact, out_dir) else 'not run here'
+    return 'not run here' if outputs_status(artifact, scale, out_dir) == 'done' else 'missing'
 
 def list_artifacts(pattern=None, scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_root=None) -> pd.DataFrame:
     "The registered artifacts matching `pattern` (fnmatch on ids) and their status at `scale`."

@@ -12,14 +12,14 @@ import pandas as pd
 from .core import PROJECT_ROOT, FIGURES_DIR, atomic_write_text, budget_label
 from .claims import VERDICTS, DECIDED, ALPHA, plain_value, data_multiple
 from .registry import (SCALES, Artifact, artifact_status, constraints_hash, failure_path, load_notes,
-                                missing_claims, package_hash, read_json, resolve_registry, stamp_path)
+                                outputs_status, package_hash, read_json, resolve_registry, stamp_path)
 
 # %% auto 0
-__all__ = ['ANOTHER_HOST', 'SEED_SET_COLUMNS', 'EVIDENCE_COLUMNS', 'markdown_table', 'read_table', 'p_against_of',
-           'outputs_status', 'write_report', 'reference_outputs', 'Comparison', 'compare_outputs', 'comparison_path',
-           'verify', 'seed_run_root', 'seed_runs', 'stability', 'stability_markdown', 'seed_set_verdicts',
-           'seed_set_counts', 'seed_sets_markdown', 'other_seed_sets', 'budget_run_root', 'budget_runs', 'budget_table',
-           'budget_markdown', 'budget_reasons', 'evidence_table', 'evidence_markdown']
+__all__ = ['ANOTHER_HOST', 'SEED_SET_COLUMNS', 'EVIDENCE_COLUMNS', 'markdown_table', 'read_table', 'p_against_of', 'write_report',
+           'reference_outputs', 'Comparison', 'compare_outputs', 'comparison_path', 'verify', 'seed_run_root',
+           'seed_runs', 'stability', 'stability_markdown', 'seed_set_verdicts', 'seed_set_counts', 'seed_sets_markdown',
+           'other_seed_sets', 'budget_run_root', 'budget_runs', 'budget_table', 'budget_markdown', 'budget_reasons',
+           'evidence_table', 'evidence_markdown']
 
 # %% ../nbs/23_report.ipynb 4
 def _fmt(x) -> str:
@@ -63,11 +63,6 @@ def p_against_of(claim: dict):
 def _nb_label(nb_root, a: Artifact) -> str:
     nb = (Path(nb_root)/a.notebook).resolve()
     return str(nb.relative_to(PROJECT_ROOT)) if nb.is_relative_to(PROJECT_ROOT) else a.notebook
-
-def outputs_status(artifact: Artifact, scale: str, out_dir) -> str:
-    "done / missing / n/a for `artifact` from its claims files alone, without the stamps: how a committed run is read."
-    if artifact.params_for(scale) is None: return 'n/a'
-    return 'missing' if missing_claims(artifact, out_dir) else 'done'
 
 def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_root=None, as_committed: bool = False) -> Path:
     """Rebuild `<out_root>/<scale>/REPORT.md` from the outputs on disk; returns its path. `as_committed` counts every
@@ -173,7 +168,7 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
     atomic_write_text(path, '\n'.join(md).rstrip() + '\n')
     return path
 
-# %% ../nbs/23_report.ipynb 8
+# %% ../nbs/23_report.ipynb 6
 def _git(args: list[str], cwd, input: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(['git', *args], cwd=cwd, input=input, capture_output=True)
 
@@ -285,7 +280,7 @@ class Comparison:
                    pd.DataFrame(d['numbers'], columns=['id', 'where', 'n', 'outside', 'example']),
                    d['only_reference'], d['only_now'], d['rtol'], d['atol'])
 
-# %% ../nbs/23_report.ipynb 9
+# %% ../nbs/23_report.ipynb 7
 def _claims_from(data: bytes) -> list[dict]:
     try: d = json.loads(data)
     except ValueError: return []
@@ -354,7 +349,7 @@ def verify(scale: str = 'cpu', out_root=FIGURES_DIR, ref: str = 'HEAD', rtol: fl
     if save and out_dir.is_dir(): atomic_write_text(comparison_path(out_dir), cmp.to_json())
     return cmp
 
-# %% ../nbs/23_report.ipynb 11
+# %% ../nbs/23_report.ipynb 9
 def seed_run_root(out_root, offset: int = 0) -> Path:
     "Where a run with seeds shifted by `offset` keeps its scale folders: `out_root` at 0, else `out_root/seed-offset-<offset>`."
     return Path(out_root) if offset == 0 else Path(out_root)/f'seed-offset-{offset}'
@@ -391,7 +386,7 @@ def stability_markdown(scale: str = 'cpu', out_root=FIGURES_DIR) -> list[str]:
                             ref_name=f'offset {o}'), ""]
     return md
 
-# %% ../nbs/23_report.ipynb 15
+# %% ../nbs/23_report.ipynb 13
 SEED_SET_COLUMNS = ('claims', 'same verdict in every seed set', 'holds in every seed set', 'holds in some',
                     'contradicted in every seed set', 'contradicted in some', 'inconclusive in every seed set')
 
@@ -437,7 +432,7 @@ def other_seed_sets(table: pd.DataFrame, output_id: str, statement: str) -> str 
     if row.empty or not offsets: return None
     return ' · '.join(f"{o}: {row.iloc[0][o]}" for o in offsets)
 
-# %% ../nbs/23_report.ipynb 19
+# %% ../nbs/23_report.ipynb 17
 def budget_run_root(out_root, changes: dict) -> Path:
     "Where a smaller-budget run (`memssl reproduce --budget`) keeps its scale folders: `out_root/budget-<label>` (chapter 00)."
     return Path(out_root)/f'budget-{budget_label(changes)}' if changes else Path(out_root)
@@ -502,7 +497,7 @@ def budget_reasons(scale: str = 'cpu', out_root=FIGURES_DIR) -> dict[tuple[str, 
         out[(r.output, r.statement)] = line if (r.output, r.statement) not in out else f"{out[(r.output, r.statement)]}; {line}"
     return out
 
-# %% ../nbs/23_report.ipynb 25
+# %% ../nbs/23_report.ipynb 23
 EVIDENCE_COLUMNS = ('inconclusive', 'no test', 'no direction', 'toward, ≤ 2×', 'toward, 2–4×', 'toward, > 4×',
                     'against, ≤ 2×', 'against, > 2×')
 
