@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from .core import get_device, iter_batches, progress, Summarized
+from .core import get_device, iter_batches, progress, Summarized, quiet_seaborn
 from .data import channel_stats, image_grid, load_dataset, sample_indices, DATASETS
 from .augment import Augment, PRESETS
 from .models import ENCODERS, build_encoder, available_taps
@@ -454,7 +454,7 @@ def plot_unitmem_by_layer(result: AuditResult, ax=None):
     long = df[['layer', 'unitmem']].rename(columns={'unitmem': 'score'}).assign(metric='UnitMem')
     if 'classmem' in df: long = pd.concat([long, df[['layer', 'classmem']].rename(columns={'classmem': 'score'}).assign(metric='ClassMem')])
     if ax is None: _, ax = plt.subplots(figsize=(max(5, 0.8 * len(result.layers) + 2), 3.4))
-    sns.boxplot(data=long, x='layer', y='score', hue='metric', ax=ax, fliersize=1.5, order=result.layers)
+    with quiet_seaborn(): sns.boxplot(data=long, x='layer', y='score', hue='metric', ax=ax, fliersize=1.5, order=result.layers)
     ax.axhline(result.high, ls='--', c='gray', lw=0.8)
     ax.set(xlabel='', ylabel='score', title='UnitMem per layer' + (' vs ClassMem' if 'classmem' in df else ''))
     ax.tick_params(axis='x', rotation=45)

@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_core.ipynb 2
 from __future__ import annotations
-import hashlib, json, os, random, tempfile
+import hashlib, json, os, random, tempfile, warnings
+from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,9 +14,10 @@ import torch
 __all__ = ['PROJECT_ROOT', 'DATA_DIR', 'FIGURES_DIR', 'CACHE_DIR', 'MEASUREMENT_CACHE_ENV', 'BLAS_THREAD_VARS', 'SEED_OFFSET_ENV',
            'BUDGET_ENV', 'BUDGET_FACTORS', 'REHEARSAL_ENV', 'REHEARSAL_CAPS', 'REHEARSAL_KEEPS', 'find_project_root',
            'get_device', 'native_bf16', 'configure_threads', 'seed_everything', 'make_generator', 'progress_enabled',
-           'progress', 'stable_hash', 'remove_stale_temporaries', 'atomic_write_bytes', 'atomic_write_text',
-           'to_float01', 'iter_batches', 'Summarized', 'seed_offset', 'shift_seeds', 'budget_changes', 'budget_label',
-           'budget_parts', 'scaled_settings', 'rehearsing', 'rehearsal_settings', 'unclassified_settings', 'Preset']
+           'progress', 'quiet_seaborn', 'stable_hash', 'remove_stale_temporaries', 'atomic_write_bytes',
+           'atomic_write_text', 'to_float01', 'iter_batches', 'Summarized', 'seed_offset', 'shift_seeds',
+           'budget_changes', 'budget_label', 'budget_parts', 'scaled_settings', 'rehearsing', 'rehearsal_settings',
+           'unclassified_settings', 'Preset']
 
 # %% ../nbs/00_core.ipynb 5
 def find_project_root(start: Path | None = None) -> Path:
@@ -79,6 +81,14 @@ def progress(iterable=None, desc: str | None = None, total: int | None = None, l
                 mininterval=kwargs.pop('mininterval', 0.5), dynamic_ncols=True, **kwargs)
 
 # %% ../nbs/00_core.ipynb 14
+@contextmanager
+def quiet_seaborn():
+    "Hide the `vert=` deprecation seaborn 0.13 triggers in Matplotlib ≥ 3.10 (seaborn's to fix); every other warning passes."
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='vert: bool was deprecated', module='seaborn')
+        yield
+
+# %% ../nbs/00_core.ipynb 17
 def _canonical(obj):
     if isinstance(obj, torch.Tensor): obj = obj.detach().cpu().numpy()
     if isinstance(obj, np.ndarray):
@@ -100,7 +110,7 @@ def stable_hash(obj, length: int | None = None) -> str:
     h = hashlib.sha256(json.dumps(_canonical(obj), sort_keys=True, separators=(',', ':')).encode()).hexdigest()
     return h[:length] if length else h
 
-# %% ../nbs/00_core.ipynb 17
+# %% ../nbs/00_core.ipynb 20
 def _umask() -> int:
     mask = os.umask(0); os.umask(mask); return mask
 
@@ -135,7 +145,7 @@ def atomic_write_bytes(path: str | Path, data: bytes):
 
 def atomic_write_text(path: str | Path, text: str): atomic_write_bytes(path, text.encode('utf-8'))
 
-# %% ../nbs/00_core.ipynb 20
+# %% ../nbs/00_core.ipynb 23
 def to_float01(images: torch.Tensor) -> torch.Tensor:
     "uint8 images to float32 in [0, 1]; float images are checked to already lie in [0, 1]."
     if images.dtype == torch.uint8: return images.float().div_(255)
@@ -150,7 +160,7 @@ def iter_batches(n: int, batch_size: int):
     if batch_size < 1: raise ValueError("batch_size must be >= 1")
     for start in range(0, n, batch_size): yield slice(start, min(start + batch_size, n))
 
-# %% ../nbs/00_core.ipynb 23
+# %% ../nbs/00_core.ipynb 26
 class Summarized:
     "Mixin for result classes: `repr` is the class name and `headline()`; notebooks show it above `overview()` as a table."
     def headline(self) -> str: raise NotImplementedError
@@ -163,7 +173,7 @@ class Summarized:
         return (f"<p><b>{type(self).__name__}</b>: {html.escape(self.headline())}</p>"
                 + self.overview().to_html(index=False, float_format=lambda v: f'{v:.4g}', na_rep=''))
 
-# %% ../nbs/00_core.ipynb 26
+# %% ../nbs/00_core.ipynb 29
 SEED_OFFSET_ENV = 'MEMSSL_SEED_OFFSET'
 
 def seed_offset() -> int:
@@ -189,7 +199,7 @@ def shift_seeds(config, offset: int):
     return dataclasses.replace(config, **{f.name: shifted(f.name, getattr(config, f.name))
                                           for f in dataclasses.fields(config) if f.init})
 
-# %% ../nbs/00_core.ipynb 28
+# %% ../nbs/00_core.ipynb 31
 BUDGET_ENV = 'MEMSSL_BUDGET'
 BUDGET_FACTORS = ('epochs',)   # the settings a budget may scale by a factor ('0.5x'), by name or by the suffix after the last '_'
 
@@ -240,7 +250,7 @@ def scaled_settings(config, factors: dict):
     return dataclasses.replace(config, **{f.name: one(f.name, getattr(config, f.name)) for f in dataclasses.fields(config) if f.init})
 
 
-# %% ../nbs/00_core.ipynb 31
+# %% ../nbs/00_core.ipynb 34
 REHEARSAL_ENV = 'MEMSSL_REHEARSAL'
 
 def rehearsing() -> bool:
@@ -303,7 +313,7 @@ def unclassified_settings(config, prefix: str = '') -> list[str]:
             out.append(f'{prefix}{name}')
     return out
 
-# %% ../nbs/00_core.ipynb 35
+# %% ../nbs/00_core.ipynb 38
 class Preset:
     "Mixin for a frozen dataclass of settings with per-scale presets in the class attribute `SCALES` ({scale: instance})."
     SCALES: dict = {}

@@ -190,7 +190,7 @@ def finetune(model: nn.Module, loss_fn: Callable, batches: Iterable, layers: Ite
         for step, batch in enumerate(batches):
             loss = loss_fn(model, batch)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if on_step is not None: on_step(step + 1)
     model.train(was_training)
     return losses

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import get_device, make_generator, iter_batches, to_float01, progress as progress_bar, Summarized
+from .core import get_device, make_generator, iter_batches, to_float01, progress as progress_bar, Summarized, quiet_seaborn
 from .evaluate import measuring, measurement_key, cached_measurement
 
 # %% auto 0
@@ -306,7 +306,7 @@ def plot_set_scores(scores_by_set: dict, kind: str = 'hist', ax=None, title: str
         sns.histplot(df, x='score', hue='set', stat='density', common_norm=False, element='step', fill=False, ax=ax, **kwargs)
         ax.axvline(0, color='grey', lw=.8, ls=':')
     else:
-        (sns.violinplot if kind == 'violin' else sns.boxplot)(df, x='set', y='score', hue='set', ax=ax, **kwargs)
+        with quiet_seaborn(): (sns.violinplot if kind == 'violin' else sns.boxplot)(df, x='set', y='score', hue='set', ax=ax, **kwargs)
         ax.axhline(0, color='grey', lw=.8, ls=':')
     if title: ax.set_title(title)
     return ax

@@ -565,7 +565,7 @@ def supervised_memorization(cfg: ProtocolConfig, sup_changes: dict, run: Protoco
     noise = {k: v for k, v in sup_changes.items() if k.startswith('atypical_')}
     if noise.get('atypical_kind') != 'mislabel' or not noise.get('atypical_fraction', 0) > 0:
         raise ValueError(f"sup_changes must mislabel some points (atypical_kind='mislabel', atypical_fraction > 0); got {noise}")
-    pts = torch.as_tensor(df.point.to_numpy())
+    pts = torch.tensor(df.point.to_numpy())   # a copy: pandas' array is read-only
     sup, sup_true = (run_protocol(cfg.replace(**{**sup_changes, **changes}), progress_bar=False)
                      for changes in ({}, dict(atypical_kind=None, atypical_fraction=0.0)))
     mem_sup = [torch.stack([supmem_pair(f, g, s.data.images[pts], s.data.labels[pts]) for f, g in zip(s.f, s.g)]).mean(0)

@@ -43,4 +43,11 @@ def test_jupyter_lab_serves_the_notebooks(tmp_path):
         proc.terminate()
         try: proc.wait(timeout=20)
         except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+        proc.stdout.close()
     assert proc.returncode is not None
+
+
+def test_progress_bars_are_widgets_in_jupyterlab():
+    "tqdm.auto draws a widget bar in a notebook only where ipywidgets is installed (else a warning and a text bar)."
+    import tqdm.notebook
+    assert tqdm.notebook.IProgress is not None, 'ipywidgets is missing: notebooks would show text bars and a TqdmWarning'

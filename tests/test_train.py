@@ -56,7 +56,9 @@ def test_concurrent_requests_train_once(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / 'cache'), str(tmp_path / f'w{i}.safetensors')],
                               env=dict(os.environ, MEMSSL_PROGRESS='0', MEMSSL_THREADS='1', EPOCH_LOG=str(logs[i])),
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for p in procs: assert p.wait() == 0, p.stderr.read()
+    for p in procs:
+        _, err = p.communicate()
+        assert p.returncode == 0, err
     trained = [l.exists() and l.read_text().split() == ['1', '2', '3', '4', '5'] for l in logs]
     assert sorted(trained) == [False, True]                           # exactly one process trained
     assert same_weights(tmp_path / 'w0.safetensors', tmp_path / 'w1.safetensors')
