@@ -15,9 +15,10 @@ from .registry import (SCALES, Artifact, artifact_status, constraints_hash, fail
                                 outputs_status, package_hash, read_json, resolve_registry, stamp_path)
 
 # %% auto 0
-__all__ = ['ANOTHER_HOST', 'SEED_SET_COLUMNS', 'EVIDENCE_COLUMNS', 'markdown_table', 'read_table', 'p_against_of', 'write_report',
-           'reference_outputs', 'Comparison', 'compare_outputs', 'comparison_path', 'verify', 'seed_run_root',
-           'seed_runs', 'stability', 'stability_markdown', 'seed_set_verdicts', 'seed_set_counts', 'seed_sets_markdown',
+__all__ = ['ANOTHER_HOST', 'MACHINES', 'SAME_SUMS', 'SEED_SET_COLUMNS', 'EVIDENCE_COLUMNS', 'markdown_table', 'read_table',
+           'p_against_of', 'write_report', 'reference_outputs', 'Comparison', 'compare_outputs', 'comparison_path',
+           'verify', 'this_machine', 'record_machines', 'machines_line', 'host_note', 'seed_run_root', 'seed_runs',
+           'stability', 'stability_markdown', 'seed_set_verdicts', 'seed_set_counts', 'seed_sets_markdown',
            'other_seed_sets', 'budget_run_root', 'budget_runs', 'budget_table', 'budget_markdown', 'budget_reasons',
            'evidence_table', 'evidence_markdown']
 
@@ -92,8 +93,9 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
               f"this folder. Only the claims of artifacts that are **done** on this machine (run with the current code, "
               f"notebooks and parameters) are counted; the claims shown for stale, failed or never-run artifacts come "
               f"from an earlier run.")
+    made = machines_line(read_json(out_dir/MACHINES), list(arts))     # which machines made these outputs, where recorded
     md = [f"# Reproduction report: scale `{scale}`", "",
-          f"Each claim compares a paper's statement with our measurement at this scale. {counted}", "",
+          f"Each claim compares a paper's statement with our measurement at this scale. {counted}" + (f" {made}" if made else ''), "",
           f"Each claim is decided by a test with two one-sided p-values, one for the paper's statement (p) and one for its "
           f"opposite (p against): it **holds** when p ≤ {ALPHA}, is **contradicted** when p against ≤ {ALPHA}, and is "
           f"**inconclusive** otherwise: the evidence at this scale is too weak to say, which is not evidence against the paper "
@@ -172,8 +174,8 @@ def write_report(scale: str = 'cpu', out_root=FIGURES_DIR, registry=None, nb_roo
 def _git(args: list[str], cwd, input: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(['git', *args], cwd=cwd, input=input, capture_output=True)
 
-def reference_outputs(out_dir, ref: str = 'HEAD') -> dict[str, bytes] | None:
-    "The claims and tables of `out_dir` as committed at git `ref` ({file name: bytes}); None outside a git checkout."
+def reference_outputs(out_dir, ref: str = 'HEAD', suffixes=('.claims.json', '.csv')) -> dict[str, bytes] | None:
+    "The claims and tables (files ending in `suffixes`) of `out_dir` as committed at git `ref` ({file name: bytes}); None outside a git checkout."
     out_dir = Path(out_dir).resolve()
     if not out_dir.exists(): return None
     top = _git(['rev-parse', '--show-toplevel'], out_dir)
@@ -182,7 +184,7 @@ def reference_outputs(out_dir, ref: str = 'HEAD') -> dict[str, bytes] | None:
     rel = out_dir.relative_to(top).as_posix()
     listed = _git(['ls-tree', '--name-only', f'{ref}:{rel}'], top)     # from the top: ls-tree filters by the cwd
     if listed.returncode != 0: return {}
-    names = [n for n in listed.stdout.decode().splitlines() if n.endswith(('.claims.json', '.csv'))]
+    names = [n for n in listed.stdout.decode().splitlines() if n.endswith(tuple(suffixes))]
     if not names: return {}
     blob = _git(['cat-file', '--batch'], top, ''.join(f'{ref}:{rel}/{n}\n' for n in names).encode()).stdout
     files, pos = {}, 0
@@ -215,6 +217,7 @@ class Comparison:
     only_now: list = field(default_factory=list)
     rtol: float = 0.1
     atol: float = 0.01
+    host: str = ''                 # what the machines that made both runs lead to expect (`host_note`); '' when unrecorded
 
     @property
     def changed(self) -> pd.DataFrame: return self.verdicts[self.verdicts.committed != self.verdicts.now]
@@ -251,7 +254,8 @@ class Comparison:
             flips = self.changed[self.changed.committed.isin(DECIDED) & self.changed.now.isin(DECIDED)]
             md += [f"Of the {c} changed verdicts, {len(flips)} flipped between *holds* and *contradicted* (a decided verdict "
                    f"reversed); the other {c - len(flips)} moved between a decided verdict, *inconclusive* and *not checkable*.", ""]
-            if reference_text is None: md += [ANOTHER_HOST, ""]
+            if reference_text is None and not self.host: md += [ANOTHER_HOST, ""]
+        if reference_text is None and self.host: md += [self.host, ""]
         if self.only_reference or self.only_now:
             md += [f"Only in the reference: {', '.join(self.only_reference) or 'none'}. Only now: {', '.join(self.only_now) or 'none'}.", ""]
         if c:
@@ -269,7 +273,7 @@ class Comparison:
 
     def to_json(self) -> str:
         return json.dumps({'scale': self.scale, 'reference': self.reference, 'rtol': self.rtol, 'atol': self.atol,
-                           'only_reference': self.only_reference, 'only_now': self.only_now,
+                           'only_reference': self.only_reference, 'only_now': self.only_now, 'host': self.host,
                            'verdicts': self.verdicts.to_dict('records'), 'numbers': self.numbers.to_dict('records')},
                           indent=1, default=str) + '\n'
 
@@ -278,7 +282,7 @@ class Comparison:
         d = json.loads(text)
         return cls(d['scale'], d['reference'], pd.DataFrame(d['verdicts'], columns=['id', 'statement', 'committed', 'now']),
                    pd.DataFrame(d['numbers'], columns=['id', 'where', 'n', 'outside', 'example']),
-                   d['only_reference'], d['only_now'], d['rtol'], d['atol'])
+                   d['only_reference'], d['only_now'], d['rtol'], d['atol'], d.get('host', ''))
 
 # %% ../nbs/23_report.ipynb 7
 def _claims_from(data: bytes) -> list[dict]:
@@ -346,10 +350,74 @@ def verify(scale: str = 'cpu', out_root=FIGURES_DIR, ref: str = 'HEAD', rtol: fl
     now = {p.name: p.read_bytes() for p in sorted(out_dir.glob('*')) if p.name.endswith(('.claims.json', '.csv'))} \
           if out_dir.is_dir() else {}
     cmp = compare_outputs(now, reference_outputs(out_dir, ref), scale, f'git {ref}', rtol, atol)
+    committed = (reference_outputs(out_dir, ref, (MACHINES,)) or {}).get(MACHINES)
+    if cmp.reference and committed: cmp.host = host_note(json.loads(committed), read_json(out_dir/MACHINES))
     if save and out_dir.is_dir(): atomic_write_text(comparison_path(out_dir), cmp.to_json())
     return cmp
 
 # %% ../nbs/23_report.ipynb 9
+MACHINES = 'machines.json'   # in figures/<scale>/ (committed): the machine that made each artifact's outputs
+SAME_SUMS = ('cpu', 'isa', 'threads', 'torch')   # equal in two runs: the same kernels, sums in the same order
+
+def _cpu_model() -> str:
+    import platform
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'): return line.split(':', 1)[1].strip()
+    except OSError: pass
+    if platform.system() == 'Darwin':
+        r = subprocess.run(['sysctl', '-n', 'machdep.cpu.brand_string'], capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.strip(): return r.stdout.strip()
+    return platform.processor() or platform.machine() or 'unknown'
+
+def _isa() -> str:
+    "The vector instructions torch's kernels use here (e.g. AVX512+BF16+AMX): CPU names in VMs are often generic."
+    import torch
+    try: flags = set(next(l for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('flags')).split())
+    except (OSError, StopIteration): flags = set()
+    return '+'.join([torch.backends.cpu.get_cpu_capability()] + [n for f, n in (('avx512_bf16', 'BF16'), ('amx_tile', 'AMX')) if f in flags])
+
+def this_machine(threads: int | None = None) -> dict:
+    "This machine as `MACHINES` records it; `threads`: those each notebook trains with (default: torch's)."
+    import platform, torch
+    return {'cpu': _cpu_model(), 'isa': _isa(), 'threads': int(threads or torch.get_num_threads()), 'torch': torch.__version__,
+            'logical_cores': os.cpu_count(), 'python': platform.python_version()}
+
+def record_machines(out_dir, ids, machine: dict) -> Path:
+    "Note in `out_dir/MACHINES` that `machine` made the outputs of the artifacts `ids`; the other entries stay."
+    path = Path(out_dir)/MACHINES
+    records = {**(read_json(path) or {}), **{i: dict(machine) for i in ids}}
+    atomic_write_text(path, json.dumps(records, indent=2, sort_keys=True) + '\n')
+    return path
+
+def _machine_label(m: dict) -> str:
+    n = m.get('threads')
+    return f"{m.get('cpu', 'an unrecorded CPU')} with {m.get('isa', '?')} ({n} thread{'s' * (n != 1)} per notebook, torch {m.get('torch', '?')})"
+
+def machines_line(records: dict | None, ids) -> str | None:
+    "A sentence naming the machines that made the outputs of the artifacts `ids`; None when none is recorded."
+    groups = {}
+    for i in ids:
+        if i in (records or {}): groups.setdefault(_machine_label(records[i]), []).append(i)
+    if not groups: return None
+    n = len(list(ids))
+    parts = [f"{label}: {len(g)} of {n} artifacts" + (f" ({', '.join(g)})" if len(groups) > 1 and len(g) <= 5 else '')
+             for label, g in groups.items()]
+    unknown = n - sum(map(len, groups.values()))
+    return "Made on " + '; '.join(parts) + (f"; {unknown} without a record" if unknown else '') + '.'
+
+def host_note(reference: dict | None, now: dict | None) -> str:
+    "What to expect of comparing two runs, from the `MACHINES` records of both; '' when no artifact is recorded in both."
+    ids = sorted(set(reference or {}) & set(now or {}))
+    if not ids: return ''
+    key = lambda m: tuple(m.get(k) for k in SAME_SUMS)
+    if all(key(reference[i]) == key(now[i]) for i in ids):
+        return (f"Both runs were made on {_machine_label(now[ids[0]])}" + ('' if len({key(now[i]) for i in ids}) == 1 else ' and alike')
+                + ": every verdict and number should repeat, so a change here is a failure to reproduce, not noise.")
+    labels = lambda recs: ', '.join(sorted({_machine_label(recs[i]) for i in ids}))
+    return f"The reference was made on {labels(reference)}, this run on {labels(now)}. " + ANOTHER_HOST
+
+# %% ../nbs/23_report.ipynb 13
 def seed_run_root(out_root, offset: int = 0) -> Path:
     "Where a run with seeds shifted by `offset` keeps its scale folders: `out_root` at 0, else `out_root/seed-offset-<offset>`."
     return Path(out_root) if offset == 0 else Path(out_root)/f'seed-offset-{offset}'
@@ -386,7 +454,7 @@ def stability_markdown(scale: str = 'cpu', out_root=FIGURES_DIR) -> list[str]:
                             ref_name=f'offset {o}'), ""]
     return md
 
-# %% ../nbs/23_report.ipynb 13
+# %% ../nbs/23_report.ipynb 17
 SEED_SET_COLUMNS = ('claims', 'same verdict in every seed set', 'holds in every seed set', 'holds in some',
                     'contradicted in every seed set', 'contradicted in some', 'inconclusive in every seed set')
 
@@ -432,7 +500,7 @@ def other_seed_sets(table: pd.DataFrame, output_id: str, statement: str) -> str 
     if row.empty or not offsets: return None
     return ' · '.join(f"{o}: {row.iloc[0][o]}" for o in offsets)
 
-# %% ../nbs/23_report.ipynb 17
+# %% ../nbs/23_report.ipynb 21
 def budget_run_root(out_root, changes: dict) -> Path:
     "Where a smaller-budget run (`memssl reproduce --budget`) keeps its scale folders: `out_root/budget-<label>` (chapter 00)."
     return Path(out_root)/f'budget-{budget_label(changes)}' if changes else Path(out_root)
@@ -497,7 +565,7 @@ def budget_reasons(scale: str = 'cpu', out_root=FIGURES_DIR) -> dict[tuple[str, 
         out[(r.output, r.statement)] = line if (r.output, r.statement) not in out else f"{out[(r.output, r.statement)]}; {line}"
     return out
 
-# %% ../nbs/23_report.ipynb 23
+# %% ../nbs/23_report.ipynb 27
 EVIDENCE_COLUMNS = ('inconclusive', 'no test', 'no direction', 'toward, ≤ 2×', 'toward, 2–4×', 'toward, > 4×',
                     'against, ≤ 2×', 'against, > 2×')
 

@@ -16,7 +16,7 @@ from .data import GENERATED_MANIFEST, write_generated_datasets
 from .registry import (SCALES, Artifact, artifact_matches, check_parameters, claims_mtimes, constraints_hash,
                                 executed_path, failure_path, input_hash, missing_claims, package_hash, read_json,
                                 resolve_registry, stamp_path, staging_path)
-from .report import seed_run_root, budget_run_root, verify, write_report
+from .report import seed_run_root, budget_run_root, verify, write_report, record_machines, this_machine
 
 # %% auto 0
 __all__ = ['TIMEOUTS', 'REHEARSAL_DIR', 'REHEARSAL_GUARD', 'REFERENCE_THREADS', 'EXECUTORS', 'COLD_SECONDS', 'check_kernel',
@@ -470,6 +470,8 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     try: summary.results = run.run()
     finally:
         summary.results, summary.seconds = run.results_in_order(), time.time() - t_start
+        done = [r.id for r in summary.results if r.status == 'done']
+        if done and ex is None: record_machines(out_dir, done, this_machine(int(env.get('MEMSSL_THREADS') or 0) or None))
         if rehearse:
             record = out_dir/'REHEARSAL.md'
             atomic_write_text(record, rehearsal_markdown(summary, record.read_text() if record.exists() else None))
@@ -487,5 +489,7 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     if verbose:
         from tqdm.auto import tqdm
         tqdm.write(repr(summary))
-        if summary.comparison is not None: tqdm.write(summary.comparison.summary_line())
+        if summary.comparison is not None:
+            tqdm.write(summary.comparison.summary_line())
+            if summary.comparison.host: tqdm.write(summary.comparison.host)
     return summary
