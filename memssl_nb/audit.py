@@ -22,10 +22,10 @@ from .unitmem import unit_activations, unitmem_from_activations, classmem, UnitM
 
 # %% auto 0
 __all__ = ['ARCH_SOURCES', 'HEAD_NAMES', 'IMAGE_EXTENSIONS', 'IMAGENET_STATS', 'AuditError', 'build_architecture',
-           'flatten_state', 'read_checkpoint', 'match_state', 'load_encoder', 'AuditImages', 'load_images',
-           'first_conv_channels', 'default_layers', 'layer_shapes', 'TransformAugment', 'normalization_stats',
-           'audit_clean', 'audit_augment', 'AuditResult', 'audit', 'plot_unitmem_by_layer', 'unit_owner_grid',
-           'image_grid_of', 'plot_layer_profile', 'write_report', 'audit_files']
+           'flatten_state', 'checkpoint_format', 'benign_globals', 'read_checkpoint', 'match_state', 'load_encoder',
+           'AuditImages', 'load_images', 'first_conv_channels', 'default_layers', 'layer_shapes', 'TransformAugment',
+           'normalization_stats', 'audit_clean', 'audit_augment', 'AuditResult', 'audit', 'plot_unitmem_by_layer',
+           'unit_owner_grid', 'image_grid_of', 'plot_layer_profile', 'write_report', 'audit_files']
 
 # %% ../nbs/25_audit.ipynb 6
 ARCH_SOURCES = ('memssl', 'torchvision', 'timm')
@@ -94,18 +94,48 @@ def flatten_state(obj, prefix: str = '') -> dict[str, torch.Tensor]:
     for k, v in items: out |= flatten_state(v, f'{prefix}{k}.')
     return out
 
-def read_checkpoint(path) -> dict[str, torch.Tensor]:
-    "The tensors of a safetensors file or a `torch.save` file (read with `weights_only=True`: no code runs), flattened."
+def checkpoint_format(path) -> str | None:
+    "'torch' (a `torch.save` zip archive or legacy pickle) or 'safetensors' from a file's first bytes, whatever its name; else None."
+    with open(path, 'rb') as fh: head = fh.read(9)
+    if head[:4] == b'PK\x03\x04': return 'torch'                            # torch.save's zip archive
+    if len(head) == 9 and head[8:9] == b'{': return 'safetensors'       # an 8-byte header length, then the JSON header
+    return 'torch' if head[:1] == b'\x80' else None                      # a legacy torch.save pickle
+
+def benign_globals() -> list:
+    """What SSL training scripts pickle beside their weights that unpickles without running code: `argparse.Namespace`
+    (DINO's and MAE's `args`) and NumPy numbers and dtypes (NumPy 1 names included). `weights_only` loading allows them."""
+    import argparse
+    scalar = np._core.multiarray.scalar if hasattr(np, '_core') else np.core.multiarray.scalar
+    return ([argparse.Namespace, np.dtype, scalar, (scalar, 'numpy.core.multiarray.scalar')]
+            + [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith('DType')])
+
+def read_checkpoint(path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file or a `torch.save` file, flattened. A `torch.save` file is read with
+    `weights_only=True`, so no code from the file runs (`benign_globals` allowed); `trust=True` unpickles anything in it,
+    for a file from a source you trust."""
     path = Path(path)
     if not path.is_file(): raise AuditError(f"checkpoint {path} does not exist")
+    kind = checkpoint_format(path)
+    if kind is None:
+        raise AuditError(f"{path} is not a checkpoint: neither a torch.save file nor safetensors (by its first bytes)")
     try:
-        if path.suffix == '.safetensors':
+        if kind == 'safetensors':
             from safetensors.torch import load_file
             obj = load_file(str(path))
-        else: obj = torch.load(path, map_location='cpu', weights_only=True)
+        elif trust: obj = torch.load(path, map_location='cpu', weights_only=False)
+        else:
+            with torch.serialization.safe_globals(benign_globals()):
+                obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise AuditError(f"checkpoint {path} cannot be read as safetensors or a torch.save file "
-                         f"({type(e).__name__}: {e})") from e
+        try: unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path) if kind == 'torch' and not trust else []
+        except Exception: unsafe = []                                       # not even a readable archive: the error below
+        allowed = {g[1] if isinstance(g, tuple) else f'{g.__module__}.{g.__qualname__}' for g in benign_globals()}
+        unsafe = [g for g in unsafe if g not in allowed]
+        if unsafe:
+            raise AuditError(f"checkpoint {path} holds Python objects beyond tensors ({', '.join(unsafe)}), and unpickling "
+                             f"them runs code from the file: pass --trust-checkpoint (trust=True) if you trust its source, "
+                             f"or save its state dict alone") from None
+        raise AuditError(f"checkpoint {path} cannot be read as a {kind} file ({type(e).__name__}: {e})") from e
     tensors = flatten_state(obj)
     if not tensors: raise AuditError(f"checkpoint {path} holds no tensors")
     return tensors
@@ -154,14 +184,15 @@ def match_state(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str 
 
 # %% ../nbs/25_audit.ipynb 13
 def load_encoder(arch: str, checkpoint=None, prefix: str | None = None, in_channels: int = 3, image_size: int = 32,
-                 **model_kw) -> nn.Module:
-    """`build_architecture(arch, ...)` with the weights of `checkpoint` (None: random weights, stated in the report).
+                 trust: bool = False, **model_kw) -> nn.Module:
+    """`build_architecture(arch, ...)` with the weights of `checkpoint` (None: random weights, stated in the report;
+    `trust`: see `read_checkpoint`).
     `.checkpoint_info` says which prefix was read and which tensors were ignored."""
     model = build_architecture(arch, in_channels=in_channels, image_size=image_size, **model_kw)
     info = dict(arch=arch, checkpoint=None if checkpoint is None else str(checkpoint), prefix=None, ignored=[],
                 dropped_heads=model.dropped_heads)
     if checkpoint is not None:
-        state, info['prefix'], info['ignored'] = match_state(model, read_checkpoint(checkpoint), prefix, model.dropped_heads)
+        state, info['prefix'], info['ignored'] = match_state(model, read_checkpoint(checkpoint, trust), prefix, model.dropped_heads)
         model.load_state_dict(state)
     model.checkpoint_info = info
     return model.eval()
@@ -551,13 +582,13 @@ def write_report(result: AuditResult, out_dir, title: str = 'Memorization audit'
 def audit_files(arch: str, checkpoint, images, out_dir, reference_checkpoint=None, labels: bool = True,
                 checkpoint_prefix: str | None = None, image_size: int | None = None, channels: int | None = None,
                 max_images: int | None = None, model_kw: dict | None = None, layers: Sequence[str] | None = None,
-                **audit_kw) -> tuple[AuditResult, dict]:
+                trust_checkpoint: bool = False, **audit_kw) -> tuple[AuditResult, dict]:
     "Load images, encoder and optional reference from files, audit, and write the report; (result, report paths)."
     imgs = load_images(images, image_size, channels, max_images, audit_kw.get('seed', 0))
     if not labels: imgs.labels, imgs.classes = None, None
     size = imgs.images.shape[-1]
     make = lambda ck: load_encoder(arch, ck, checkpoint_prefix, in_channels=imgs.images.shape[1], image_size=size,
-                                   **(model_kw or {}))
+                                   trust=trust_checkpoint, **(model_kw or {}))
     f = make(checkpoint)
     g = make(reference_checkpoint) if reference_checkpoint is not None else None
     result = audit(f, imgs, g, layers=layers, **audit_kw)

@@ -39,6 +39,8 @@ def _audit_parser(sub):
     p.add_argument('--reference', type=Path, default=None, help='weights of a reference encoder g trained without these images')
     p.add_argument('--out', type=Path, default=Path('audit'), help='report folder (default: ./audit)')
     p.add_argument('--checkpoint-prefix', default=None, help='read the weights under this key prefix (default: found automatically)')
+    p.add_argument('--trust-checkpoint', action='store_true', help='unpickle every Python object in the checkpoints (runs code '
+                   'from them: only for files you trust); by default only tensors, training arguments and NumPy numbers')
     p.add_argument('--model-kw', action='append', default=[], metavar='KEY=VALUE', help='architecture argument, e.g. img_size=32; repeatable')
     p.add_argument('--no-labels', action='store_true', help="ignore the class folders (no ClassMem)")
     p.add_argument('--image-size', type=int, default=None, help='resize (shorter side) and centre-crop every image to this size')
@@ -184,12 +186,12 @@ def cmd_audit(args) -> int:
         if args.list_layers:
             imgs = load_images(args.images, args.image_size, args.channels, 1, args.seed)
             f = load_encoder(args.arch, args.checkpoint, args.checkpoint_prefix, in_channels=imgs.images.shape[1],
-                             image_size=imgs.images.shape[-1], **model_kw)
+                             image_size=imgs.images.shape[-1], trust=args.trust_checkpoint, **model_kw)
             print(layer_shapes(f, imgs.images, layers).to_string(index=False)); return 0
         t0 = time.perf_counter()
         result, paths = audit_files(args.arch, args.checkpoint, args.images, args.out, args.reference, not args.no_labels,
                                     args.checkpoint_prefix, args.image_size, args.channels, args.max_images, model_kw,
-                                    layers, augment=args.augment, normalize=args.normalize, n_views=args.n_views,
+                                    layers, args.trust_checkpoint, augment=args.augment, normalize=args.normalize, n_views=args.n_views,
                                     n_pairs=args.n_pairs, high=args.high, seed=args.seed, batch_size=args.batch_size,
                                     device=args.device)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

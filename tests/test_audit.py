@@ -1,5 +1,5 @@
 """`memssl audit` end to end: torchvision and timm encoders (random weights, nothing downloaded), checkpoints in three
-layouts, an image folder; the report's numbers against the engine called directly; a clear error for each bad input;
+layouts and a training checkpoint with more than tensors, an image folder; the report's numbers against the engine called directly; a clear error for each bad input;
 and the protocol's own SSLMem ranking reproduced from files."""
 import contextlib, io
 from pathlib import Path
@@ -114,11 +114,15 @@ def bad_inputs(tmp_path_factory):
     "The wrong files the cases below point at, written once (the two checkpoints are 96 MB together)."
     root = tmp_path_factory.mktemp('bad_inputs')
     paths = {'r34': root / 'r34.pt', 'partial': root / 'partial.pt', 'junk': root / 'junk.pt',
-             'empty': root / 'empty', 'broken': root / 'broken', 'nowhere': root / 'nowhere'}
+             'empty': root / 'empty', 'broken': root / 'broken', 'nowhere': root / 'nowhere', 'cut': root / 'cut.pt',
+             'pickled': root / 'pickled.pt'}
     torch.save(build_architecture('torchvision/resnet34').state_dict(), paths['r34'])
     sd = build_architecture('torchvision/resnet18').state_dict()
     torch.save({k: v for k, v in sd.items() if not k.startswith('layer4')}, paths['partial'])
     paths['junk'].write_bytes(b'\x00garbage')
+    paths['cut'].write_bytes(paths['partial'].read_bytes()[:4096])
+    import fractions
+    torch.save({'state_dict': sd, 'ratio': fractions.Fraction(1, 3)}, paths['pickled'])
     paths['empty'].mkdir()
     paths['broken'].mkdir(); (paths['broken'] / 'bad.png').write_bytes(b'not an image')
     return paths
@@ -129,7 +133,9 @@ def bad_inputs(tmp_path_factory):
     ('unknown source', ['--arch', 'keras/resnet18'], 'unknown architecture source'),
     ('checkpoint of another architecture', ['--arch', 'torchvision/resnet18', '--checkpoint', '{r34}'], 'does not fit'),
     ('checkpoint missing tensors', ['--arch', 'torchvision/resnet18', '--checkpoint', '{partial}'], 'missing'),
-    ('not a checkpoint', ['--arch', 'torchvision/resnet18', '--checkpoint', '{junk}'], 'cannot be read'),
+    ('not a checkpoint', ['--arch', 'torchvision/resnet18', '--checkpoint', '{junk}'], 'is not a checkpoint'),
+    ('truncated checkpoint', ['--arch', 'torchvision/resnet18', '--checkpoint', '{cut}'], 'cannot be read as a torch file'),
+    ('objects beyond tensors', ['--arch', 'torchvision/resnet18', '--checkpoint', '{pickled}'], 'fractions.Fraction), and unpickling them runs code'),
     ('empty folder', ['--arch', 'torchvision/resnet18', '--images', '{empty}'], 'no images'),
     ('unreadable image', ['--arch', 'torchvision/resnet18', '--images', '{broken}'], 'bad.png'),
     ('wrong channel count', ['--arch', 'torchvision/resnet18', '--channels', '1'], '--channels 3'),
@@ -164,3 +170,19 @@ def test_protocol_ranking_reproduced(tmp_path):
     audited = pd.read_csv(tmp_path / 'r' / 'images.csv').sort_values('image').sslmem.to_numpy()
     rho = spearmanr(audited, own).statistic
     assert rho >= 0.99, rho
+
+
+def test_training_checkpoints(folder, tmp_path):
+    """A DINO-style checkpoint (argparse arguments, a NumPy number, the weights under 'student.module.backbone.') loads
+    as it is; one with another Python object is refused, and loads with --trust-checkpoint."""
+    import argparse, fractions
+    sd = build_architecture('torchvision/resnet18').state_dict()
+    torch.save({'args': argparse.Namespace(arch='resnet18', lr=5e-4), 'epoch': 100, 'best': np.float64(0.5),
+                'student': {f'module.backbone.{k}': v for k, v in sd.items()}}, tmp_path / 'dino.pth')
+    torch.save({'state_dict': sd, 'ratio': fractions.Fraction(1, 3)}, tmp_path / 'pickled.pth')
+    common = ['--arch', 'torchvision/resnet18', '--images', folder, '--list-layers']
+    code, out, err = run_cli(*common, '--checkpoint', tmp_path / 'dino.pth')
+    assert code == 0 and 'layer4' in out, err
+    assert run_cli(*common, '--checkpoint', tmp_path / 'pickled.pth')[0] == 2
+    code, out, err = run_cli(*common, '--checkpoint', tmp_path / 'pickled.pth', '--trust-checkpoint')
+    assert code == 0 and 'layer4' in out, err
