@@ -379,20 +379,24 @@ class AuditResult(Summarized):
     def n_high(self) -> int: return int(sum((self.unit.score[l] >= self.high).sum() for l in self.layers))
 
     def unit_table(self) -> pd.DataFrame:
-        "One row per (layer, unit): UnitMem, owner image (index, file, class), ClassMem when labels exist."
+        """One row per (layer, unit): UnitMem, owner image (index, file, class), ClassMem when labels exist. A `dead` unit
+        (no image activates it: µmax = 0) has UnitMem 0 and no owner."""
         df = self.unit.table().rename(columns={'score': 'unitmem'})
-        df['owner_file'] = [self.images.files[i] for i in df.owner]
+        df['dead'] = df.mu_max == 0
+        df['owner'] = df.owner.astype('Int64').mask(df.dead)     # argmax over all-zero activations names no image
+        df['owner_file'] = [None if pd.isna(i) else self.images.files[i] for i in df.owner]
         if self.images.labels is not None:
-            df['owner_class'] = [self.images.classes[self.images.labels[i]] for i in df.owner]
+            df['owner_class'] = [None if pd.isna(i) else self.images.classes[self.images.labels[i]] for i in df.owner]
         if self.classmem is not None: df['classmem'] = self.classmem.table()['score'].to_numpy()
         df['high'] = df.unitmem >= self.high
         return df
 
     def layer_table(self) -> pd.DataFrame:
-        "Per layer: units, mean / top-10 % mean / max UnitMem, highly memorizing units, mean ClassMem, mean LayerMem."
+        """Per layer: units, dead units, mean / top-10 % mean / max UnitMem (dead units count as 0), highly memorizing units,
+        mean ClassMem, mean LayerMem."""
         units = self.unit_table()
         g = units.groupby('layer', sort=False)
-        df = pd.DataFrame({'units': g.size(), 'unitmem_mean': g.unitmem.mean(),
+        df = pd.DataFrame({'units': g.size(), 'dead': g.dead.sum(), 'unitmem_mean': g.unitmem.mean(),
                            'unitmem_top10': g.unitmem.apply(lambda s: s.nlargest(max(1, round(0.1 * len(s)))).mean()),
                            'unitmem_max': g.unitmem.max(), 'n_high': g.high.sum()})
         if self.classmem is not None: df['classmem_mean'] = g.classmem.mean()
@@ -407,8 +411,8 @@ class AuditResult(Summarized):
         units = self.unit_table()
         df = pd.DataFrame({'image': range(len(self.images)), 'file': self.images.files})
         if self.images.labels is not None: df['class'] = [self.images.classes[l] for l in self.images.labels]
-        df['units_owned'] = np.bincount(units.owner, minlength=len(df))
-        df['high_units_owned'] = np.bincount(units.owner[units.high], minlength=len(df))
+        owned = lambda rows: np.bincount(units.owner[rows].to_numpy(int), minlength=len(df))
+        df['units_owned'], df['high_units_owned'] = owned(~units.dead), owned(units.high)
         if self.sslmem is not None: df['sslmem'] = self.sslmem.score.numpy()
         key = ['sslmem'] if self.sslmem is not None else ['high_units_owned', 'units_owned']
         return df.sort_values(key, ascending=False, kind='stable', ignore_index=True)
@@ -426,6 +430,11 @@ class AuditResult(Summarized):
             s.append(f"{self.n_high} units ({self.n_high / lt.units.sum():.1%}) are highly memorizing (UnitMem ≥ "
                      f"{self.high:g}); {owners} image(s) own them, most of all {top.file} ({int(top.high_units_owned)}).")
         else: s.append(f"No unit reaches UnitMem ≥ {self.high:g}: no unit singles out one training image that strongly.")
+        if lt.dead.sum():
+            worst = lt.loc[lt.dead.idxmax()]
+            s.append(f"{int(lt.dead.sum())} units ({lt.dead.sum() / lt.units.sum():.1%}) are dead: no image activates them, so "
+                     f"they have UnitMem 0 (counted in the layer means) and no owner; most in {worst.layer} "
+                     f"({int(worst.dead)} of {int(worst.units)}).")
         if self.classmem is not None:
             above = int((lt.unitmem_mean > lt.classmem_mean).sum())
             s.append(f"UnitMem exceeds ClassMem in {above} of {len(lt)} layers: "
@@ -477,7 +486,7 @@ def audit(encoder: nn.Module, images: AuditImages, reference: nn.Module | None =
                        'checkpoint': getattr(encoder, 'checkpoint_info', None),
                        'reference': getattr(reference, 'checkpoint_info', None) if reference is not None else None})
 
-# %% ../nbs/25_audit.ipynb 32
+# %% ../nbs/25_audit.ipynb 34
 def plot_unitmem_by_layer(result: AuditResult, ax=None):
     "UnitMem of every unit per layer (box plot), with ClassMem beside it when labels exist; the `high` line dashed."
     import matplotlib.pyplot as plt, seaborn as sns
@@ -493,11 +502,15 @@ def plot_unitmem_by_layer(result: AuditResult, ax=None):
     return ax.figure
 
 def unit_owner_grid(result: AuditResult, which: str = 'most', n: int = 16):
-    "The training images that own the `n` units with the highest (`which='most'`) or lowest UnitMem, titled layer:unit score."
-    df = result.unit_table().sort_values('unitmem', ascending=which != 'most', kind='stable').head(n)
+    """The training images that own the `n` units with the highest (`which='most'`) or lowest UnitMem, titled layer:unit
+    score; dead units (no owner) are left out."""
+    units = result.unit_table()
+    df = units[~units.dead].sort_values('unitmem', ascending=which != 'most', kind='stable').head(n)
     titles = [f"{l}:{u}\n{s:.2f}" for l, u, s in zip(df.layer, df.unit, df.unitmem)]
-    return image_grid(result.images.images[torch.tensor(df.owner.to_numpy())], titles, ncols=8,
-                      suptitle=f"owners (µmax image) of the {len(df)} {'most' if which == 'most' else 'least'} memorizing units")
+    dead = int(units.dead.sum())
+    return image_grid(result.images.images[torch.tensor(df.owner.to_numpy(int))], titles, ncols=8,
+                      suptitle=f"owners (µmax image) of the {len(df)} {'most' if which == 'most' else 'least'} memorizing units"
+                      + (f" ({dead} dead units left out)" if dead else ''))
 
 def image_grid_of(result: AuditResult, column: str, n: int = 16, title: str = ''):
     "The `n` images with the largest `column` of `image_table()`, titled with its value."
@@ -516,7 +529,7 @@ def plot_layer_profile(result: AuditResult, ax=None):
     ax.tick_params(axis='x', rotation=45); ax.figure.tight_layout()
     return ax.figure
 
-# %% ../nbs/25_audit.ipynb 33
+# %% ../nbs/25_audit.ipynb 36
 def _md_table(df: pd.DataFrame, digits: int = 3) -> str:
     cell = lambda v: f'{v:.{digits}f}' if isinstance(v, (float, np.floating)) else str(v)
     rows = [' | '.join(map(str, df.columns)), ' | '.join(['---'] * len(df.columns))]
@@ -578,7 +591,7 @@ def write_report(result: AuditResult, out_dir, title: str = 'Memorization audit'
                              f'<style>{style}</style></head><body>{"".join(html_parts)}</body></html>', encoding='utf-8')
     return paths
 
-# %% ../nbs/25_audit.ipynb 36
+# %% ../nbs/25_audit.ipynb 39
 def audit_files(arch: str, checkpoint, images, out_dir, reference_checkpoint=None, labels: bool = True,
                 checkpoint_prefix: str | None = None, image_size: int | None = None, channels: int | None = None,
                 max_images: int | None = None, model_kw: dict | None = None, layers: Sequence[str] | None = None,
