@@ -503,14 +503,14 @@ def plot_unitmem_by_layer(result: AuditResult, ax=None):
 
 def unit_owner_grid(result: AuditResult, which: str = 'most', n: int = 16):
     """The training images that own the `n` units with the highest (`which='most'`) or lowest UnitMem, titled layer:unit
-    score; dead units (no owner) are left out."""
+    score; dead units (no owner) are left out, which the title of the least memorizing says."""
     units = result.unit_table()
     df = units[~units.dead].sort_values('unitmem', ascending=which != 'most', kind='stable').head(n)
     titles = [f"{l}:{u}\n{s:.2f}" for l, u, s in zip(df.layer, df.unit, df.unitmem)]
     dead = int(units.dead.sum())
     return image_grid(result.images.images[torch.tensor(df.owner.to_numpy(int))], titles, ncols=8,
                       suptitle=f"owners (µmax image) of the {len(df)} {'most' if which == 'most' else 'least'} memorizing units"
-                      + (f" ({dead} dead units left out)" if dead else ''))
+                      + (f" ({dead} dead units left out)" if dead and which != 'most' else ''))
 
 def image_grid_of(result: AuditResult, column: str, n: int = 16, title: str = ''):
     "The `n` images with the largest `column` of `image_table()`, titled with its value."
