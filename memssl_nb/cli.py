@@ -166,7 +166,8 @@ def cmd_verify(args) -> int:
 
 def cmd_demo(args) -> int:
     from memssl_nb.evaluate import train_and_probe
-    res = train_and_probe(epochs=args.epochs, width=args.width, seed=args.seed)
+    try: res = train_and_probe(epochs=args.epochs, width=args.width, seed=args.seed)
+    except ValueError as e: print(f"memssl demo: {e}", file=sys.stderr); return 2
     print(f"SimCLR ResNet-9 (width {args.width}) on digits, {args.epochs} epochs, seed {args.seed}")
     print(f"{'accuracy on the digits test set':34s} {'SimCLR':>8s} {'random init':>12s}")
     for label, key in (('linear probe (all labels)', 'probe_acc'), ('kNN (k=20, cosine)', 'knn_acc'),

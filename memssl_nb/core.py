@@ -36,9 +36,12 @@ MEASUREMENT_CACHE_ENV = 'MEMSSL_MEASUREMENT_CACHE'      # 1: keep measurements u
 
 # %% ../nbs/00_core.ipynb 8
 def get_device(device: str | torch.device | None = None) -> torch.device:
-    "`device` if given, else `$MEMSSL_DEVICE`, else CUDA when available, else CPU."
-    device = device or os.environ.get('MEMSSL_DEVICE') or ('cuda' if torch.cuda.is_available() else 'cpu')
-    return torch.device(device)
+    "`device` if given, else `$MEMSSL_DEVICE`, else CUDA when available, else CPU; a CUDA device this machine lacks is an error."
+    device = torch.device(device or os.environ.get('MEMSSL_DEVICE') or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        have = f'{torch.cuda.device_count()} CUDA device(s)' if torch.cuda.is_available() else 'no CUDA device'
+        raise ValueError(f"device {str(device)!r} was asked for (argument or $MEMSSL_DEVICE) but this machine has {have}; use 'cpu'")
+    return device
 
 def native_bf16(device=None) -> bool:
     """Does `device` compute bfloat16 natively? CUDA: `torch.cuda.is_bf16_supported()`; CPU: the AVX512-BF16 or AMX-BF16
