@@ -84,7 +84,10 @@ ARTIFACT_FIELDS = ('id', 'paper', 'title', 'notebook', 'params', 'ids', 'depends
 REQUIRED_FIELDS = ('id', 'paper', 'title', 'notebook')
 
 def _read_json_file(path: Path, what: str = 'registry'):
-    if not path.is_file(): raise RegistryError(f"{what} {path} does not exist")
+    if not path.is_file():
+        where = (": memssl finds its project (the folder holding settings.ini) from the working directory upwards, so run it "
+                 "inside your clone or set MEMSSL_HOME to it") if path == REGISTRY_PATH else ''   # the default: no clone here
+        raise RegistryError(f"{what} {path} does not exist{where}")
     try: return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise RegistryError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
