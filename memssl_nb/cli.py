@@ -111,11 +111,14 @@ def cmd_list(args) -> int:
     if df.empty:
         print(f"No artifacts{' match ' + repr(args.only) if args.only else ''} in {args.registry or REGISTRY_PATH}.")
         return 0
-    df = df[['id', 'paper', 'status', 'seconds', 'notebook', 'title']].assign(seconds=df.seconds.astype(float))  # None: blank
-    width = {c: max(len(c), df[c].str.len().max()) for c in ('id', 'paper', 'status', 'notebook')}
-    left = {c: (lambda w: lambda s: f'{s:<{w}}')(w) for c, w in width.items()}          # text left-aligned, as read
-    left['title'] = lambda t: t if len(t) <= 90 else t[:89] + '…'                       # one line per artifact
-    print(df.to_string(index=False, na_rep='', float_format=lambda x: f'{x:.1f}', formatters=left, justify='left'))
+    import pandas as pd
+    cols = ['id', 'paper', 'status', 'seconds', 'notebook', 'title']
+    cells = df.assign(seconds=['' if pd.isna(s) else f'{float(s):.1f}' for s in df.seconds],   # no stamp: blank
+                      title=[t if len(t) <= 90 else t[:89] + '…' for t in df.title])          # one line per artifact
+    width = {c: max(len(c), cells[c].str.len().max()) for c in cols}
+    line = lambda vals: '  '.join(f'{v:>{width[c]}}' if c == 'seconds' else f'{v:<{width[c]}}'   # text left-aligned, as read
+                                  for c, v in zip(cols, vals)).rstrip()
+    print('\n'.join([line(cols)] + [line(r) for r in cells[cols].itertuples(index=False)]))
     counts = df.status.value_counts()
     print(f"\n{len(df)} artifacts at scale {args.scale}: " + ', '.join(f'{n} {s}' for s, n in counts.items()))
     if counts.get('not run here'):
