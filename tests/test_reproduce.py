@@ -252,3 +252,20 @@ def test_budget_factor_reaches_every_preset(copy_of, monkeypatch):
     assert seen == [('{"epochs": "0.5x"}', True)]
     with pytest.raises(ValueError, match="only \\['epochs'\\]"): run(copy_of, only='ok_a', execute=record, budget={'width': '0.5x'})
     assert main(['list', '--scale', 'smoke', '--budget', 'epochs=0.5x', '--budget', 'width=2x']) == 2
+
+
+def test_paper_notebooks_run_without_warnings(tmp_path, monkeypatch):
+    """The paper notebooks whose code paths warned until 2026-12-06 (importing tqdm.auto without ipywidgets, `float()` of a
+    loss with a graph, a read-only pandas array in a tensor) run at smoke scale with warnings shown, and print none."""
+    monkeypatch.setenv('PYTHONWARNINGS', 'default')          # the test command hides warnings; here they must show
+    monkeypatch.setenv('MEMSSL_CACHE', str(tmp_path / 'cache'))
+    s = runner.reproduce('smoke', only='LOC-T21,SSLMem-SETS,LOB-F1', jobs=2, out_root=tmp_path, compare=None,
+                         report=False, verbose=False)
+    assert s.exit_code == 0, s.table()
+    warned = []
+    for nb in sorted((tmp_path / 'smoke' / 'executed').glob('*.ipynb')):
+        for cell in json.loads(nb.read_text())['cells']:
+            for out in cell.get('outputs', []):
+                if out.get('name') == 'stderr':
+                    warned += [f'{nb.name}: {line}' for line in ''.join(out['text']).splitlines() if 'Warning' in line]
+    assert len(list((tmp_path / 'smoke' / 'executed').glob('*.ipynb'))) == 3 and not warned, warned
