@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse, json, os, sys
 from pathlib import Path
+import pandas as pd
 from .core import FIGURES_DIR, budget_label
 from .registry import SCALES, REGISTRY_PATH, RegistryError, list_artifacts
 from .runner import EXECUTORS, reproduce
@@ -111,7 +112,6 @@ def cmd_list(args) -> int:
     if df.empty:
         print(f"No artifacts{' match ' + repr(args.only) if args.only else ''} in {args.registry or REGISTRY_PATH}.")
         return 0
-    import pandas as pd
     cols = ['id', 'paper', 'status', 'seconds', 'notebook', 'title']
     cells = df.assign(seconds=['' if pd.isna(s) else f'{float(s):.1f}' for s in df.seconds],   # no stamp: blank
                       title=[t if len(t) <= 90 else t[:89] + '…' for t in df.title])          # one line per artifact

@@ -377,7 +377,7 @@ def _isa() -> str:
     except (OSError, StopIteration): flags = set()
     return '+'.join([torch.backends.cpu.get_cpu_capability()] + [n for f, n in (('avx512_bf16', 'BF16'), ('amx_tile', 'AMX')) if f in flags])
 
-def this_machine(threads: int | None = None) -> dict:
+def this_machine(threads: int | str | None = None) -> dict:
     "This machine as `MACHINES` records it; `threads`: those each notebook trains with (default: torch's)."
     import platform, torch
     return {'cpu': _cpu_model(), 'isa': _isa(), 'threads': int(threads or torch.get_num_threads()), 'torch': torch.__version__,
@@ -413,7 +413,7 @@ def host_note(reference: dict | None, now: dict | None) -> str:
     key = lambda m: tuple(m.get(k) for k in SAME_SUMS)
     if all(key(reference[i]) == key(now[i]) for i in ids):
         return (f"Both runs were made on {_machine_label(now[ids[0]])}" + ('' if len({key(now[i]) for i in ids}) == 1 else ' and alike')
-                + ": every verdict and number should repeat, so a change here is a failure to reproduce, not noise.")
+                + ": with the same code and inputs every verdict and number repeats, so a change here comes from the code or its inputs, not from the machine.")
     labels = lambda recs: ', '.join(sorted({_machine_label(recs[i]) for i in ids}))
     return f"The reference was made on {labels(reference)}, this run on {labels(now)}. " + ANOTHER_HOST
 

@@ -471,7 +471,7 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     finally:
         summary.results, summary.seconds = run.results_in_order(), time.time() - t_start
         done = [r.id for r in summary.results if r.status == 'done']
-        if done and ex is None: record_machines(out_dir, done, this_machine(int(env.get('MEMSSL_THREADS') or 0) or None))
+        if done and ex is None: record_machines(out_dir, done, this_machine(env.get('MEMSSL_THREADS')))
         if rehearse:
             record = out_dir/'REHEARSAL.md'
             atomic_write_text(record, rehearsal_markdown(summary, record.read_text() if record.exists() else None))
