@@ -34,3 +34,26 @@ def test_a_cell_without_id_is_found(tmp_path):
     raw = json.loads(nbformat.writes(nb)); del raw['cells'][0]['id']
     (tmp_path / 'x.ipynb').write_text(json.dumps(raw))
     assert problems(tmp_path / 'x.ipynb')[0] == 'cell 0 has no id'
+
+
+def widget_problems(path: Path) -> list[str]:
+    "Widget state or views saved in a notebook: JupyterLab writes them when a notebook with progress bars is saved."
+    raw = json.loads(path.read_text())
+    out = ['widget state in the notebook metadata'] if 'widgets' in raw.get('metadata', {}) else []
+    return out + [f'cell {i}: a widget view in its outputs' for i, c in enumerate(raw['cells'])
+                  if any('application/vnd.jupyter.widget-view+json' in o.get('data', {}) for o in c.get('outputs', []))]
+
+
+def test_no_widget_state_is_committed():
+    """Progress bars are widgets in JupyterLab (ipywidgets). Saved, their state is large, changes on every run and
+    renders as 'HBox(...)' elsewhere: clear the outputs, or run with MEMSSL_PROGRESS=0, before committing."""
+    bad = {str(p.relative_to(ROOT)): e for p in sorted((ROOT / 'nbs').rglob('*.ipynb')) if (e := widget_problems(p))}
+    assert not bad, bad
+
+
+def test_a_saved_widget_is_found(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('1')])
+    nb.metadata['widgets'] = {'application/vnd.jupyter.widget-state+json': {'state': {}}}
+    nb.cells[0].outputs = [nbformat.v4.new_output('display_data', {'application/vnd.jupyter.widget-view+json': {'model_id': 'a'}})]
+    (tmp_path / 'w.ipynb').write_text(nbformat.writes(nb))
+    assert widget_problems(tmp_path / 'w.ipynb') == ['widget state in the notebook metadata', 'cell 0: a widget view in its outputs']
