@@ -13,11 +13,11 @@ import torch
 # %% auto 0
 __all__ = ['PROJECT_ROOT', 'DATA_DIR', 'FIGURES_DIR', 'CACHE_DIR', 'MEASUREMENT_CACHE_ENV', 'BLAS_THREAD_VARS', 'SEED_OFFSET_ENV',
            'BUDGET_ENV', 'BUDGET_FACTORS', 'REHEARSAL_ENV', 'REHEARSAL_CAPS', 'REHEARSAL_KEEPS', 'find_project_root',
-           'get_device', 'native_bf16', 'configure_threads', 'seed_everything', 'make_generator', 'progress_enabled',
-           'progress', 'quiet_seaborn', 'stable_hash', 'remove_stale_temporaries', 'atomic_write_bytes',
-           'atomic_write_text', 'to_float01', 'iter_batches', 'Summarized', 'seed_offset', 'shift_seeds',
-           'budget_changes', 'budget_label', 'budget_parts', 'scaled_settings', 'rehearsing', 'rehearsal_settings',
-           'unclassified_settings', 'Preset']
+           'get_device', 'cpu_info', 'native_bf16', 'configure_threads', 'seed_everything', 'make_generator',
+           'progress_enabled', 'progress', 'quiet_seaborn', 'stable_hash', 'remove_stale_temporaries',
+           'atomic_write_bytes', 'atomic_write_text', 'to_float01', 'iter_batches', 'Summarized', 'seed_offset',
+           'shift_seeds', 'budget_changes', 'budget_label', 'budget_parts', 'scaled_settings', 'rehearsing',
+           'rehearsal_settings', 'unclassified_settings', 'Preset']
 
 # %% ../nbs/00_core.ipynb 5
 def find_project_root(start: Path | None = None) -> Path:
@@ -43,14 +43,19 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
         raise ValueError(f"device {str(device)!r} was asked for (argument or $MEMSSL_DEVICE) but this machine has {have}; use 'cpu'")
     return device
 
+def cpu_info() -> dict:
+    "This CPU's `model` name (None where unknown) and instruction `flags`, from `/proc/cpuinfo` (Linux; elsewhere none)."
+    try: lines = Path('/proc/cpuinfo').read_text().splitlines()
+    except OSError: lines = []
+    field = lambda key: next((l.split(':', 1)[1].strip() for l in lines if l.startswith(key)), '')
+    return {'model': field('model name') or None, 'flags': set(field('flags').split())}
+
 def native_bf16(device=None) -> bool:
     """Does `device` compute bfloat16 natively? CUDA: `torch.cuda.is_bf16_supported()`; CPU: the AVX512-BF16 or AMX-BF16
-    instructions in `/proc/cpuinfo` (elsewhere unknown, so False: emulated bf16 is 15-50x slower than fp32)."""
+    instructions in `cpu_info` (elsewhere unknown, so False: emulated bf16 is 15-50x slower than fp32)."""
     device = get_device(device)
     if device.type == 'cuda': return torch.cuda.is_bf16_supported()
-    try: flags = set(open('/proc/cpuinfo').read().split())
-    except OSError: return False
-    return bool(flags & {'avx512_bf16', 'amx_bf16'})
+    return bool(cpu_info()['flags'] & {'avx512_bf16', 'amx_bf16'})
 
 BLAS_THREAD_VARS = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')
 

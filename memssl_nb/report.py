@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import PROJECT_ROOT, FIGURES_DIR, atomic_write_text, budget_label
+from .core import PROJECT_ROOT, FIGURES_DIR, atomic_write_text, budget_label, cpu_info
 from .claims import VERDICTS, DECIDED, ALPHA, plain_value, data_multiple
 from .registry import (SCALES, Artifact, artifact_status, constraints_hash, failure_path, load_notes,
                                 outputs_status, package_hash, read_json, resolve_registry, stamp_path)
@@ -361,10 +361,7 @@ SAME_SUMS = ('cpu', 'isa', 'threads', 'torch')   # equal in two runs: the same k
 
 def _cpu_model() -> str:
     import platform
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'): return line.split(':', 1)[1].strip()
-    except OSError: pass
+    if cpu_info()['model']: return cpu_info()['model']
     if platform.system() == 'Darwin':
         r = subprocess.run(['sysctl', '-n', 'machdep.cpu.brand_string'], capture_output=True, text=True)
         if r.returncode == 0 and r.stdout.strip(): return r.stdout.strip()
@@ -373,11 +370,10 @@ def _cpu_model() -> str:
 def _isa() -> str:
     "The vector instructions torch's kernels use here (e.g. AVX512+BF16+AMX): CPU names in VMs are often generic."
     import torch
-    try: flags = set(next(l for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('flags')).split())
-    except (OSError, StopIteration): flags = set()
+    flags = cpu_info()['flags']
     return '+'.join([torch.backends.cpu.get_cpu_capability()] + [n for f, n in (('avx512_bf16', 'BF16'), ('amx_tile', 'AMX')) if f in flags])
 
-def this_machine(threads: int | str | None = None) -> dict:
+def this_machine(threads: int | None = None) -> dict:
     "This machine as `MACHINES` records it; `threads`: those each notebook trains with (default: torch's)."
     import platform, torch
     return {'cpu': _cpu_model(), 'isa': _isa(), 'threads': int(threads or torch.get_num_threads()), 'torch': torch.__version__,

@@ -21,7 +21,7 @@ from .report import seed_run_root, budget_run_root, verify, write_report, record
 # %% auto 0
 __all__ = ['TIMEOUTS', 'REHEARSAL_DIR', 'REHEARSAL_GUARD', 'REFERENCE_THREADS', 'EXECUTORS', 'COLD_SECONDS', 'check_kernel',
            'NotebookJob', 'run_papermill', 'ArtifactResult', 'RunSummary', 'prepare_rehearsal', 'rehearsal_markdown',
-           'thread_note', 'encoder_cache_empty', 'Reproduction', 'writable_out_dir', 'reproduce']
+           'notebook_threads', 'thread_note', 'encoder_cache_empty', 'Reproduction', 'writable_out_dir', 'reproduce']
 
 # %% ../nbs/22_runner.ipynb 4
 # (per-cell timeout, whole-notebook wall-clock guard) in seconds; None = no limit
@@ -209,11 +209,15 @@ def _child_env(jobs: int) -> dict:
 
 REFERENCE_THREADS = 1   # the committed cpu runs: `--jobs 2` on 2 cores, one thread per notebook
 
+def notebook_threads(env: dict) -> int:
+    "The threads each notebook of environment `env` trains with: `$MEMSSL_THREADS` there, else torch's default here."
+    import torch
+    return int(env.get('MEMSSL_THREADS') or torch.get_num_threads())
+
 def thread_note(env: dict, reference: int = REFERENCE_THREADS) -> str | None:
     """A warning when the notebooks of environment `env` train with another thread count than the committed runs: float
     sums then run in another order, trained encoders differ and the difference grows over training. None when they match."""
-    import torch
-    n = int(env.get('MEMSSL_THREADS') or torch.get_num_threads())
+    n = notebook_threads(env)
     if n == reference: return None
     return (f"note: each notebook trains with {n} thread{'s' * (n != 1)}, the committed runs with {reference}: their encoders "
             f"differ, so numbers (and verdicts near their thresholds) can differ from the committed ones. To compare like "
@@ -471,7 +475,7 @@ def reproduce(scale: str = 'cpu', only=None, jobs: int = 1, force: bool = False,
     finally:
         summary.results, summary.seconds = run.results_in_order(), time.time() - t_start
         done = [r.id for r in summary.results if r.status == 'done']
-        if done and ex is None: record_machines(out_dir, done, this_machine(env.get('MEMSSL_THREADS')))
+        if done and ex is None: record_machines(out_dir, done, this_machine(notebook_threads(env)))
         if rehearse:
             record = out_dir/'REHEARSAL.md'
             atomic_write_text(record, rehearsal_markdown(summary, record.read_text() if record.exists() else None))
